@@ -1,0 +1,96 @@
+"""Attention with packing: one interface, several backends.
+
+Every backend takes `segment_ids` (batch, seq), 1-based per sample and 0 for padding, so a packed
+row never attends across samples. RoPE positions are applied by the caller, before attention.
+"""
+
+from __future__ import annotations
+
+
+import jax
+import jax.numpy as jnp
+
+
+def resolve_backend(backend: str, head_dim: int, dtype) -> str:
+    """'auto' picks the fastest backend that is correct on this platform."""
+    if backend != "auto":
+        return backend
+    platform = jax.devices()[0].platform
+    if platform == "gpu" and head_dim % 8 == 0 and head_dim <= 256 and jnp.dtype(dtype).itemsize == 2:
+        return "cudnn"
+    if platform == "tpu":
+        return "splash"
+    return "xla"
+
+
+def attention(q, k, v, segment_ids, *, scale: float, sliding_window: int | None, backend: str):
+    """q: (B, T, N, H); k, v: (B, T, K, H) with N % K == 0; returns (B, T, N, H)."""
+    if backend == "xla":
+        return xla_attention(q, k, v, segment_ids, scale=scale, sliding_window=sliding_window)
+    if backend == "cudnn":
+        return cudnn_attention(q, k, v, segment_ids, scale=scale, sliding_window=sliding_window)
+    if backend == "splash":
+        return splash_attention(q, k, v, segment_ids, scale=scale, sliding_window=sliding_window)
+    raise ValueError(f"unknown attention backend {backend!r}; choose auto, xla, cudnn or splash")
+
+
+def attention_mask(segment_ids, sliding_window: int | None):
+    """(B, T, T) boolean: causal, same sample, and within the sliding window if any."""
+    t = segment_ids.shape[1]
+    q_idx = jnp.arange(t)[:, None]
+    k_idx = jnp.arange(t)[None, :]
+    allowed = k_idx <= q_idx
+    if sliding_window is not None:
+        allowed &= k_idx > q_idx - sliding_window
+    return allowed[None] & (segment_ids[:, :, None] == segment_ids[:, None, :])
+
+
+def xla_attention(q, k, v, segment_ids, *, scale, sliding_window):
+    b, t, n, h = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(b, t, kv_heads, n // kv_heads, h)
+    scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    mask = attention_mask(segment_ids, sliding_window)[:, None, None]
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
+    return out.reshape(b, t, n, h)
+
+
+def cudnn_attention(q, k, v, segment_ids, *, scale, sliding_window):
+    # The public API has no segment ids; a same-sample mask with is_causal keeps packing exact.
+    same_sample = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+    window = None if sliding_window is None else (sliding_window - 1, 0)
+    return jax.nn.dot_product_attention(
+        q, k, v, mask=same_sample, scale=scale, is_causal=True, local_window_size=window,
+        implementation="cudnn")
+
+
+def splash_attention(q, k, v, segment_ids, *, scale, sliding_window, block: int = 128):
+    """Pallas splash attention (TPU); runs in interpret mode elsewhere, which is how CPU tests use it."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    b, t, n, h = q.shape
+    if t % block:
+        raise ValueError(f"splash attention needs a sequence length that is a multiple of {block}, got {t}")
+    if sliding_window is None:
+        head_mask = sm.CausalMask((t, t))
+    else:
+        head_mask = sm.LocalMask((t, t), window_size=(sliding_window - 1, 0), offset=0)
+    sizes = sk.BlockSizes(
+        block_q=block, block_kv=block, block_kv_compute=block,
+        block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
+        block_q_dq=block, block_kv_dq=block)
+    kernel = sk.make_splash_mha(
+        sm.MultiHeadMask([head_mask] * n), head_shards=1, q_seq_shards=1, block_sizes=sizes,
+        interpret=jax.devices()[0].platform != "tpu")
+
+    def one_row(q, k, v, seg):
+        # The kernel wants (heads, seq, head_dim) and does not scale q itself.
+        out = kernel(
+            (q * scale).astype(q.dtype).swapaxes(0, 1), k.swapaxes(0, 1), v.swapaxes(0, 1),
+            segment_ids=sk.SegmentIds(q=seg, kv=seg))
+        return out.swapaxes(0, 1)
+
+    return jax.vmap(one_row)(q, k, v, segment_ids)

@@ -1,0 +1,177 @@
+"""One generic decoder for Llama, Mistral, Qwen2/3 and Granite.
+
+Parameters live in NNX modules and carry logical axis names (metadata `logical_axes`); the math is
+plain functions. Layer weights are stacked on a leading 'layers' axis and run with `jax.lax.scan`,
+so compile time does not grow with depth. No sharding logic here: `jaxsft.sharding` maps the
+logical names onto a mesh.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxsft.models.attention import attention, resolve_backend
+from jaxsft.models.config import ModelConfig
+
+REMAT = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def layer_shapes(c: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
+    """Per-layer weight shapes and logical axes (without the leading layers axis)."""
+    e, n, k, h, f = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size
+    shapes = {
+        "attn_norm": ((e,), ("norm",)),
+        "q": ((e, n, h), ("embed", "heads", "head_dim")),
+        "k": ((e, k, h), ("embed", "kv_heads", "head_dim")),
+        "v": ((e, k, h), ("embed", "kv_heads", "head_dim")),
+        "o": ((n, h, e), ("heads", "head_dim", "embed")),
+        "mlp_norm": ((e,), ("norm",)),
+        "gate": ((e, f), ("embed", "mlp")),
+        "up": ((e, f), ("embed", "mlp")),
+        "down": ((f, e), ("mlp", "embed")),
+    }
+    if c.qkv_bias:
+        shapes["q_bias"] = ((n, h), ("heads", "head_dim"))
+        shapes["k_bias"] = ((k, h), ("kv_heads", "head_dim"))
+        shapes["v_bias"] = ((k, h), ("kv_heads", "head_dim"))
+    if c.o_bias:
+        shapes["o_bias"] = ((e,), ("norm",))
+    if c.qk_norm:
+        shapes["q_norm"] = ((h,), ("norm",))
+        shapes["k_norm"] = ((h,), ("norm",))
+    return shapes
+
+
+def _init_for(name: str):
+    if "norm" in name:
+        return jax.nn.initializers.ones
+    if "bias" in name:
+        return jax.nn.initializers.zeros
+    return jax.nn.initializers.normal(0.02)
+
+
+class Layers(nnx.Module):
+    """All decoder layers' weights, each stacked on a leading 'layers' axis."""
+
+    def __init__(self, c: ModelConfig, param_dtype, rngs: nnx.Rngs):
+        for name, (shape, axes) in layer_shapes(c).items():
+            value = _init_for(name)(rngs.params(), (c.num_layers, *shape), param_dtype)
+            setattr(self, name, nnx.Param(value, logical_axes=("layers", *axes)))
+
+    def arrays(self) -> dict[str, jax.Array]:
+        return {name: p[...] for name, p in vars(self).items() if isinstance(p, nnx.Param)}
+
+
+class Decoder(nnx.Module):
+    def __init__(self, config: ModelConfig, *, param_dtype=jnp.float32, compute_dtype=jnp.bfloat16,
+                 rngs: nnx.Rngs | None = None):
+        rngs = rngs or nnx.Rngs(0)
+        c = config
+        self.config = config
+        self.compute_dtype = compute_dtype
+        normal = jax.nn.initializers.normal(0.02)
+        self.embed = nnx.Param(
+            normal(rngs.params(), (c.vocab_size, c.hidden_size), param_dtype), logical_axes=("vocab", "embed"))
+        self.layers = Layers(c, param_dtype, rngs)
+        self.final_norm = nnx.Param(jnp.ones((c.hidden_size,), param_dtype), logical_axes=("norm",))
+        if not c.tie_word_embeddings:
+            self.lm_head = nnx.Param(
+                normal(rngs.params(), (c.hidden_size, c.vocab_size), param_dtype), logical_axes=("embed", "vocab"))
+
+    def __call__(self, input_ids, segment_ids=None, positions=None):
+        """input_ids (B, T) -> float32 logits (B, T, vocab)."""
+        return self.logits(self.hidden_states(input_ids, segment_ids, positions))
+
+    def hidden_states(self, input_ids, segment_ids=None, positions=None):
+        """Final-normed hidden states (B, T, hidden) in the compute dtype."""
+        c = self.config
+        if segment_ids is None:
+            segment_ids = jnp.ones(input_ids.shape, jnp.int32)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
+        x = self.embed[...].astype(self.compute_dtype)[input_ids] * c.embedding_multiplier
+        backend = resolve_backend(c.attention, c.head_dim, self.compute_dtype)
+        inv_freq = rope_frequencies(c)
+
+        def body(x, w):
+            w = jax.tree.map(lambda a: a.astype(self.compute_dtype), w)
+            return decoder_layer(x, w, segment_ids, positions, inv_freq, c, backend), None
+
+        if REMAT[c.remat] is not None:
+            body = jax.checkpoint(body, policy=REMAT[c.remat], prevent_cse=False)
+        x, _ = jax.lax.scan(body, x, self.layers.arrays())
+        return rms_norm(x, self.final_norm[...], c.rms_norm_eps)
+
+    def output_matrix(self):
+        """(hidden, vocab) projection to logits in the compute dtype, tied or not."""
+        w = self.embed[...].T if self.config.tie_word_embeddings else self.lm_head[...]
+        return w.astype(self.compute_dtype)
+
+    def logits(self, hidden):
+        out = jnp.einsum("bte,ev->btv", hidden, self.output_matrix(), preferred_element_type=jnp.float32)
+        return out / self.config.logits_scaling
+
+
+def decoder_layer(x, w, segment_ids, positions, inv_freq, c: ModelConfig, backend: str):
+    h = rms_norm(x, w["attn_norm"], c.rms_norm_eps)
+    q = jnp.einsum("bte,enh->btnh", h, w["q"])
+    k = jnp.einsum("bte,ekh->btkh", h, w["k"])
+    v = jnp.einsum("bte,ekh->btkh", h, w["v"])
+    if c.qkv_bias:
+        q, k, v = q + w["q_bias"], k + w["k_bias"], v + w["v_bias"]
+    if c.qk_norm:
+        q = rms_norm(q, w["q_norm"], c.rms_norm_eps)
+        k = rms_norm(k, w["k_norm"], c.rms_norm_eps)
+    q = apply_rope(q, positions, inv_freq)
+    k = apply_rope(k, positions, inv_freq)
+    a = attention(q, k, v, segment_ids, scale=c.attention_scale, sliding_window=c.sliding_window,
+                  backend=backend)
+    out = jnp.einsum("btnh,nhe->bte", a, w["o"])
+    if c.o_bias:
+        out = out + w["o_bias"]
+    x = x + out * c.residual_multiplier
+    h = rms_norm(x, w["mlp_norm"], c.rms_norm_eps)
+    mlp = jax.nn.silu(h @ w["gate"]) * (h @ w["up"])
+    return x + (mlp @ w["down"]) * c.residual_multiplier
+
+
+def rms_norm(x, weight, eps):
+    # Statistics in float32 as transformers does, then back to the input dtype before the scale.
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight.astype(x.dtype) * normed.astype(x.dtype)
+
+
+def rope_frequencies(c: ModelConfig):
+    """Inverse frequencies (head_dim/2,), with llama3 or linear scaling as configured."""
+    inv_freq = 1.0 / (c.rope_theta ** (jnp.arange(0, c.head_dim, 2, dtype=jnp.float32) / c.head_dim))
+    s = c.rope_scaling
+    if s is None:
+        return inv_freq
+    if s["rope_type"] == "linear":
+        return inv_freq / s["factor"]
+    # llama3: long wavelengths divided by `factor`, short ones kept, the middle band interpolated.
+    factor, low, high, old_len = (s["factor"], s["low_freq_factor"], s["high_freq_factor"],
+                                  s["original_max_position_embeddings"])
+    wavelen = 2 * jnp.pi / inv_freq
+    scaled = jnp.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return jnp.where(medium, smoothed, scaled)
+
+
+def apply_rope(x, positions, inv_freq):
+    """Rotate-half RoPE (the Hugging Face layout); positions (B, T) restart per packed sample."""
+    angles = positions[..., None].astype(jnp.float32) * inv_freq
+    cos = jnp.cos(angles)[:, :, None, :].astype(x.dtype)
+    sin = jnp.sin(angles)[:, :, None, :].astype(x.dtype)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)

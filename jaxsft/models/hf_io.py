@@ -1,0 +1,338 @@
+"""Hugging Face safetensors in and out.
+
+The whole HF <-> jaxsft weight map is `WEIGHT_MAP` below: one row per weight, the same for every
+supported family. Import streams tensor by tensor into the target sharding (each device shard
+reads only the layers it holds); export writes one layer at a time, so neither holds two copies
+of the model in host memory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from etils import epath
+from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from jaxsft.models.config import ConfigError, ModelConfig
+from jaxsft.models.decoder import Decoder, layer_shapes
+
+log = logging.getLogger(__name__)
+
+# jaxsft name -> (HF name, how HF lays it out). `{i}` is the layer index.
+#   vector: same layout; linear: HF (out, in) is our (in, out);
+#   in_heads: HF (heads*head_dim, in) is our (in, heads, head_dim);
+#   out_heads: HF (out, heads*head_dim) is our (heads, head_dim, out);
+#   bias_heads: HF (heads*head_dim,) is our (heads, head_dim).
+WEIGHT_MAP = {
+    "embed": ("model.embed_tokens.weight", "vector"),
+    "final_norm": ("model.norm.weight", "vector"),
+    "lm_head": ("lm_head.weight", "linear"),
+    "attn_norm": ("model.layers.{i}.input_layernorm.weight", "vector"),
+    "q": ("model.layers.{i}.self_attn.q_proj.weight", "in_heads"),
+    "k": ("model.layers.{i}.self_attn.k_proj.weight", "in_heads"),
+    "v": ("model.layers.{i}.self_attn.v_proj.weight", "in_heads"),
+    "o": ("model.layers.{i}.self_attn.o_proj.weight", "out_heads"),
+    "q_bias": ("model.layers.{i}.self_attn.q_proj.bias", "bias_heads"),
+    "k_bias": ("model.layers.{i}.self_attn.k_proj.bias", "bias_heads"),
+    "v_bias": ("model.layers.{i}.self_attn.v_proj.bias", "bias_heads"),
+    "o_bias": ("model.layers.{i}.self_attn.o_proj.bias", "vector"),
+    "q_norm": ("model.layers.{i}.self_attn.q_norm.weight", "vector"),
+    "k_norm": ("model.layers.{i}.self_attn.k_norm.weight", "vector"),
+    "mlp_norm": ("model.layers.{i}.post_attention_layernorm.weight", "vector"),
+    "gate": ("model.layers.{i}.mlp.gate_proj.weight", "linear"),
+    "up": ("model.layers.{i}.mlp.up_proj.weight", "linear"),
+    "down": ("model.layers.{i}.mlp.down_proj.weight", "linear"),
+}
+
+# Present in some checkpoints, never needed: transformers recomputes them.
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def to_jaxsft(a: np.ndarray, layout: str, shape: tuple[int, ...]) -> np.ndarray:
+    if layout in ("linear", "in_heads", "out_heads"):
+        return a.T.reshape(shape)
+    return a.reshape(shape)
+
+
+def to_hf(a: np.ndarray, layout: str) -> np.ndarray:
+    if layout == "linear":
+        return a.T
+    if layout == "in_heads":
+        return a.reshape(a.shape[0], -1).T
+    if layout == "out_heads":
+        return a.reshape(-1, a.shape[-1]).T
+    return a.reshape(-1) if layout == "bias_heads" else a
+
+
+def hf_tensors(c: ModelConfig) -> dict[str, tuple[str, int | None, tuple[int, ...], tuple[int, ...]]]:
+    """Every HF tensor the config needs: hf name -> (jaxsft name, layer or None, our shape, HF shape)."""
+    out = {}
+
+    def add(name, layer, shape):
+        hf_name, layout = WEIGHT_MAP[name]
+        hf_shape = to_hf(np.empty(shape, np.int8), layout).shape
+        out[hf_name.format(i=layer)] = (name, layer, shape, hf_shape)
+
+    add("embed", None, (c.vocab_size, c.hidden_size))
+    add("final_norm", None, (c.hidden_size,))
+    if not c.tie_word_embeddings:
+        add("lm_head", None, (c.hidden_size, c.vocab_size))
+    for name, (shape, _) in layer_shapes(c).items():
+        for i in range(c.num_layers):
+            add(name, i, shape)
+    return out
+
+
+def model_param_paths(c: ModelConfig) -> dict[str, tuple]:
+    """jaxsft name -> path of that Param in the Decoder's state."""
+    paths = {"embed": ("embed",), "final_norm": ("final_norm",)}
+    if not c.tie_word_embeddings:
+        paths["lm_head"] = ("lm_head",)
+    for name in layer_shapes(c):
+        paths[name] = ("layers", name)
+    return paths
+
+
+class CheckpointError(ValueError):
+    """A model folder that cannot be loaded; the message names the file and tensors."""
+
+
+def local_dir(path: str | os.PathLike) -> str:
+    """A local folder with the model's files: `path` itself, or a cached copy of a gs:// folder."""
+    path = str(path)
+    if not path.startswith("gs://"):
+        return path
+    src = epath.Path(path)
+    cache = os.path.join(
+        os.environ.get("JAXSFT_CACHE", os.path.expanduser("~/.cache/jaxsft")), "gcs",
+        path.removeprefix("gs://").rstrip("/"))
+    os.makedirs(cache, exist_ok=True)
+    for f in src.iterdir():
+        dst = os.path.join(cache, f.name)
+        if f.is_file() and not os.path.exists(dst):
+            # Copy to a temporary name first so an interrupted download is never taken as complete.
+            tmp = dst + ".partial"
+            with f.open("rb") as r, open(tmp, "wb") as w:
+                shutil.copyfileobj(r, w, length=64 << 20)
+            os.replace(tmp, dst)
+    return cache
+
+
+def _tensor_files(folder: str) -> dict[str, str]:
+    """HF tensor name -> safetensors file, from the index or the single file."""
+    index = os.path.join(folder, "model.safetensors.index.json")
+    single = os.path.join(folder, "model.safetensors")
+    if os.path.exists(index):
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        missing = sorted({v for v in weight_map.values() if not os.path.exists(os.path.join(folder, v))})
+        if missing:
+            raise CheckpointError(
+                f"{index} lists shard files that are not in {folder}: {', '.join(missing)}. "
+                "Copy the complete model folder again.")
+        return {k: os.path.join(folder, v) for k, v in weight_map.items()}
+    if os.path.exists(single):
+        with safe_open(single, framework="numpy") as f:
+            return {k: single for k in f.keys()}
+    raise CheckpointError(
+        f"{folder}: no model.safetensors or model.safetensors.index.json (PyTorch .bin files are "
+        "not read; re-save the model with save_pretrained(safe_serialization=True))")
+
+
+def load_model(path: str | os.PathLike, dtype=jnp.float32, compute_dtype=jnp.bfloat16, mesh=None,
+               rules=None, **run_options) -> Decoder:
+    """Load a Hugging Face model folder (local or gs://) into a sharded Decoder.
+
+    dtype: parameter dtype; compute_dtype: matmul dtype; mesh/rules: where the parameters go
+    (default: the first device); run_options: ModelConfig run-time fields (remat, attention).
+    """
+    from jaxsft.sharding import param_shardings
+
+    folder = local_dir(path)
+    config_path = os.path.join(folder, "config.json")
+    if not os.path.exists(config_path):
+        raise CheckpointError(f"{path}: no config.json; is this a Hugging Face model folder?")
+    config = ModelConfig.from_json_file(config_path, **run_options)
+    gen_path = os.path.join(folder, "generation_config.json")
+    if os.path.exists(gen_path):
+        with open(gen_path) as f:
+            config = config.replace(hf_generation_config=json.load(f))
+    files = _tensor_files(folder)
+    expected = hf_tensors(config)
+    _check_tensors(folder, files, expected, config)
+
+    abstract = nnx.eval_shape(lambda: Decoder(config, param_dtype=dtype, compute_dtype=compute_dtype))
+    graphdef, state = nnx.split(abstract)
+    shardings = param_shardings(state, mesh, rules)
+    by_name = {}
+    for hf_name, (name, layer, _, _) in expected.items():
+        by_name.setdefault(name, {})[layer] = hf_name
+    handles = {f: safe_open(f, framework="numpy") for f in set(files.values())}
+
+    def read(hf_name, name, shape):
+        return to_jaxsft(handles[files[hf_name]].get_tensor(hf_name), WEIGHT_MAP[name][1], shape)
+
+    pure = nnx.to_pure_dict(state)
+    for name, path_in_state in model_param_paths(config).items():
+        leaf = _get(pure, path_in_state)
+        sharding = _get(shardings, path_in_state)
+        layers = by_name[name]
+
+        def shard(index, name=name, leaf=leaf, layers=layers):
+            if None in layers:  # a global weight
+                return np.asarray(read(layers[None], name, leaf.shape)[index], dtype=leaf.dtype)
+            picked = range(config.num_layers)[index[0]]
+            per_layer = leaf.shape[1:]
+            return np.stack([
+                np.asarray(read(layers[i], name, per_layer)[index[1:]], dtype=leaf.dtype) for i in picked])
+
+        _set(pure, path_in_state, jax.make_array_from_callback(leaf.shape, sharding, shard))
+    nnx.replace_by_pure_dict(state, pure)
+    return nnx.merge(graphdef, state)
+
+
+def _check_tensors(folder, files, expected, config):
+    problems = []
+    missing = [k for k in expected if k not in files]
+    if missing:
+        problems.append(f"missing tensors: {_short(missing)}")
+    unexpected = [k for k in files if k not in expected and not k.endswith(IGNORED_SUFFIXES)
+                  and not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    if unexpected:
+        problems.append(f"unexpected tensors: {_short(unexpected)}")
+    for name, file in sorted(files.items()):
+        if name in expected:
+            with safe_open(file, framework="numpy") as f:
+                shape = tuple(f.get_slice(name).get_shape())
+            if shape != expected[name][3]:
+                problems.append(
+                    f"{name} in {os.path.basename(file)} has shape {shape}, config.json implies "
+                    f"{expected[name][3]}")
+    if problems:
+        raise CheckpointError(
+            f"{folder} does not match its config.json ({config.architecture}):\n  " + "\n  ".join(problems))
+
+
+def _short(names, most=8):
+    names = sorted(names)
+    return ", ".join(names[:most]) + (f" ... and {len(names) - most} more" if len(names) > most else "")
+
+
+def _get(tree, path):
+    for p in path:
+        tree = tree[p]
+    return tree
+
+
+def _set(tree, path, value):
+    for p in path[:-1]:
+        tree = tree[p]
+    tree[path[-1]] = value
+
+
+def hf_config_dict(c: ModelConfig, dtype) -> dict[str, Any]:
+    """config.json for export: the original keys, with ours laid over them."""
+    hf = dict(c.hf_config)
+    hf.update({
+        "architectures": [c.architecture],
+        "model_type": {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
+                       "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
+                       "GraniteForCausalLM": "granite"}[c.architecture],
+        "vocab_size": c.vocab_size, "hidden_size": c.hidden_size,
+        "intermediate_size": c.intermediate_size, "num_hidden_layers": c.num_layers,
+        "num_attention_heads": c.num_heads, "num_key_value_heads": c.num_kv_heads,
+        "head_dim": c.head_dim, "rms_norm_eps": c.rms_norm_eps,
+        "max_position_embeddings": c.max_position_embeddings,
+        "tie_word_embeddings": c.tie_word_embeddings,
+        "bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id, "pad_token_id": c.pad_token_id,
+        "dtype": jnp.dtype(dtype).name,
+    })
+    hf.pop("torch_dtype", None)
+    rope = {"rope_type": "default", "rope_theta": c.rope_theta, **(c.rope_scaling or {})}
+    hf["rope_parameters"] = rope
+    hf.pop("rope_scaling", None)
+    hf.pop("rope_theta", None)
+    return hf
+
+
+def save_hf(model: Decoder, out_dir: str | os.PathLike, tokenizer=None, dtype=jnp.bfloat16,
+            max_shard_bytes: int = 5 << 30) -> None:
+    """Write a Hugging Face folder: safetensors (sharded with an index above max_shard_bytes),
+    config.json, generation_config.json and, if given, the tokenizer files.
+
+    Every process must call it (gathering shards is collective); only process 0 writes.
+    """
+    c = model.config
+    out_dir = str(out_dir)
+    tensors = hf_tensors(c)
+    itemsize = jnp.dtype(dtype).itemsize
+    shards: list[list[str]] = [[]]
+    size = 0
+    for hf_name, (_, _, shape, _) in tensors.items():
+        nbytes = int(np.prod(shape)) * itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(hf_name)
+        size += nbytes
+
+    writer = jax.process_index() == 0
+    local = tempfile.mkdtemp(prefix="jaxsft-export-") if out_dir.startswith("gs://") else out_dir
+    if writer:
+        os.makedirs(local, exist_ok=True)
+    params = {name: _get(nnx.state(model, nnx.Param), p)
+              for name, p in model_param_paths(c).items()}
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    if len(shards) == 1:
+        names = ["model.safetensors"]
+    weight_map = {}
+    for file_name, members in zip(names, shards):
+        arrays = {}
+        for hf_name in members:
+            name, layer, _, _ = tensors[hf_name]
+            value = params[name][...]
+            value = value if layer is None else value[layer]
+            host = np.asarray(_gather(value.astype(dtype)))
+            arrays[hf_name] = np.ascontiguousarray(to_hf(host, WEIGHT_MAP[name][1]))
+            weight_map[hf_name] = file_name
+        if writer:
+            save_file(arrays, os.path.join(local, file_name), metadata={"format": "pt"})
+    if not writer:
+        return
+    if len(shards) > 1:
+        total = sum(int(np.prod(t[2])) * itemsize for t in tensors.values())
+        with open(os.path.join(local, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    with open(os.path.join(local, "config.json"), "w") as f:
+        json.dump(hf_config_dict(c, dtype), f, indent=2)
+    generation = dict(c.hf_generation_config) or {
+        k: v for k, v in (("bos_token_id", c.bos_token_id), ("eos_token_id", c.eos_token_id),
+                          ("pad_token_id", c.pad_token_id)) if v is not None}
+    with open(os.path.join(local, "generation_config.json"), "w") as f:
+        json.dump(generation, f, indent=2)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(local)
+    if local != out_dir:
+        dst = epath.Path(out_dir)
+        dst.mkdir(parents=True, exist_ok=True)
+        for f in os.listdir(local):
+            with open(os.path.join(local, f), "rb") as r, (dst / f).open("wb") as w:
+                shutil.copyfileobj(r, w, length=64 << 20)
+        shutil.rmtree(local)
+
+
+def _gather(x: jax.Array):
+    if x.is_fully_addressable:
+        return jax.device_get(x)
+    from jax.experimental import multihost_utils
+    return multihost_utils.process_allgather(x, tiled=True)

@@ -1,0 +1,77 @@
+"""Logical axis names -> mesh axes.
+
+Models name their axes (vocab, embed, heads, ...); this module alone decides where they go on the
+(data, fsdp, tensor) mesh. A rule is (logical name, mesh axis or tuple of axes or None); the first
+rule for a name wins. A dimension that a mesh axis does not divide stays replicated on that axis.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# FSDP shards the embed dimension of every weight; tensor parallelism splits heads and mlp.
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
+    ("norm", None),
+)
+
+
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> jax.sharding.Mesh:
+    """A (data, fsdp, tensor) mesh; one size may be -1 to take the remaining devices."""
+    devices = devices if devices is not None else jax.devices()
+    sizes = [data, fsdp, tensor]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"mesh sizes {dict(zip(MESH_AXES, sizes))}: at most one may be -1")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(f"mesh sizes {dict(zip(MESH_AXES, sizes))} do not divide {len(devices)} devices")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if math.prod(sizes) != len(devices):
+        raise ValueError(
+            f"mesh sizes {dict(zip(MESH_AXES, sizes))} use {math.prod(sizes)} devices, "
+            f"but {len(devices)} are present")
+    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+def logical_to_spec(axes, shape, mesh, rules=DEFAULT_RULES) -> P:
+    table = dict(reversed(rules))  # first rule wins
+    used = set()
+    spec = []
+    for name, dim in zip(axes, shape):
+        target = table.get(name)
+        mesh_axes = (target,) if isinstance(target, str) else tuple(target or ())
+        mesh_axes = tuple(a for a in mesh_axes if a not in used and mesh.shape[a] > 1)
+        if mesh_axes and dim % math.prod(mesh.shape[a] for a in mesh_axes) == 0:
+            used.update(mesh_axes)
+            spec.append(mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
+        else:
+            spec.append(None)
+    return P(*spec)
+
+
+def param_shardings(state, mesh=None, rules=None):
+    """A pure-dict tree of shardings matching `nnx.to_pure_dict(state)`."""
+    rules = rules or DEFAULT_RULES
+
+    def one(variable):
+        if mesh is None:
+            return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        axes = variable.get_metadata().get("logical_axes", (None,) * len(variable.shape))
+        return NamedSharding(mesh, logical_to_spec(axes, variable.shape, mesh, rules))
+
+    return nnx.to_pure_dict(jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
