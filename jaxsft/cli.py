@@ -1,0 +1,122 @@
+"""Config files and command-line overrides shared by every `python -m jaxsft.*` entry point.
+
+`--config configs/NAME.py[:ARG]` loads `get_config(ARG)` from that file; `--config.a.b=value`
+overrides a field. A mistyped key or a value of the wrong type is a one-line error naming the key
+and the closest valid ones, not a traceback.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import difflib
+import importlib.util
+import os
+import sys
+
+import ml_collections
+
+
+class UsageError(SystemExit):
+    """Exits with status 2 and a one-line message."""
+
+    def __init__(self, message: str):
+        super().__init__(f"error: {message}")
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+    path, _, arg = spec.partition(":")
+    if not os.path.exists(path):
+        raise UsageError(f"config file {path} does not exist")
+    module_spec = importlib.util.spec_from_file_location(f"jaxsft_config_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise UsageError(f"{path} has no get_config() function")
+    config = module.get_config(arg) if arg else module.get_config()
+    return config
+
+
+def all_keys(config, prefix="") -> list[str]:
+    keys = []
+    for k, v in config.items():
+        keys.append(prefix + k)
+        if isinstance(v, ml_collections.ConfigDict):
+            keys.extend(all_keys(v, prefix + k + "."))
+    return keys
+
+
+def set_field(config: ml_collections.ConfigDict, key: str, raw: str) -> None:
+    *parents, leaf = key.split(".")
+    node = config
+    for p in parents:
+        if not isinstance(node, ml_collections.ConfigDict) or p not in node:
+            _unknown(config, key)
+        node = node[p]
+    if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+        _unknown(config, key)
+    old = node[leaf]
+    value = parse_value(raw, old)
+    try:
+        with node.ignore_type() if old is None else contextlib.nullcontext():
+            node[leaf] = value
+    except TypeError as e:
+        raise UsageError(f"--config.{key}={raw}: {e}") from None
+
+
+def parse_value(raw: str, old):
+    if isinstance(old, str):
+        return raw
+    if isinstance(old, bool):
+        if raw.lower() in ("true", "1", "yes"):
+            return True
+        if raw.lower() in ("false", "0", "no"):
+            return False
+        raise UsageError(f"expected true or false, got {raw!r}")
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        value = raw
+    if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if isinstance(old, (list, tuple)) and isinstance(value, (list, tuple)):
+        value = type(old)(value)
+    return value
+
+
+def _unknown(config, key):
+    close = difflib.get_close_matches(key, all_keys(config), n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join('--config.' + c for c in close)}?" if close else ""
+    raise UsageError(f"unknown config key --config.{key}{hint}")
+
+
+def parse_args(argv: list[str] | None = None, extra_flags: tuple[str, ...] = ()):
+    """Returns (config, {extra flag: value}). Accepts `--flag=value` and `--flag value`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pairs = []
+    while argv:
+        arg = argv.pop(0)
+        if not arg.startswith("--"):
+            raise UsageError(f"unexpected argument {arg!r}")
+        name, eq, value = arg[2:].partition("=")
+        if not eq:
+            if not argv:
+                raise UsageError(f"--{name} needs a value")
+            value = argv.pop(0)
+        pairs.append((name, value))
+    specs = [v for n, v in pairs if n == "config"]
+    if len(specs) != 1:
+        raise UsageError("give exactly one --config configs/NAME.py")
+    config = load_config_file(specs[0])
+    extras = {}
+    for name, value in pairs:
+        if name == "config":
+            continue
+        if name.startswith("config."):
+            set_field(config, name.removeprefix("config."), value)
+        elif name in extra_flags:
+            extras[name] = value
+        else:
+            known = ["--config", "--config.KEY"] + [f"--{f}" for f in extra_flags]
+            raise UsageError(f"unknown flag --{name}; known flags: {', '.join(known)}")
+    return config, extras
