@@ -1,0 +1,18 @@
+import os
+
+# Before jax starts: 8 simulated CPU devices for the sharding tests, and no hub access.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
+
+
+@pytest.fixture(scope="session")
+def assets() -> Path:
+    assert ASSETS.exists(), f"test assets not found at {ASSETS}"
+    return ASSETS
