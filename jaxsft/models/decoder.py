@@ -100,9 +100,14 @@ class Decoder(nnx.Module):
         backend = resolve_backend(c.attention, c.head_dim, self.compute_dtype)
         inv_freq = rope_frequencies(c)
 
+        def attend(q, k, v):
+            out = attention(q, k, v, segment_ids, scale=c.attention_scale,
+                            sliding_window=c.sliding_window, backend=backend)
+            return out, None
+
         def body(x, w):
             w = jax.tree.map(lambda a: a.astype(self.compute_dtype), w)
-            return decoder_layer(x, w, segment_ids, positions, inv_freq, c, backend), None
+            return decoder_layer(x, w, positions, inv_freq, c, attend)
 
         if REMAT[c.remat] is not None:
             body = jax.checkpoint(body, policy=REMAT[c.remat], prevent_cse=False)
@@ -119,7 +124,9 @@ class Decoder(nnx.Module):
         return out / self.config.logits_scaling
 
 
-def decoder_layer(x, w, segment_ids, positions, inv_freq, c: ModelConfig, backend: str):
+def decoder_layer(x, w, positions, inv_freq, c: ModelConfig, attend):
+    """One pre-norm block. `attend(q, k, v) -> (out, aux)` is the attention (packed for training,
+    with a KV cache for generation); its aux comes back as the second result."""
     h = rms_norm(x, w["attn_norm"], c.rms_norm_eps)
     q = jnp.einsum("bte,enh->btnh", h, w["q"])
     k = jnp.einsum("bte,ekh->btkh", h, w["k"])
@@ -131,15 +138,14 @@ def decoder_layer(x, w, segment_ids, positions, inv_freq, c: ModelConfig, backen
         k = rms_norm(k, w["k_norm"], c.rms_norm_eps)
     q = apply_rope(q, positions, inv_freq)
     k = apply_rope(k, positions, inv_freq)
-    a = attention(q, k, v, segment_ids, scale=c.attention_scale, sliding_window=c.sliding_window,
-                  backend=backend)
+    a, aux = attend(q, k, v)
     out = jnp.einsum("btnh,nhe->bte", a, w["o"])
     if c.o_bias:
         out = out + w["o_bias"]
     x = x + out * c.residual_multiplier
     h = rms_norm(x, w["mlp_norm"], c.rms_norm_eps)
     mlp = jax.nn.silu(h @ w["gate"]) * (h @ w["up"])
-    return x + (mlp @ w["down"]) * c.residual_multiplier
+    return x + (mlp @ w["down"]) * c.residual_multiplier, aux
 
 
 def rms_norm(x, weight, eps):

@@ -9,7 +9,6 @@ of the model in host memory.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import tempfile
@@ -26,7 +25,6 @@ from safetensors.numpy import save_file
 from jaxsft.models.config import ConfigError, ModelConfig
 from jaxsft.models.decoder import Decoder, layer_shapes
 
-log = logging.getLogger(__name__)
 
 # jaxsft name -> (HF name, how HF lays it out). `{i}` is the layer index.
 #   vector: same layout; linear: HF (out, in) is our (in, out);
@@ -265,6 +263,18 @@ def hf_config_dict(c: ModelConfig, dtype) -> dict[str, Any]:
     return hf
 
 
+def hf_arrays(params, config: ModelConfig, dtype=None):
+    """Yield (HF name, numpy array in HF layout) for a pure-dict tree shaped like the Decoder's
+    parameters (the parameters themselves, or their gradients), one tensor at a time."""
+    paths = model_param_paths(config)
+    for hf_name, (name, layer, _, _) in hf_tensors(config).items():
+        value = _get(params, paths[name])
+        value = value if layer is None else value[layer]
+        if dtype is not None:
+            value = value.astype(dtype)
+        yield hf_name, np.ascontiguousarray(to_hf(np.asarray(_gather(value)), WEIGHT_MAP[name][1]))
+
+
 def save_hf(model: Decoder, out_dir: str | os.PathLike, tokenizer=None, dtype=jnp.bfloat16,
             max_shard_bytes: int = 5 << 30) -> None:
     """Write a Hugging Face folder: safetensors (sharded with an index above max_shard_bytes),
@@ -276,43 +286,37 @@ def save_hf(model: Decoder, out_dir: str | os.PathLike, tokenizer=None, dtype=jn
     out_dir = str(out_dir)
     tensors = hf_tensors(c)
     itemsize = jnp.dtype(dtype).itemsize
-    shards: list[list[str]] = [[]]
-    size = 0
+    shard_of, sizes = {}, [0]
     for hf_name, (_, _, shape, _) in tensors.items():
         nbytes = int(np.prod(shape)) * itemsize
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(hf_name)
-        size += nbytes
+        if sizes[-1] and sizes[-1] + nbytes > max_shard_bytes:
+            sizes.append(0)
+        shard_of[hf_name] = len(sizes) - 1
+        sizes[-1] += nbytes
+    if len(sizes) == 1:
+        file_names = ["model.safetensors"]
+    else:
+        file_names = [f"model-{i + 1:05d}-of-{len(sizes):05d}.safetensors" for i in range(len(sizes))]
 
     writer = jax.process_index() == 0
     local = tempfile.mkdtemp(prefix="jaxsft-export-") if out_dir.startswith("gs://") else out_dir
     if writer:
         os.makedirs(local, exist_ok=True)
-    params = {name: _get(nnx.state(model, nnx.Param), p)
-              for name, p in model_param_paths(c).items()}
-    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    if len(shards) == 1:
-        names = ["model.safetensors"]
-    weight_map = {}
-    for file_name, members in zip(names, shards):
-        arrays = {}
-        for hf_name in members:
-            name, layer, _, _ = tensors[hf_name]
-            value = params[name][...]
-            value = value if layer is None else value[layer]
-            host = np.asarray(_gather(value.astype(dtype)))
-            arrays[hf_name] = np.ascontiguousarray(to_hf(host, WEIGHT_MAP[name][1]))
-            weight_map[hf_name] = file_name
-        if writer:
-            save_file(arrays, os.path.join(local, file_name), metadata={"format": "pt"})
+    pending, current = {}, 0
+    for hf_name, array in hf_arrays(nnx.to_pure_dict(nnx.state(model, nnx.Param)), c, dtype):
+        if shard_of[hf_name] != current:
+            if writer:
+                save_file(pending, os.path.join(local, file_names[current]), metadata={"format": "pt"})
+            pending, current = {}, shard_of[hf_name]
+        pending[hf_name] = array
     if not writer:
         return
-    if len(shards) > 1:
-        total = sum(int(np.prod(t[2])) * itemsize for t in tensors.values())
+    save_file(pending, os.path.join(local, file_names[current]), metadata={"format": "pt"})
+    if len(file_names) > 1:
+        index = {"metadata": {"total_size": sum(sizes)},
+                 "weight_map": {k: file_names[i] for k, i in shard_of.items()}}
         with open(os.path.join(local, "model.safetensors.index.json"), "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+            json.dump(index, f, indent=2)
     with open(os.path.join(local, "config.json"), "w") as f:
         json.dump(hf_config_dict(c, dtype), f, indent=2)
     generation = dict(c.hf_generation_config) or {

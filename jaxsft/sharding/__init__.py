@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 
 import jax
-import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 

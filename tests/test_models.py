@@ -1,0 +1,233 @@
+"""The decoder against transformers' PyTorch models, for every supported family (fp32, CPU)."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+import transformers as tf
+from flax import nnx
+from safetensors.numpy import load_file, save_file
+
+import jaxsft
+from jaxsft.models.hf_io import hf_arrays
+from jaxsft.sharding import make_mesh
+from tests.hf_models import FAMILIES, make_hf_model
+
+IDS = np.random.RandomState(0).randint(0, 160, (2, 37))  # batch > 1, odd length > sliding window
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(request, tmp_path_factory):
+    hf = make_hf_model(request.param)
+    path = tmp_path_factory.mktemp(request.param)
+    hf.save_pretrained(path)
+    return request.param, hf, str(path)
+
+
+def hf_logits(hf, ids):
+    with torch.no_grad():
+        return hf(torch.tensor(ids)).logits.numpy()
+
+
+def load_fp32(path, **kw):
+    return jaxsft.load_model(path, dtype=jnp.float32, compute_dtype=jnp.float32, remat="none", **kw)
+
+
+def assert_logits_close(ours, ref):
+    scale = np.abs(ref).max()
+    err = np.abs(np.asarray(ours) - ref).max()
+    assert err <= 1e-4 * scale, f"max abs diff {err} > 1e-4 * {scale}"
+
+
+def test_logits_match_transformers(family):
+    _, hf, path = family
+    model = load_fp32(path)
+    assert_logits_close(model(jnp.asarray(IDS)), hf_logits(hf, IDS))
+
+
+def test_loss_and_gradients_match_transformers(family):
+    _, hf, path = family
+    labels = np.random.RandomState(1).randint(0, 160, IDS.shape)
+    labels[0, :5] = -100  # ignored positions, as an SFT mask makes them
+    hf.zero_grad()
+    out = hf(torch.tensor(IDS), labels=torch.tensor(labels))
+    out.loss.backward()
+    ref_grads = {n: p.grad.numpy() for n, p in hf.named_parameters()}
+
+    model = load_fp32(path)
+    graphdef, params = nnx.split(model, nnx.Param)
+
+    def loss_fn(params):
+        logits = nnx.merge(graphdef, params)(jnp.asarray(IDS))[:, :-1]
+        targets = jnp.asarray(labels)[:, 1:]
+        mask = targets != -100
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(mask, targets, 0))
+        return jnp.sum(losses * mask) / jnp.sum(mask)
+
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    np.testing.assert_allclose(loss, out.loss.item(), rtol=1e-5)
+    ours = dict(hf_arrays(nnx.to_pure_dict(grads), model.config))
+    if model.config.tie_word_embeddings:
+        ref_grads.pop("lm_head.weight", None)
+    assert sorted(ours) == sorted(ref_grads)
+    for name, g in ours.items():
+        rel = np.linalg.norm(g - ref_grads[name]) / np.linalg.norm(ref_grads[name])
+        assert rel <= 1e-3, f"{name}: relative gradient error {rel}"
+
+
+def test_export_round_trip(family, tmp_path):
+    _, hf, path = family
+    model = load_fp32(path)
+    out = tmp_path / "export"
+    jaxsft.save_hf(model, out, dtype=jnp.float32)
+    reloaded, info = tf.AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert type(reloaded) is type(hf)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert_logits_close(hf_logits(reloaded.eval(), IDS), hf_logits(hf, IDS))
+    # And back into jaxsft once more.
+    assert_logits_close(load_fp32(out)(jnp.asarray(IDS)), hf_logits(hf, IDS))
+
+
+def test_bf16_sharded_export_loads_in_transformers(tmp_path):
+    hf = make_hf_model("llama")
+    hf.save_pretrained(tmp_path / "src")
+    model = load_fp32(tmp_path / "src")
+    out = tmp_path / "export"
+    jaxsft.save_hf(model, out, max_shard_bytes=40_000)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 2 and all((out / f).exists() for f in files)
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    assert (out / "generation_config.json").exists()
+    reloaded, info = tf.AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert reloaded.dtype == torch.bfloat16
+    ref = hf_logits(hf, IDS)
+    got = hf_logits(reloaded.float().eval(), IDS)
+    assert np.abs(got - ref).max() <= 0.05 * np.abs(ref).max()  # bf16 weights
+
+
+def test_tokenizer_is_exported(tmp_path, assets):
+    hf = make_hf_model("qwen2")
+    hf.save_pretrained(tmp_path / "src")
+    tok = tf.AutoTokenizer.from_pretrained(assets / "tokenizers" / "qwen2.5-0.5b-instruct")
+    jaxsft.save_hf(load_fp32(tmp_path / "src"), tmp_path / "out", tokenizer=tok)
+    again = tf.AutoTokenizer.from_pretrained(tmp_path / "out")
+    msgs = [{"role": "user", "content": "What is 2+2?"}]
+    assert again.apply_chat_template(msgs) == tok.apply_chat_template(msgs)
+
+
+def _packed_row(lengths, total, rng):
+    ids = rng.randint(0, 160, total)
+    segment_ids = np.zeros(total, np.int32)
+    positions = np.zeros(total, np.int32)
+    start = 0
+    for i, n in enumerate(lengths):
+        segment_ids[start:start + n] = i + 1
+        positions[start:start + n] = np.arange(n)
+        start += n
+    return ids, segment_ids, positions
+
+
+@pytest.mark.parametrize("backend,total", [("xla", 64), ("splash", 128)])
+@pytest.mark.parametrize("name", ["llama", "mistral"])
+def test_packed_row_equals_samples_one_by_one(tmp_path, backend, total, name):
+    hf = make_hf_model(name)
+    hf.save_pretrained(tmp_path)
+    model = load_fp32(tmp_path, attention=backend)
+    lengths = [total // 4, total // 2 - 3, total // 8]  # the rest of the row is padding
+    ids, seg, pos = _packed_row(lengths, total, np.random.RandomState(2))
+    packed = np.asarray(model(jnp.asarray(ids[None]), jnp.asarray(seg[None]), jnp.asarray(pos[None])))[0]
+    start = 0
+    for n in lengths:
+        alone = hf_logits(hf, ids[None, start:start + n])[0]
+        assert_logits_close(packed[start:start + n], alone)
+        start += n
+
+
+def test_sharded_load_on_8_devices_gives_same_logits(tmp_path):
+    assert jax.device_count() == 8
+    hf = make_hf_model("qwen2")
+    hf.save_pretrained(tmp_path)
+    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    model = load_fp32(tmp_path, mesh=mesh)
+    q = model.layers.q[...]
+    assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+    assert len(q.addressable_shards) == 8 and q.addressable_shards[0].data.shape == (2, 32, 2, 16)
+    with jax.set_mesh(mesh):
+        logits = jax.jit(lambda m, x: m(x))(model, jnp.asarray(IDS))
+    assert_logits_close(logits, hf_logits(hf, IDS))
+
+
+def test_remat_policies_give_same_gradients(tmp_path):
+    make_hf_model("llama").save_pretrained(tmp_path)
+    grads = []
+    for remat in ("none", "full", "dots", "dots_no_batch"):
+        model = jaxsft.load_model(tmp_path, compute_dtype=jnp.float32, remat=remat)
+        graphdef, params = nnx.split(model, nnx.Param)
+        loss = lambda p: jnp.mean(nnx.merge(graphdef, p)(jnp.asarray(IDS)) ** 2)  # noqa: E731
+        grads.append(jax.tree.leaves(jax.grad(loss)(params)))
+    for other in grads[1:]:
+        for a, b in zip(grads[0], other):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+# Malformed folders: each gives an error that names the problem.
+
+@pytest.fixture()
+def saved(tmp_path):
+    make_hf_model("llama").save_pretrained(tmp_path / "m", max_shard_size="50KB")
+    return tmp_path / "m"
+
+
+def test_missing_shard_is_named(saved):
+    shard = sorted(saved.glob("model-*.safetensors"))[1]
+    shard.unlink()
+    with pytest.raises(jaxsft.CheckpointError, match=shard.name):
+        load_fp32(saved)
+
+
+def test_wrong_shape_is_named(saved):
+    index = json.loads((saved / "model.safetensors.index.json").read_text())
+    name = "model.layers.1.mlp.up_proj.weight"
+    file = saved / index["weight_map"][name]
+    tensors = load_file(file)
+    tensors[name] = tensors[name][:, :10]
+    save_file(tensors, file, metadata={"format": "pt"})
+    with pytest.raises(jaxsft.CheckpointError, match=r"model.layers.1.mlp.up_proj.weight .* shape \(96, 10\)"):
+        load_fp32(saved)
+
+
+def test_missing_and_unexpected_tensors_are_named(tmp_path):
+    make_hf_model("llama").save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    del tensors["model.layers.0.self_attn.k_proj.weight"]
+    tensors["model.layers.0.self_attn.extra.weight"] = np.zeros(3, np.float32)
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(jaxsft.CheckpointError) as e:
+        load_fp32(tmp_path)
+    assert "missing tensors: model.layers.0.self_attn.k_proj.weight" in str(e.value)
+    assert "unexpected tensors: model.layers.0.self_attn.extra.weight" in str(e.value)
+
+
+def test_unknown_architecture_lists_supported(tmp_path):
+    make_hf_model("llama").save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["architectures"] = ["GPT2LMHeadModel"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(jaxsft.ConfigError, match="GPT2LMHeadModel.*LlamaForCausalLM, MistralForCausalLM"):
+        load_fp32(tmp_path)
+
+
+def test_not_a_model_folder(tmp_path):
+    with pytest.raises(jaxsft.CheckpointError, match="no config.json"):
+        load_fp32(tmp_path)
+    make_hf_model("llama").save_pretrained(tmp_path)
+    os.remove(tmp_path / "model.safetensors")
+    with pytest.raises(jaxsft.CheckpointError, match="no model.safetensors"):
+        load_fp32(tmp_path)
