@@ -154,8 +154,6 @@ def load_model(path: str | os.PathLike, dtype=jnp.float32, compute_dtype=jnp.bfl
     dtype: parameter dtype; compute_dtype: matmul dtype; mesh/rules: where the parameters go
     (default: the first device); run_options: ModelConfig run-time fields (remat, attention).
     """
-    from jaxsft.sharding import param_shardings
-
     folder = local_dir(path)
     config_path = os.path.join(folder, "config.json")
     if not os.path.exists(config_path):
@@ -166,25 +164,31 @@ def load_model(path: str | os.PathLike, dtype=jnp.float32, compute_dtype=jnp.bfl
         with open(gen_path) as f:
             config = config.replace(hf_generation_config=json.load(f))
     files = _tensor_files(folder)
-    expected = hf_tensors(config)
-    _check_tensors(folder, files, expected, config)
+    _check_tensors(folder, files, hf_tensors(config), config)
+    handles = {f: safe_open(f, framework="numpy") for f in set(files.values())}
+    return build_model(config, lambda name: handles[files[name]].get_tensor(name),
+                       dtype, compute_dtype, mesh, rules)
+
+
+def build_model(config: ModelConfig, read_hf_tensor, dtype, compute_dtype, mesh=None, rules=None) -> Decoder:
+    """A Decoder whose parameters are read with `read_hf_tensor(hf_name) -> np.ndarray` (HF layout),
+    straight into their target sharding: each device shard reads only the layers it holds."""
+    from jaxsft.sharding import param_shardings
 
     abstract = nnx.eval_shape(lambda: Decoder(config, param_dtype=dtype, compute_dtype=compute_dtype))
     graphdef, state = nnx.split(abstract)
     shardings = param_shardings(state, mesh, rules)
-    by_name = {}
-    for hf_name, (name, layer, _, _) in expected.items():
-        by_name.setdefault(name, {})[layer] = hf_name
-    handles = {f: safe_open(f, framework="numpy") for f in set(files.values())}
+    hf_names = {}
+    for hf_name, (name, layer, _, _) in hf_tensors(config).items():
+        hf_names.setdefault(name, {})[layer] = hf_name
 
     def read(hf_name, name, shape):
-        return to_jaxsft(handles[files[hf_name]].get_tensor(hf_name), WEIGHT_MAP[name][1], shape)
+        return to_jaxsft(read_hf_tensor(hf_name), WEIGHT_MAP[name][1], shape)
 
     pure = nnx.to_pure_dict(state)
     for name, path_in_state in model_param_paths(config).items():
         leaf = _get(pure, path_in_state)
-        sharding = _get(shardings, path_in_state)
-        layers = by_name[name]
+        layers = hf_names[name]
 
         def shard(index, name=name, leaf=leaf, layers=layers):
             if None in layers:  # a global weight
@@ -194,6 +198,7 @@ def load_model(path: str | os.PathLike, dtype=jnp.float32, compute_dtype=jnp.bfl
             return np.stack([
                 np.asarray(read(layers[i], name, per_layer)[index[1:]], dtype=leaf.dtype) for i in picked])
 
+        sharding = _get(shardings, path_in_state)
         _set(pure, path_in_state, jax.make_array_from_callback(leaf.shape, sharding, shard))
     nnx.replace_by_pure_dict(state, pure)
     return nnx.merge(graphdef, state)
