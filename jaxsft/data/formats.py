@@ -1,0 +1,287 @@
+"""Reading records from files or the Hub, detecting their format, and turning them into conversations.
+
+Every record becomes one or more conversations: lists of `{'role', 'content'}` with roles
+system/user/assistant and at least one assistant turn. A malformed record raises `DataError`
+naming the file, the line (or record/row) and the field; with `on_bad_record='skip'` it is
+counted by `DataError.reason` instead.
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+
+import fsspec
+import fsspec.implementations.local
+
+ROLES = ("system", "user", "assistant")
+OASST_ROLES = {"prompter": "user", "assistant": "assistant"}
+FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".jsonl.gz", ".json.gz", ".ndjson")
+
+
+class DataError(ValueError):
+    """A bad record or source; `reason` is the short key it is counted under when skipped."""
+
+    def __init__(self, where: str, field_name: str | None, problem: str, reason: str):
+        self.reason = reason
+        location = f"{where}, field '{field_name}'" if field_name else where
+        super().__init__(f"{location}: {problem}")
+
+
+@dataclass
+class Conversation:
+    messages: list[dict]
+    where: str
+    # For the raw render of single-turn formats; None for chat data.
+    prompt_completion: tuple[str, str] | None = None
+
+
+@dataclass
+class ReadResult:
+    conversations: list[Conversation] = field(default_factory=list)
+    records: int = 0
+    skipped: collections.Counter = field(default_factory=collections.Counter)
+    format: str = ""
+
+
+def is_hub_name(path: str) -> bool:
+    if "://" in path or os.path.exists(path) or glob.has_magic(path) or path.endswith(FILE_SUFFIXES):
+        return False
+    return re.fullmatch(r"[\w.-]+(/[\w.-]+)?", path) is not None
+
+
+def expand_files(path: str) -> tuple[fsspec.AbstractFileSystem, list[str]]:
+    fs, _, files = fsspec.get_fs_token_paths(path)
+    files = sorted(f for f in files if not fs.isdir(f))
+    if not files:
+        raise DataError(path, None, "no file matches this path", "no_files")
+    return fs, files
+
+
+def fingerprint_source(source: dict) -> dict:
+    """What identifies the source's contents: file digests, or the Hub dataset's own fingerprint."""
+    if is_hub_name(source["path"]):
+        return {"hub": source["path"], "subset": source["subset"], "split": source["split"],
+                "fingerprint": load_hub_dataset(source)._fingerprint}
+    fs, files = expand_files(source["path"])
+    digests = {}
+    for f in files:
+        if _is_local(fs):
+            digest = hashlib.sha256()
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 22), b""):
+                    digest.update(chunk)
+            digests[f] = digest.hexdigest()
+        else:  # remote: the store's own checksum (md5/crc/etag), without downloading
+            digests[f] = str(fs.checksum(f))
+    return {"files": digests}
+
+
+def _is_local(fs) -> bool:
+    return isinstance(fs, fsspec.implementations.local.LocalFileSystem)
+
+
+def load_hub_dataset(source: dict):
+    import datasets  # slow import, only for Hub sources
+
+    return datasets.load_dataset(source["path"], source["subset"] or None, split=source["split"])
+
+
+def iter_raw_records(source: dict):
+    """Yields (where, record or DataError) in file order."""
+    if is_hub_name(source["path"]):
+        for i, record in enumerate(load_hub_dataset(source)):
+            yield f"{source['path']}[{source['split']}], row {i}", record
+        return
+    fs, files = expand_files(source["path"])
+    for f in files:
+        name = f if _is_local(fs) else fs.unstrip_protocol(f)
+        base = f.removesuffix(".gz")
+        with fs.open(f, "rb", compression="infer") as fh:
+            if base.endswith(".parquet"):
+                import pyarrow.parquet as pq
+
+                row = 0
+                for batch in pq.ParquetFile(fh).iter_batches():
+                    for record in batch.to_pylist():
+                        yield f"{name}, row {row}", record
+                        row += 1
+            elif base.endswith(".json"):
+                text = fh.read().decode("utf-8")
+                try:
+                    data = json.loads(text)
+                except json.JSONDecodeError:
+                    yield from _json_lines(name, text)  # a .json file holding JSON lines
+                    continue
+                if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
+                    data = next(iter(data.values()))
+                if not isinstance(data, list):
+                    yield f"{name}", DataError(name, None, "expected a list of records", "bad_json")
+                    continue
+                for i, record in enumerate(data):
+                    yield f"{name}, record {i}", record
+            else:
+                yield from _json_lines(name, fh.read().decode("utf-8"))
+
+
+def _json_lines(name: str, text: str):
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{name}, line {lineno}"
+        try:
+            yield where, json.loads(line)
+        except json.JSONDecodeError as e:
+            yield where, DataError(where, None, f"bad JSON: {e}", "bad_json")
+
+
+def detect_format(record: dict, where: str) -> str:
+    keys = set(record)
+    if "messages" in keys:
+        return "chat"
+    if isinstance(record.get("prompt"), dict) and "replies" in record["prompt"]:
+        return "oasst"
+    if {"instruction", "output"} <= keys:
+        return "alpaca"
+    if {"prompt", "completion"} <= keys:
+        return "prompt_completion"
+    if {"question", "answer"} <= keys:
+        return "gsm8k"
+    raise DataError(
+        where, None,
+        f"cannot detect the format from keys {sorted(keys)}; set format to one of chat, alpaca, "
+        "prompt_completion, gsm8k, oasst, or format='columns' with a columns mapping",
+        "unknown_format",
+    )
+
+
+def read_source(source: dict, *, system_prompt: str, on_bad_record: str) -> ReadResult:
+    result = ReadResult(format=source["format"])
+    for where, record in iter_raw_records(source):
+        result.records += 1
+        try:
+            if isinstance(record, DataError):
+                raise record
+            if not isinstance(record, dict):
+                raise DataError(where, None, f"expected a JSON object, got {type(record).__name__}", "not_an_object")
+            if result.format == "auto":
+                result.format = detect_format(record, where)
+            result.conversations.extend(to_conversations(record, result.format, source["columns"], system_prompt, where))
+        except DataError as e:
+            if on_bad_record == "error" or e.reason == "unknown_format":
+                raise
+            result.skipped[e.reason] += 1
+    return result
+
+
+def _text(record: dict, key: str, where: str, field_name: str | None = None, *, optional: bool = False) -> str:
+    field_name = field_name or key
+    if key not in record or record[key] is None:
+        if optional:
+            return ""
+        raise DataError(where, field_name, "missing", "missing_field")
+    value = record[key]
+    if not isinstance(value, str):
+        raise DataError(where, field_name, f"expected a string, got {type(value).__name__}", "non_string_content")
+    if not value.strip() and not optional:
+        raise DataError(where, field_name, "empty", "empty_content")
+    return value
+
+
+def single_turn(prompt: str, completion: str, system_prompt: str, where: str) -> Conversation:
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+    return Conversation(messages, where, (prompt, completion))
+
+
+def to_conversations(record: dict, fmt: str, columns: dict, system_prompt: str, where: str) -> list[Conversation]:
+    if fmt == "columns":
+        if "messages" in columns:
+            return to_conversations({"messages": _get(record, columns["messages"], where)}, "chat", {}, "", where)
+        prompt = _text(record, columns["prompt"], where)
+        completion = _text(record, columns["completion"], where)
+        system = _text(record, columns["system"], where, optional=True) if "system" in columns else ""
+        return [single_turn(prompt, completion, system or system_prompt, where)]
+    if fmt == "chat":
+        return [Conversation(check_messages(_get(record, "messages", where), where), where)]
+    if fmt == "alpaca":
+        instruction = _text(record, "instruction", where)
+        extra = _text(record, "input", where, optional=True)
+        prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+        return [single_turn(prompt, _text(record, "output", where), system_prompt, where)]
+    if fmt == "prompt_completion":
+        return [single_turn(_text(record, "prompt", where), _text(record, "completion", where), system_prompt, where)]
+    if fmt == "gsm8k":
+        return [single_turn(_text(record, "question", where), _text(record, "answer", where), system_prompt, where)]
+    if fmt == "oasst":
+        return [Conversation(m, where) for m in oasst_paths(_get(record, "prompt", where), where)]
+    raise ValueError(f"unknown format {fmt!r}")
+
+
+def _get(record: dict, key: str, where: str):
+    if key not in record:
+        raise DataError(where, key, "missing", "missing_field")
+    return record[key]
+
+
+def check_messages(messages, where: str) -> list[dict]:
+    if not isinstance(messages, list) or not messages:
+        raise DataError(where, "messages", "expected a non-empty list of {role, content}", "missing_field")
+    out = []
+    for i, message in enumerate(messages):
+        name = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise DataError(where, name, f"expected an object, got {type(message).__name__}", "not_an_object")
+        if "role" not in message:
+            raise DataError(where, f"{name}.role", "missing", "missing_field")
+        role = message["role"]
+        if role not in ROLES:
+            raise DataError(where, f"{name}.role", f"unknown role {role!r}; expected one of {ROLES}", "unknown_role")
+        out.append({"role": role, "content": _text(message, "content", where, f"{name}.content")})
+    if not any(m["role"] == "assistant" for m in out):
+        raise DataError(where, "messages", "the conversation has no assistant turn", "no_assistant_turn")
+    return out
+
+
+def oasst_paths(root, where: str) -> list[list[dict]]:
+    """Every root-to-leaf path of an OASST message tree, cut after its last assistant message.
+
+    A path ending in a user message is cut back to its last assistant reply; the cut paths that
+    coincide (siblings that are all unanswered prompts) are kept once.
+    """
+    conversations, seen = [], set()
+
+    def walk(node, name, path):
+        if not isinstance(node, dict):
+            raise DataError(where, name, "expected a message object", "not_an_object")
+        if node.get("deleted"):
+            return
+        role = node.get("role")
+        if role is None:
+            raise DataError(where, f"{name}.role", "missing", "missing_field")
+        if role not in OASST_ROLES:
+            raise DataError(where, f"{name}.role", f"unknown role {role!r}; expected prompter or assistant", "unknown_role")
+        path = path + [({"role": OASST_ROLES[role], "content": _text(node, "text", where, f"{name}.text")}, id(node))]
+        replies = node.get("replies") or []
+        if not isinstance(replies, list):
+            raise DataError(where, f"{name}.replies", "expected a list", "not_an_object")
+        live = [r for r in replies if not (isinstance(r, dict) and r.get("deleted"))]
+        if not live:
+            while path and path[-1][0]["role"] != "assistant":
+                path = path[:-1]
+            key = tuple(node_id for _, node_id in path)
+            if path and key not in seen:
+                seen.add(key)
+                conversations.append([m for m, _ in path])
+        for i, reply in enumerate(replies):
+            walk(reply, f"{name}.replies[{i}]", path)
+
+    walk(root, "prompt", [])
+    if not conversations:
+        raise DataError(where, "prompt", "the message tree has no assistant reply", "no_assistant_turn")
+    return conversations
