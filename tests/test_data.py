@@ -1,6 +1,7 @@
 """SFT data pipeline on the real GSM8K and OpenAssistant files with the real Llama 3.2 and Qwen 2.5 tokenizers."""
 
 import collections
+import gzip
 import json
 import os
 import subprocess
@@ -14,7 +15,7 @@ from transformers import AutoTokenizer
 from jaxsft.data import DataError, DataPipeline, TemplateMismatch, default_data_config, validate_data_config
 from jaxsft.data import tokenize as tokenize_module
 from jaxsft.data.config import SOURCE_DEFAULTS
-from jaxsft.data.formats import read_source
+from jaxsft.data.formats import is_hub_name, read_source
 from jaxsft.data.tokenize import load_or_tokenize
 
 LLAMA_KWARGS = {"date_string": "26 Jul 2024"}
@@ -357,6 +358,8 @@ def test_other_formats_files_and_globs(tokenizers, tmp_path):
     tok = tokenizers["qwen"]
     write_jsonl(tmp_path / "a-1.jsonl", [{"instruction": "Add 2 and 3.", "input": "", "output": "5"}])
     write_jsonl(tmp_path / "a-2.jsonl", [{"instruction": "Translate.", "input": "chat", "output": "cat"}])
+    with gzip.open(tmp_path / "a-3.jsonl.gz", "wt") as f:
+        f.write(json.dumps({"instruction": "Spell 7.", "output": "seven"}) + "\n")
     (tmp_path / "pc.json").write_text(json.dumps([{"prompt": "Capital of France?", "completion": "Paris"}]))
     pq.write_table(pa.table({"q": ["Why?"], "a": ["Because."]}), tmp_path / "qa.parquet")
     write_jsonl(tmp_path / "chat.jsonl", [{"messages": [
@@ -364,19 +367,26 @@ def test_other_formats_files_and_globs(tokenizers, tmp_path):
         {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Bye"},
         {"role": "assistant", "content": "Goodbye"}]}])
     cfg = make_cfg(tmp_path / "cache", [
-        {"path": str(tmp_path / "a-*.jsonl")},
+        {"path": str(tmp_path / "a-*.jsonl*")},
         {"path": str(tmp_path / "pc.json")},
         {"path": str(tmp_path / "qa.parquet"), "format": "columns", "columns": {"prompt": "q", "completion": "a"}},
         {"path": str(tmp_path / "chat.jsonl")},
-    ], global_batch_size=5, system_prompt="You are terse.", prefetch=0)
+    ], global_batch_size=6, system_prompt="You are terse.", prefetch=0)
     pipe = DataPipeline(cfg, tok)
     assert [s["format"] for s in pipe.summary["sources"]] == ["alpaca", "prompt_completion", "columns", "chat"]
-    assert pipe.samples_per_epoch == 5
+    assert pipe.samples_per_epoch == 6
     labels = sorted(tok.decode([t for t, m in zip(tg, lm) if m]) for _, tg, lm in unpacked_samples(next(pipe)))
-    assert labels == ["5<|im_end|>", "Because.<|im_end|>", "Hello<|im_end|>Goodbye<|im_end|>", "Paris<|im_end|>", "cat<|im_end|>"]
+    assert labels == ["5<|im_end|>", "Because.<|im_end|>", "Hello<|im_end|>Goodbye<|im_end|>", "Paris<|im_end|>",
+                      "cat<|im_end|>", "seven<|im_end|>"]
     table = load_or_tokenize({**SOURCE_DEFAULTS, "path": str(tmp_path / "a-2.jsonl")}, tok, settings("qwen"), tmp_path)
     assert "You are Qwen" in tok.decode(table.tokens)  # system_prompt '' keeps the template's default
     assert "Translate.\n\nchat" in tok.decode(table.tokens)
+
+
+def test_hub_names_are_told_from_paths(tmp_path):
+    assert is_hub_name("openai/gsm8k") and is_hub_name("gsm8k")
+    assert not is_hub_name("data/train.jsonl") and not is_hub_name("gs://bucket/x/*.parquet")
+    assert not is_hub_name(str(tmp_path)) and not is_hub_name("data/part-*")
 
 
 # --- bad input ---
@@ -429,6 +439,9 @@ def test_config_validation_names_the_key():
         validate_data_config(cfg)
     cfg.sources = [{"path": "x.jsonl", "colums": {}}]
     with pytest.raises(ValueError, match=r"data.sources\[0\] has unknown keys \['colums'\]"):
+        validate_data_config(cfg)
+    cfg.sources = [{"path": "x.parquet", "format": "columns", "columns": {"prompt": "q"}}]
+    with pytest.raises(ValueError, match=r"data.sources\[0\].columns must map 'prompt' and 'completion'"):
         validate_data_config(cfg)
     cfg.sources = [{"path": "x.jsonl"}]
     cfg.loss_on = "assistant"

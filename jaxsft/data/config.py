@@ -75,13 +75,18 @@ def default_data_config() -> ml_collections.ConfigDict:
     )
 
 
+def as_dict(value) -> dict:
+    """A plain dict from a dict or a (nested) ConfigDict."""
+    return value.to_dict() if hasattr(value, "to_dict") else dict(value)
+
+
 def normalize_source(source, key: str) -> dict:
     """Returns the source with defaults filled in, or raises ValueError naming `key`."""
     if isinstance(source, str):
         source = {"path": source}
     if not isinstance(source, dict) and not hasattr(source, "to_dict"):
         raise ValueError(f"data.{key} must be a dict with a 'path', got {source!r}")
-    source = dict(source.to_dict() if hasattr(source, "to_dict") else source)
+    source = as_dict(source)
     unknown = set(source) - set(SOURCE_DEFAULTS)
     if unknown:
         raise ValueError(f"data.{key} has unknown keys {sorted(unknown)}; known: {sorted(SOURCE_DEFAULTS)}")
@@ -92,7 +97,8 @@ def normalize_source(source, key: str) -> dict:
         raise ValueError(f"data.{key}.format is {source['format']!r}; expected one of {FORMATS}")
     if source["format"] == "columns":
         cols = source["columns"]
-        if not isinstance(cols, dict) or not (set(cols) in ({"messages"},) or {"prompt", "completion"} <= set(cols) <= {"prompt", "completion", "system"}):
+        names = set(cols) if isinstance(cols, dict) else set()
+        if names != {"messages"} and not {"prompt", "completion"} <= names <= {"prompt", "completion", "system"}:
             raise ValueError(
                 f"data.{key}.columns must map 'prompt' and 'completion' (optionally 'system'), or 'messages', "
                 f"to column names; got {cols!r}"
@@ -120,7 +126,9 @@ def normalize_phases(phases) -> list[dict]:
         raise ValueError("data.phases must be a list of phase dicts")
     out = []
     for i, phase in enumerate(phases):
-        phase = dict(phase.to_dict() if hasattr(phase, "to_dict") else phase)
+        if not isinstance(phase, dict) and not hasattr(phase, "to_dict"):
+            raise ValueError(f"data.phases[{i}] must be a dict with 'sources', got {phase!r}")
+        phase = as_dict(phase)
         unknown = set(phase) - set(PHASE_DEFAULTS)
         if unknown:
             raise ValueError(f"data.phases[{i}] has unknown keys {sorted(unknown)}; known: {sorted(PHASE_DEFAULTS)}")
@@ -169,6 +177,8 @@ def validate_data_config(cfg) -> None:
         raise ValueError(f"data.eval_fraction must be in [0, 1), got {cfg.eval_fraction!r}")
     if cfg.eval_fraction and len(cfg.eval_sources):
         raise ValueError("data.eval_fraction and data.eval_sources are both set; use one")
+    if not isinstance(cfg.chat_template_kwargs, dict) and not hasattr(cfg.chat_template_kwargs, "to_dict"):
+        raise ValueError(f"data.chat_template_kwargs must be a dict, got {cfg.chat_template_kwargs!r}")
     for key in ("tokenizer", "system_prompt", "cache_dir"):
         if not isinstance(cfg[key], str):
             raise ValueError(f"data.{key} must be a string, got {cfg[key]!r}")

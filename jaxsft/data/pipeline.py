@@ -5,12 +5,16 @@ step s takes stream samples [s * global_batch_size, (s + 1) * global_batch_size)
 into rows (first-fit decreasing) and groups the rows into fixed-shape micro-batches. The plan
 depends only on the config, the seed and the cached sample lengths, so every process computes
 the same plan and materialises only its own rows; resuming needs only the step index.
+
+`steps_per_epoch` is ceil(samples per epoch / global_batch_size): the last step of an epoch is
+completed with the first samples of the next epoch's order, so no sample is dropped.
 """
 
 from __future__ import annotations
 
 import collections
 import hashlib
+import json
 import logging
 import math
 import queue
@@ -20,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxsft.data.config import normalize_phases, normalize_sources, validate_data_config
+from jaxsft.data.config import as_dict, normalize_phases, normalize_sources, validate_data_config
 from jaxsft.data.packing import empty_batch, fill_row, first_fit_decreasing
 from jaxsft.data.tokenize import TokenizedSource, default_cache_dir, load_or_tokenize
 
@@ -83,7 +87,7 @@ class DataPipeline:
         self._first_local_row = process_index * self.local_rows
         self._settings = dict(
             render=cfg.render, loss_on=cfg.loss_on, system_prompt=cfg.system_prompt,
-            on_bad_record=cfg.on_bad_record, template_kwargs=dict(cfg.chat_template_kwargs),
+            on_bad_record=cfg.on_bad_record, template_kwargs=as_dict(cfg.chat_template_kwargs),
         )
         self._cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
         self._tables: list[TokenizedSource] = []
@@ -123,7 +127,7 @@ class DataPipeline:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.summary = self._summarize()
-        log.info("data summary: %s", self.summary)
+        log.info("data summary: %s", json.dumps(self.summary))
 
     # --- loading and per-sample bookkeeping ---
 
