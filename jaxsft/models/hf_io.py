@@ -153,7 +153,13 @@ def load_model(path: str | os.PathLike, dtype=jnp.float32, compute_dtype=jnp.bfl
 
     dtype: parameter dtype; compute_dtype: matmul dtype; mesh/rules: where the parameters go
     (default: the first device); run_options: ModelConfig run-time fields (remat, attention).
+    A .gguf file, or a folder holding one and no config.json, is read by `jaxsft.models.gguf`.
     """
+    from jaxsft.models import gguf
+
+    gguf_file = gguf.find_gguf(path)
+    if gguf_file is not None:
+        return gguf.load_gguf(gguf_file, dtype, compute_dtype, mesh, rules, **run_options)
     folder = local_dir(path)
     config_path = os.path.join(folder, "config.json")
     if not os.path.exists(config_path):
@@ -177,7 +183,7 @@ def build_model(config: ModelConfig, read_hf_tensor, dtype, compute_dtype, mesh=
 
     abstract = nnx.eval_shape(lambda: Decoder(config, param_dtype=dtype, compute_dtype=compute_dtype))
     graphdef, state = nnx.split(abstract)
-    shardings = param_shardings(state, mesh, rules)
+    shardings = nnx.to_pure_dict(param_shardings(state, mesh, rules))
     hf_names = {}
     for hf_name, (name, layer, _, _) in hf_tensors(config).items():
         hf_names.setdefault(name, {})[layer] = hf_name

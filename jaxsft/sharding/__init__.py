@@ -64,7 +64,8 @@ def logical_to_spec(axes, shape, mesh, rules=DEFAULT_RULES) -> P:
 
 
 def param_shardings(state, mesh=None, rules=None):
-    """A pure-dict tree of shardings matching `nnx.to_pure_dict(state)`."""
+    """The state's structure with each Variable replaced by its sharding: a prefix tree for
+    `jax.jit` shardings (use `nnx.to_pure_dict` on it for plain nested dicts)."""
     rules = rules or DEFAULT_RULES
 
     def one(variable):
@@ -73,4 +74,4 @@ def param_shardings(state, mesh=None, rules=None):
         axes = variable.get_metadata().get("logical_axes", (None,) * len(variable.shape))
         return NamedSharding(mesh, logical_to_spec(axes, variable.shape, mesh, rules))
 
-    return nnx.to_pure_dict(jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))

@@ -1,0 +1,2 @@
+from jaxsft.train.config import default_config, validate
+from jaxsft.train.loop import run

@@ -1,0 +1,120 @@
+"""The run config: every field, its default and its meaning, in one place.
+
+A config file `configs/NAME.py` defines `get_config()` returning `default_config()` with changes.
+Any field can be overridden on the command line: `--config.optim.learning_rate=2e-5`.
+
+## model
+| key | default | meaning |
+|---|---|---|
+| `path` | `''` | Hugging Face model folder, `.gguf` file or jaxsft checkpoint; local or `gs://`. |
+| `init` | `'pretrained'` | `'pretrained'`: weights from `path`; `'random'`: `path`'s config.json with random weights (demos, benchmarks). |
+| `param_dtype` | `'float32'` | Master weights (and with them Adam's second moment): `float32` or `bfloat16`. |
+| `compute_dtype` | `'bfloat16'` | Matmul dtype. Softmax, norms and the loss always run in float32. |
+| `remat` | `'full'` | Activation recomputation per layer: `none`, `full`, `dots` (save matmul outputs), `dots_no_batch`. |
+| `attention` | `'auto'` | `auto` (cuDNN on NVIDIA GPUs, splash on TPU, else xla), `xla`, `cudnn`, `splash`. |
+
+## data
+The `data` section is documented in `jaxsft/data/config.py` (sources, batch size in samples,
+`max_seq_len`, micro-batch rows, masking, packing).
+
+## optim
+| key | default | meaning |
+|---|---|---|
+| `learning_rate` | `2e-5` | Peak learning rate (the paper: 2e-5; 1e-6 for Mistral). |
+| `schedule` | `'constant'` | `constant` (the paper's recipe), `warmup_constant`, `warmup_linear`, `warmup_cosine`. |
+| `warmup_steps` | `0` | Warmup length in optimizer steps. |
+| `warmup_fraction` | `0.0` | Warmup as a fraction of the run's steps (instead of `warmup_steps`). |
+| `final_lr_fraction` | `0.0` | Decay schedules end at this fraction of `learning_rate`. |
+| `b1`, `b2`, `eps` | `0.9`, `0.999`, `1e-8` | AdamW moments (the transformers Trainer defaults). |
+| `weight_decay` | `0.0` | Decoupled weight decay; never applied to norms and biases. |
+| `clip_norm` | `1.0` | Global gradient-norm clipping (0 = off). Metrics report the norm before clipping. |
+| `state_dtype` | `'float32'` | Dtype of Adam's first moment (`bfloat16` saves memory). |
+
+## train
+| key | default | meaning |
+|---|---|---|
+| `output_dir` | `'runs/run'` | Run directory: config, metrics, events, checkpoints, exports. |
+| `num_steps` | `0` | Optimizer steps; 0 = `num_epochs` passes over the data. |
+| `num_epochs` | `1.0` | Used when `num_steps` is 0. |
+| `seed` | `0` | Seeds random initialisation (model.init='random'). Data order has `data.seed`. |
+| `log_every` | `1` | Metrics every N steps (every step is still computed exactly). |
+| `eval_every` | `0` | Held-out loss every N steps (0 = at the start and the end only). |
+| `eval_at_start` | `True` | Evaluate before the first step. |
+| `export_hf` | `False` | Write a Hugging Face folder to `output_dir/hf` at the end. |
+| `export_dtype` | `'bfloat16'` | Dtype of that export. |
+| `progress` | `True` | Console progress bar with ETA. |
+
+## mesh
+| key | default | meaning |
+|---|---|---|
+| `data`, `fsdp`, `tensor` | `1`, `-1`, `1` | Device mesh axis sizes; one may be -1 to take the remaining devices. Params and optimizer state are sharded over `fsdp` (and `tensor`); batches over `data` x `fsdp`. |
+
+## checkpoint
+| key | default | meaning |
+|---|---|---|
+| `every_steps` | `0` | Save every N steps (0 = only at the end). |
+| `keep` | `2` | Keep the newest N checkpoints. |
+| `dir` | `''` | Where; `''` = `output_dir/checkpoints`. May be `gs://`. |
+| `resume` | `True` | Continue from the newest checkpoint in `dir` when there is one. |
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from jaxsft.data import default_data_config, validate_data_config
+from jaxsft.models.config import ATTENTION_BACKENDS, REMAT_POLICIES
+from jaxsft.train.optimizer import SCHEDULES
+
+DTYPES = ("float32", "bfloat16")
+
+
+def default_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.model = dict(path="", init="pretrained", param_dtype="float32", compute_dtype="bfloat16",
+                   remat="full", attention="auto")
+    c.data = default_data_config()
+    c.optim = dict(learning_rate=2e-5, schedule="constant", warmup_steps=0, warmup_fraction=0.0,
+                   final_lr_fraction=0.0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
+                   clip_norm=1.0, state_dtype="float32")
+    c.train = dict(output_dir="runs/run", num_steps=0, num_epochs=1.0, seed=0, log_every=1,
+                   eval_every=0, eval_at_start=True, export_hf=False, export_dtype="bfloat16",
+                   progress=True)
+    c.mesh = dict(data=1, fsdp=-1, tensor=1)
+    c.checkpoint = dict(every_steps=0, keep=2, dir="", resume=True)
+    return c
+
+
+def validate(c) -> None:
+    """Raises ValueError naming the first bad key and what is allowed."""
+    choices = {
+        "model.init": (c.model.init, ("pretrained", "random")),
+        "model.param_dtype": (c.model.param_dtype, DTYPES),
+        "model.compute_dtype": (c.model.compute_dtype, DTYPES),
+        "model.remat": (c.model.remat, REMAT_POLICIES),
+        "model.attention": (c.model.attention, ATTENTION_BACKENDS),
+        "optim.schedule": (c.optim.schedule, SCHEDULES),
+        "optim.state_dtype": (c.optim.state_dtype, DTYPES),
+        "train.export_dtype": (c.train.export_dtype, DTYPES),
+    }
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ValueError(f"{key}={value!r}: choose one of {', '.join(allowed)}")
+    if not c.model.path:
+        raise ValueError("model.path is empty: give a Hugging Face model folder, .gguf file or checkpoint")
+    positive = {"optim.learning_rate": c.optim.learning_rate, "train.log_every": c.train.log_every}
+    for key, value in positive.items():
+        if not value > 0:
+            raise ValueError(f"{key}={value!r} must be > 0")
+    if c.optim.warmup_steps and c.optim.warmup_fraction:
+        raise ValueError("optim.warmup_steps and optim.warmup_fraction are both set; use one")
+    if not 0 <= c.optim.warmup_fraction < 1:
+        raise ValueError(f"optim.warmup_fraction={c.optim.warmup_fraction} must be in [0, 1)")
+    if c.optim.schedule == "constant" and (c.optim.warmup_steps or c.optim.warmup_fraction):
+        raise ValueError("optim.schedule='constant' has no warmup; use 'warmup_constant'")
+    if c.train.num_steps < 0 or (c.train.num_steps == 0 and not c.train.num_epochs > 0):
+        raise ValueError("set train.num_steps > 0 or train.num_epochs > 0")
+    for key in ("data", "fsdp", "tensor"):
+        if c.mesh[key] == 0 or c.mesh[key] < -1:
+            raise ValueError(f"mesh.{key}={c.mesh[key]} must be a positive size or -1")
+    validate_data_config(c.data)

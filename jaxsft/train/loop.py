@@ -1,0 +1,208 @@
+"""`python -m jaxsft.train --config configs/NAME.py`: the whole run, from config to export."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxsft import metrics as metrics_lib
+from jaxsft.checkpoint import Checkpointer
+from jaxsft.data import DataPipeline
+from jaxsft.models import Decoder, ModelConfig, load_model, save_hf
+from jaxsft.sharding import make_mesh, param_shardings
+from jaxsft.train.config import validate
+from jaxsft.train.optimizer import make_optimizer
+from jaxsft.train.step import make_train_step
+
+log = logging.getLogger("jaxsft.train")
+
+# Environment variables that mean "this process is one of several" (set by TPU pods, Slurm,
+# or a user who names the coordinator).
+_DISTRIBUTED_ENV = ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "TPU_WORKER_HOSTNAMES",
+                    "MEGASCALE_COORDINATOR_ADDRESS")
+
+
+def maybe_initialize_distributed() -> None:
+    if jax.distributed.is_initialized() if hasattr(jax.distributed, "is_initialized") else False:
+        return
+    if any(os.environ.get(k) for k in _DISTRIBUTED_ENV):
+        jax.distributed.initialize()
+
+
+def init_model(config, mesh) -> Decoder:
+    m = config.model
+    dtypes = dict(dtype=jnp.dtype(m.param_dtype), compute_dtype=jnp.dtype(m.compute_dtype))
+    if m.init == "pretrained":
+        return load_model(m.path, mesh=mesh, remat=m.remat, attention=m.attention, **dtypes)
+    # Random weights from the folder's config.json, created already sharded (never whole on one device).
+    from jaxsft.models.hf_io import local_dir
+    model_config = ModelConfig.from_json_file(
+        os.path.join(local_dir(m.path), "config.json"), remat=m.remat, attention=m.attention)
+
+    def create():
+        return Decoder(model_config, param_dtype=dtypes["dtype"], compute_dtype=dtypes["compute_dtype"],
+                       rngs=nnx.Rngs(config.train.seed))
+
+    abstract = nnx.eval_shape(create)
+    graphdef, state = nnx.split(abstract)
+    state = jax.jit(lambda: nnx.split(create())[1], out_shardings=param_shardings(state, mesh))()
+    return nnx.merge(graphdef, state)
+
+
+def load_tokenizer(config):
+    from transformers import AutoTokenizer
+    from jaxsft.models.hf_io import local_dir
+    return AutoTokenizer.from_pretrained(local_dir(config.data.tokenizer or config.model.path))
+
+
+def to_global(batch: dict, sharding) -> dict:
+    """Each process's rows of a micro-batch -> one global array per key."""
+    n = jax.process_count()
+    return {k: jax.make_array_from_process_local_data(sharding, v, (v.shape[0] * n, *v.shape[1:]))
+            for k, v in batch.items()}
+
+
+def evaluate(fns, params, batches, sharding) -> float | None:
+    if not batches:
+        return None
+    total, count = 0.0, 0.0
+    for b in batches:
+        s, c = fns.eval_loss(params, to_global(b, sharding))
+        total, count = total + float(s), count + float(c)
+    return total / max(count, 1.0)
+
+
+def run(config) -> dict:
+    """Train as configured; returns the last step's metrics and the final eval loss."""
+    validate(config)
+    maybe_initialize_distributed()
+    out = config.train.output_dir
+    is_main = jax.process_index() == 0
+    os.makedirs(out, exist_ok=True)
+    if is_main:
+        with open(os.path.join(out, "config.json"), "w") as f:
+            f.write(config.to_json(indent=2))
+
+    mesh = make_mesh(**config.mesh)
+    batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
+    tokenizer = load_tokenizer(config)
+    data = DataPipeline(config.data, tokenizer, num_batch_devices=batch_devices,
+                        process_index=jax.process_index(), process_count=jax.process_count())
+    if is_main:
+        log.info("data: %s", json.dumps(data.summary))
+        with open(os.path.join(out, "data_summary.json"), "w") as f:
+            json.dump(data.summary, f, indent=2)
+    total_steps = config.train.num_steps or math.ceil(config.train.num_epochs * data.steps_per_epoch)
+
+    model = init_model(config, mesh)
+    graphdef, params = nnx.split(model, nnx.Param)
+    model_config = model.config
+    del model
+    tx, schedule = make_optimizer(config.optim, total_steps)
+    param_sharding = param_shardings(params, mesh)
+    opt_state = jax.jit(tx.init)(params)
+    opt_sharding = jax.tree.map(lambda x: x.sharding, opt_state)
+    batch_sharding = NamedSharding(mesh, P(("data", "fsdp"), None))
+    fns = make_train_step(graphdef, tx, schedule, param_sharding, opt_sharding, batch_sharding)
+
+    checkpointer = Checkpointer(os.path.abspath(config.checkpoint.dir or os.path.join(out, "checkpoints"))
+                                if not (config.checkpoint.dir or "").startswith("gs://")
+                                else config.checkpoint.dir, keep=config.checkpoint.keep)
+    start = 0
+    latest = checkpointer.latest_step() if config.checkpoint.resume else None
+    if latest is not None:
+        params, opt_state, record = checkpointer.restore(latest, params, opt_state)
+        data.set_state(record["data"])
+        start = record["step"]
+        log.info("resumed from step %d", start)
+
+    logger = metrics_lib.standard_logger(out, total_steps, config.train.progress and is_main) if is_main else None
+    eval_batches = data.eval_microbatches()
+    peak = metrics_lib.peak_flops_per_device()
+    last, eval_loss = {}, None
+
+    def run_eval(step):
+        loss = evaluate(fns, params, eval_batches, batch_sharding)
+        if loss is not None and logger:
+            logger.log_eval(step, {"eval_loss": loss})
+        return loss
+
+    def save(step):
+        checkpointer.save(step, params, opt_state,
+                          {"step": step, "data": data.get_state(), "config": config.to_dict()})
+
+    if start == 0 and config.train.eval_at_start:
+        eval_loss = run_eval(0)
+
+    # Each step's metrics are read after the next step is dispatched, so the host never waits
+    # for the device between steps; step time is the interval between two steps finishing.
+    pending = None
+    clock = [time.perf_counter()]
+
+    def finish(pending):
+        step, batch, device_metrics, flops = pending
+        line = _metrics_line(batch, jax.device_get(device_metrics), flops, clock, peak)
+        if logger and (step % config.train.log_every == 0 or step == total_steps):
+            logger.log(step, line)
+        return line
+
+    with jax.set_mesh(mesh):
+        for step in range(start, total_steps):
+            batch = next(data)
+            acc = fns.zero_accumulator(params)
+            for mb in batch.microbatches:
+                acc = fns.accumulate(acc, params, to_global(mb, batch_sharding))
+            params, opt_state, device_metrics = fns.update(
+                params, opt_state, acc, jnp.int32(batch.num_loss_tokens), jnp.int32(step))
+            if pending is not None:
+                last = finish(pending)
+            flops = metrics_lib.step_flops(model_config, np.concatenate(
+                [metrics_lib.segment_lengths(mb["segment_ids"]) for mb in batch.microbatches]))
+            pending = (step + 1, batch, device_metrics, flops)
+            if config.train.eval_every and (step + 1) % config.train.eval_every == 0 and step + 1 < total_steps:
+                eval_loss = run_eval(step + 1)
+            if config.checkpoint.every_steps and (step + 1) % config.checkpoint.every_steps == 0:
+                save(step + 1)
+        if pending is not None:
+            last = finish(pending)
+        eval_loss = run_eval(total_steps)
+    if latest != total_steps:
+        save(total_steps)
+    checkpointer.close()
+    data.close()
+    if config.train.export_hf:
+        model = nnx.merge(graphdef, params)
+        save_hf(model, os.path.join(out, "hf"), tokenizer=tokenizer, dtype=jnp.dtype(config.train.export_dtype))
+    if logger:
+        logger.close()
+    return {**last, "eval_loss": eval_loss, "steps": total_steps}
+
+
+def _metrics_line(batch, values, flops, clock, peak) -> dict:
+    now = time.perf_counter()
+    elapsed, clock[0] = now - clock[0], now
+    line = {
+        **{k: float(v) for k, v in values.items()},
+        "samples": batch.num_samples,
+        "tokens": batch.num_tokens,
+        "loss_tokens": batch.num_loss_tokens,
+        "microbatches": len(batch.microbatches),
+        "epoch": batch.epoch,
+        "step_time_s": elapsed,
+        "tokens_per_s": batch.num_tokens / elapsed,
+    }
+    if peak:
+        line["mfu"] = flops / elapsed / (peak * jax.device_count())
+    memory = metrics_lib.device_memory_gib()
+    if memory is not None:
+        line["device_memory_gib"] = memory
+    return line

@@ -1,0 +1,115 @@
+"""The SFT train step, read top to bottom.
+
+One optimizer step = a variable number of fixed-shape micro-batches. Each micro-batch adds the
+*sum* of its token losses and the gradient of that sum to an accumulator; the update divides by
+the step's total loss-token count. So the loss is an exact per-token mean over the whole step,
+however the samples were split into micro-batches (the classic accumulation bug, averaging
+per-micro-batch means, cannot happen).
+
+Three jitted functions, each compiled once per run: `zero_accumulator`, `accumulate` (per
+micro-batch) and `update` (per step). All run on sharded global arrays; donated buffers are reused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+BATCH_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions")
+
+
+def token_loss_sum(model, batch, chunk: int | None = None):
+    """Sum of cross-entropy over loss tokens, in float32.
+
+    Logits are computed and dropped chunk by chunk along the sequence (recomputed in the backward
+    pass), so a 128k vocabulary never materialises (batch, seq, vocab) in float32.
+    """
+    hidden = model.hidden_states(batch["input_ids"], batch["segment_ids"], batch["positions"])
+    b, t, e = hidden.shape
+    chunk = chunk or _loss_chunk(t)
+    w = model.output_matrix()
+    scaling = model.config.logits_scaling
+
+    @jax.checkpoint
+    def chunk_loss(total, xs):
+        h, targets, mask = xs
+        logits = jnp.einsum("bte,ev->btv", h, w, preferred_element_type=jnp.float32) / scaling
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+        return total + jnp.sum(losses * mask), None
+
+    def chunks(x):
+        return jnp.moveaxis(x.reshape(b, t // chunk, chunk, *x.shape[2:]), 1, 0)
+
+    total, _ = jax.lax.scan(
+        chunk_loss, jnp.zeros((), jnp.float32),
+        (chunks(hidden), chunks(batch["targets"]), chunks(batch["loss_mask"].astype(jnp.float32))))
+    return total
+
+
+def _loss_chunk(seq_len: int) -> int:
+    for chunk in (1024, 512, 256, 128):
+        if seq_len % chunk == 0:
+            return chunk
+    return seq_len
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainStep:
+    """The jitted functions of one run, bound to its model structure, optimizer and shardings."""
+    zero_accumulator: Callable
+    accumulate: Callable
+    update: Callable
+    eval_loss: Callable
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, param_sharding,
+                    opt_sharding, batch_sharding) -> TrainStep:
+    """param_sharding / opt_sharding: trees (or prefixes) of shardings of the params and the
+    optimizer state; batch_sharding: the sharding of every micro-batch array."""
+
+    def loss_sum(params, batch):
+        return token_loss_sum(nnx.merge(graphdef, params), batch)
+
+    def zero_accumulator(params):
+        return {"grads": jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params),
+                "loss_sum": jnp.zeros((), jnp.float32)}
+
+    def accumulate(acc, params, batch):
+        loss, grads = jax.value_and_grad(loss_sum)(params, batch)
+        return {"grads": jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc["grads"], grads),
+                "loss_sum": acc["loss_sum"] + loss}
+
+    def update(params, opt_state, acc, num_loss_tokens, step):
+        denominator = jnp.maximum(num_loss_tokens, 1).astype(jnp.float32)
+        grads = jax.tree.map(lambda g: g / denominator, acc["grads"])
+        grad_norm = optax.global_norm(grads)  # before clipping
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = jax.tree.map(lambda p, u: (p + u).astype(p.dtype), params, updates)
+        metrics = {"loss": acc["loss_sum"] / denominator, "grad_norm": grad_norm,
+                   "update_norm": optax.global_norm(updates), "param_norm": optax.global_norm(params),
+                   "learning_rate": schedule(step)}
+        return params, opt_state, metrics
+
+    def eval_loss(params, batch):
+        return loss_sum(params, batch), jnp.sum(batch["loss_mask"])
+
+    acc_sharding = {"grads": param_sharding, "loss_sum": None}
+    batch_shardings = {k: batch_sharding for k in BATCH_KEYS}
+    return TrainStep(
+        zero_accumulator=jax.jit(zero_accumulator, out_shardings=acc_sharding),
+        accumulate=jax.jit(accumulate, in_shardings=(acc_sharding, param_sharding, batch_shardings),
+                           out_shardings=acc_sharding, donate_argnums=0),
+        update=jax.jit(update, in_shardings=(param_sharding, opt_sharding, acc_sharding, None, None),
+                       out_shardings=(param_sharding, opt_sharding, None), donate_argnums=(0, 1)),
+        eval_loss=jax.jit(eval_loss, in_shardings=(param_sharding, batch_shardings)),
+    )
+
+
+def compile_counts(step: TrainStep) -> dict[str, Any]:
+    """How many times each function was compiled (for the compile-once test)."""
+    return {f.name: getattr(step, f.name)._cache_size() for f in dataclasses.fields(step)}
