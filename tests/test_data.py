@@ -422,6 +422,21 @@ def test_skip_counts_bad_records_by_reason(tokenizers, tmp_path):
     assert pipe.summary["records_read"] == 9 and pipe.samples_per_epoch == 2
 
 
+def test_template_refusing_a_record_is_a_bad_record(assets, tmp_path):
+    tok = AutoTokenizer.from_pretrained(assets / "tokenizers/qwen2.5-0.5b-instruct")
+    tok.chat_template = (
+        "{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('no system messages') }}{% endif %}"
+        "<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    with_system = {"messages": [{"role": "system", "content": "Hi"}, *GOOD["messages"]]}
+    path = write_jsonl(tmp_path / "t.jsonl", [GOOD, with_system, GOOD])
+    with pytest.raises(DataError, match=r"t.jsonl, line 2, field 'messages': the chat template refused it: no system messages"):
+        DataPipeline(make_cfg(tmp_path / "cache", [path], global_batch_size=2), tok)
+    pipe = DataPipeline(make_cfg(tmp_path / "cache", [path], global_batch_size=2, on_bad_record="skip"), tok)
+    assert pipe.summary["skipped"] == {"template_error": 1} and pipe.samples_per_epoch == 2
+
+
 def test_oasst_tree_errors_name_the_nested_field(tokenizers, tmp_path):
     tree = {"message_tree_id": "t", "prompt": {"role": "prompter", "text": "Hi", "replies": [
         {"role": "assistant", "text": "Hello", "replies": []}, {"role": "robot", "text": "x", "replies": []}]}}

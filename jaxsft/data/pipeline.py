@@ -150,9 +150,8 @@ class DataPipeline:
             starts = table.offsets[:-1]
             length = np.minimum(np.diff(table.offsets), cap + 1) - 1
             over = np.diff(table.offsets) - 1 > cap
-            mask_sums = np.add.reduceat(table.loss_mask, starts, dtype=np.int64) if len(table) else np.zeros(0, np.int64)
             # Labels are mask[1:length + 1]: the first token is never a target.
-            shifted = mask_sums - np.asarray(table.loss_mask[starts] if len(table) else [], np.int64)
+            shifted = np.add.reduceat(table.loss_mask, starts, dtype=np.int64) - table.loss_mask[starts]
             for i in np.flatnonzero(over):
                 shifted[i] = int(table.loss_mask[starts[i] + 1 : starts[i] + length[i] + 1].sum())
             has_loss = shifted > 0
