@@ -383,6 +383,19 @@ def test_other_formats_files_and_globs(tokenizers, tmp_path):
     assert "Translate.\n\nchat" in tok.decode(table.tokens)
 
 
+def test_json_layouts_and_line_separators_inside_strings(tmp_path):
+    record = {"prompt": "a\u2028b\x85c", "completion": "d"}
+    (tmp_path / "x.jsonl").write_text(json.dumps(record, ensure_ascii=False) + "\n\n" + json.dumps(record) + "\n")
+    (tmp_path / "wrapped.json").write_text(json.dumps({"data": [record, record]}))
+    (tmp_path / "one.json").write_text(json.dumps({"messages": GOOD["messages"]}))
+    read = {name: read_source({**SOURCE_DEFAULTS, "path": str(tmp_path / name)}, system_prompt="", on_bad_record="error")
+            for name in ("x.jsonl", "wrapped.json", "one.json")}
+    assert [len(r.conversations) for r in read.values()] == [2, 2, 1]
+    assert read["x.jsonl"].conversations[1].where.endswith("x.jsonl, line 3")
+    assert read["x.jsonl"].conversations[0].prompt_completion == ("a\u2028b\x85c", "d")
+    assert read["one.json"].format == "chat"
+
+
 def test_hub_names_are_told_from_paths(tmp_path):
     assert is_hub_name("openai/gsm8k") and is_hub_name("gsm8k")
     assert not is_hub_name("data/train.jsonl") and not is_hub_name("gs://bucket/x/*.parquet")

@@ -118,19 +118,17 @@ def iter_raw_records(source: dict):
                 except json.JSONDecodeError:
                     yield from _json_lines(name, text)  # a .json file holding JSON lines
                     continue
-                if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
-                    data = next(iter(data.values()))
-                if not isinstance(data, list):
-                    yield f"{name}", DataError(name, None, "expected a list of records", "bad_json")
-                    continue
-                for i, record in enumerate(data):
+                if isinstance(data, dict):  # {"data": [records]} as written by pandas/datasets, or one record
+                    data = data["data"] if isinstance(data.get("data"), list) else [data]
+                for i, record in enumerate(data if isinstance(data, list) else [data]):
                     yield f"{name}, record {i}", record
             else:
                 yield from _json_lines(name, fh.read().decode("utf-8"))
 
 
 def _json_lines(name: str, text: str):
-    for lineno, line in enumerate(text.splitlines(), 1):
+    # split("\n"), not splitlines(): JSON strings may hold raw U+2028 and other line breaks.
+    for lineno, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         where = f"{name}, line {lineno}"
