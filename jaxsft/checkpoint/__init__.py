@@ -10,13 +10,11 @@ from __future__ import annotations
 import jax
 import orbax.checkpoint as ocp
 
+from jaxsft.sharding import path_name
+
 
 def flatten(tree) -> dict[str, jax.Array]:
-    flat = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        keys = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
-        flat[".".join(k for k in keys if k != "value")] = leaf
-    return flat
+    return {path_name(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def unflatten(like, flat: dict):

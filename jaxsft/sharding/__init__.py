@@ -75,3 +75,28 @@ def param_shardings(state, mesh=None, rules=None):
         return NamedSharding(mesh, logical_to_spec(axes, variable.shape, mesh, rules))
 
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def path_name(path) -> str:
+    """A readable dotted name for a pytree path ("layers.q", "1.0.mu.layers.q")."""
+    keys = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
+    return ".".join(k for k in keys if k != "value")
+
+
+def optimizer_shardings(tx, params, param_sharding, mesh):
+    """Shardings for `tx.init(params)`: every leaf shaped like a parameter (Adam's moments) is
+    sharded like that parameter; counters and other scalars are replicated."""
+    by_name = {}
+    flat_params = jax.tree_util.tree_flatten_with_path(params)[0]
+    flat_shardings = jax.tree.leaves(param_sharding)
+    for (path, leaf), sharding in zip(flat_params, flat_shardings):
+        by_name[path_name(path)] = (leaf.shape, sharding)
+
+    def one(path, leaf):
+        name = path_name(path)
+        for param_name, (shape, sharding) in by_name.items():
+            if (name == param_name or name.endswith("." + param_name)) and leaf.shape == shape:
+                return sharding
+        return NamedSharding(mesh, P())
+
+    return jax.tree_util.tree_map_with_path(one, jax.eval_shape(tx.init, params))

@@ -18,7 +18,7 @@ from jaxsft import metrics as metrics_lib
 from jaxsft.checkpoint import Checkpointer
 from jaxsft.data import DataPipeline
 from jaxsft.models import Decoder, ModelConfig, load_model, save_hf
-from jaxsft.sharding import make_mesh, param_shardings
+from jaxsft.sharding import make_mesh, optimizer_shardings, param_shardings
 from jaxsft.train.config import validate
 from jaxsft.train.optimizer import make_optimizer
 from jaxsft.train.step import make_train_step
@@ -109,8 +109,8 @@ def run(config) -> dict:
     del model
     tx, schedule = make_optimizer(config.optim, total_steps)
     param_sharding = param_shardings(params, mesh)
-    opt_state = jax.jit(tx.init)(params)
-    opt_sharding = jax.tree.map(lambda x: x.sharding, opt_state)
+    opt_sharding = optimizer_shardings(tx, params, param_sharding, mesh)
+    opt_state = jax.jit(tx.init, out_shardings=opt_sharding)(params)
     batch_sharding = NamedSharding(mesh, P(("data", "fsdp"), None))
     fns = make_train_step(graphdef, tx, schedule, param_sharding, opt_sharding, batch_sharding)
 
