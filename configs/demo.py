@@ -20,7 +20,7 @@ def get_config():
     c.data.global_batch_size = 32
     c.data.micro_batch_rows = 2
     # A random model needs a far larger step than the recipe's 2e-5 for fine-tuning.
-    c.optim.learning_rate = 3e-3
+    c.optim.learning_rate = 5e-3
     c.optim.schedule = "warmup_cosine"
     c.optim.warmup_steps = 5
     c.optim.final_lr_fraction = 0.1

@@ -1,0 +1,57 @@
+"""The README's first command, end to end (shortened): real GSM8K data, a tiny model on CPU."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.slow
+def test_demo_trains_evaluates_checkpoints_and_exports(tmp_path):
+    eval_file = tmp_path / "eval.jsonl"
+    with open(os.path.join(REPO, "configs/assets/gsm8k/test.jsonl")) as f:
+        eval_file.write_text("".join(f.readlines()[:40]))
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "jaxsft.train", "--config", "configs/demo.py",
+           "--config.train.num_steps=8", "--config.data.global_batch_size=8",
+           "--config.train.eval_every=4", f"--config.train.output_dir={out}",
+           f"--config.data.eval_sources=[{{'path': '{eval_file}', 'format': 'gsm8k'}}]",
+           f"--config.data.cache_dir={tmp_path / 'cache'}"]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "XLA_FLAGS": ""})
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    config = json.loads((out / "config.json").read_text())
+    assert config["train"]["num_steps"] == 8 and config["data"]["global_batch_size"] == 8
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == list(range(1, 9))
+    for x in lines:
+        assert x["samples"] == 8 and x["loss_tokens"] > 0 and x["tokens"] >= x["loss_tokens"]
+        for key in ("loss", "grad_norm", "learning_rate", "step_time_s", "tokens_per_s"):
+            assert np.isfinite(x[key]), key
+    evals = [json.loads(x) for x in (out / "eval.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [0, 4, 8]
+    # From a random start (ln 151936 = 11.93) a clear drop in 8 steps: at least 1 nat.
+    assert evals[0]["eval_loss"] > 11.5
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] - 1.0, evals
+    assert any((out / "tensorboard").iterdir())
+    assert (out / "checkpoints" / "8").exists()
+
+    # The export loads in transformers and gives jaxsft's logits.
+    import jax.numpy as jnp
+    import torch
+    import transformers as tf
+
+    import jaxsft
+
+    hf = tf.AutoModelForCausalLM.from_pretrained(out / "hf", dtype=torch.float32)
+    tok = tf.AutoTokenizer.from_pretrained(out / "hf")
+    ids = np.array([tok("Natalia sold clips to 48 of her friends in April.")["input_ids"]])
+    with torch.no_grad():
+        ref = hf(torch.tensor(ids)).logits.numpy()
+    ours = np.asarray(jaxsft.load_model(out / "hf", compute_dtype=jnp.float32)(jnp.asarray(ids)))
+    assert np.abs(ours - ref).max() <= 1e-4 * np.abs(ref).max()
