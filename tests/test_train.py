@@ -203,3 +203,19 @@ def test_every_config_field_is_documented():
     from jaxsft.data import config as data_config
     for key in c.data:
         assert f"`{key}`" in data_config.__doc__, f"data.{key} is not documented"
+
+
+@pytest.mark.parametrize("name", ["llama3_2_3b", "llama3_1_8b", "mistral_7b", "qwen2_5_7b", "granite3_8b"])
+def test_recipe_configs(name):
+    from jaxsft.cli import load_config_file
+    from jaxsft.train import validate
+
+    paper = load_config_file(f"{REPO}/configs/{name}.py")
+    tulu = load_config_file(f"{REPO}/configs/{name}.py:tulu")
+    validate(paper)
+    validate(tulu)
+    assert paper.data.global_batch_size == 3840 and paper.optim.schedule == "constant"
+    assert paper.optim.warmup_steps == 0 and paper.optim.warmup_fraction == 0 and paper.data.mode == "stacked"
+    assert paper.optim.learning_rate == (1e-6 if name == "mistral_7b" else 2e-5)
+    assert tulu.data.global_batch_size == 128 and tulu.optim.schedule == "warmup_linear"
+    assert tulu.optim.warmup_fraction > 0
