@@ -29,6 +29,7 @@ The `data` section is documented in `jaxsft/data/config.py` (sources, batch size
 | `weight_decay` | `0.0` | Decoupled weight decay; never applied to norms and biases. |
 | `clip_norm` | `1.0` | Global gradient-norm clipping (0 = off). Metrics report the norm before clipping. |
 | `state_dtype` | `'float32'` | Dtype of Adam's first moment (`bfloat16` saves memory). |
+| `offload_state` | `False` | Keep the optimizer state in pinned host memory and stream it to the device once per step (full fine-tuning of 8B on one 80 GB GPU). |
 
 ## train
 | key | default | meaning |
@@ -76,7 +77,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.data = default_data_config()
     c.optim = dict(learning_rate=2e-5, schedule="constant", warmup_steps=0, warmup_fraction=0.0,
                    final_lr_fraction=0.0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
-                   clip_norm=1.0, state_dtype="float32")
+                   clip_norm=1.0, state_dtype="float32", offload_state=False)
     c.train = dict(output_dir="runs/run", num_steps=0, num_epochs=1.0, seed=0, log_every=1,
                    eval_every=0, eval_at_start=True, export_hf=False, export_dtype="bfloat16",
                    progress=True)

@@ -14,6 +14,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from jaxsft import memory
 from jaxsft import metrics as metrics_lib
 from jaxsft.checkpoint import Checkpointer
 from jaxsft.data import DataPipeline
@@ -21,7 +22,7 @@ from jaxsft.models import Decoder, ModelConfig, load_model, save_hf
 from jaxsft.sharding import make_mesh, optimizer_shardings, param_shardings
 from jaxsft.train.config import validate
 from jaxsft.train.optimizer import make_optimizer
-from jaxsft.train.step import make_train_step
+from jaxsft.train.step import host_shardings, make_train_step
 
 log = logging.getLogger("jaxsft.train")
 
@@ -104,15 +105,20 @@ def run(config) -> dict:
     total_steps = config.train.num_steps or math.ceil(config.train.num_epochs * data.steps_per_epoch)
 
     model = init_model(config, mesh)
+    fits, memory_report = memory.check(config, model.config)
+    if not fits:
+        raise ValueError(f"this run does not fit in memory:\n{memory_report}")
     graphdef, params = nnx.split(model, nnx.Param)
     model_config = model.config
     del model
     tx, schedule = make_optimizer(config.optim, total_steps)
     param_sharding = param_shardings(params, mesh)
     opt_sharding = optimizer_shardings(tx, params, param_sharding, mesh)
-    opt_state = jax.jit(tx.init, out_shardings=opt_sharding)(params)
+    offload = config.optim.offload_state
+    opt_state = jax.jit(tx.init, out_shardings=host_shardings(opt_sharding) if offload else opt_sharding)(params)
     batch_sharding = NamedSharding(mesh, P(("data", "fsdp"), None))
-    fns = make_train_step(graphdef, tx, schedule, param_sharding, opt_sharding, batch_sharding)
+    fns = make_train_step(graphdef, tx, schedule, param_sharding, opt_sharding, batch_sharding,
+                          offload_optimizer=offload)
 
     checkpointer = Checkpointer(os.path.abspath(config.checkpoint.dir or os.path.join(out, "checkpoints"))
                                 if not (config.checkpoint.dir or "").startswith("gs://")

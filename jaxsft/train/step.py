@@ -67,10 +67,19 @@ class TrainStep:
     eval_loss: Callable
 
 
+def host_shardings(shardings):
+    """The same layouts in pinned host memory (where offloaded optimizer state lives)."""
+    return jax.tree.map(lambda s: s.with_memory_kind("pinned_host"), shardings)
+
+
 def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, param_sharding,
-                    opt_sharding, batch_sharding) -> TrainStep:
+                    opt_sharding, batch_sharding, offload_optimizer: bool = False) -> TrainStep:
     """param_sharding / opt_sharding: trees (or prefixes) of shardings of the params and the
-    optimizer state; batch_sharding: the sharding of every micro-batch array."""
+    optimizer state on the device; batch_sharding: the sharding of every micro-batch array.
+    With `offload_optimizer` the optimizer state is kept in host memory (`host_shardings`) and
+    streamed to the device once per optimizer step, right before the update (moving it inside
+    `tx.update` would mix memory spaces in one computation, which XLA handles badly)."""
+    stored_opt_sharding = host_shardings(opt_sharding) if offload_optimizer else opt_sharding
 
     def loss_sum(params, batch):
         return token_loss_sum(nnx.merge(graphdef, params), batch)
@@ -88,6 +97,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, param_
         denominator = jnp.maximum(num_loss_tokens, 1).astype(jnp.float32)
         grads = jax.tree.map(lambda g: g / denominator, acc["grads"])
         grad_norm = optax.global_norm(grads)  # before clipping
+        if offload_optimizer:
+            opt_state = jax.device_put(opt_state, opt_sharding)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = jax.tree.map(lambda p, u: (p + u).astype(p.dtype), params, updates)
         metrics = {"loss": acc["loss_sum"] / denominator, "grad_norm": grad_norm,
@@ -104,8 +115,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, param_
         zero_accumulator=jax.jit(zero_accumulator, out_shardings=acc_sharding),
         accumulate=jax.jit(accumulate, in_shardings=(acc_sharding, param_sharding, batch_shardings),
                            out_shardings=acc_sharding, donate_argnums=0),
-        update=jax.jit(update, in_shardings=(param_sharding, opt_sharding, acc_sharding, None, None),
-                       out_shardings=(param_sharding, opt_sharding, None), donate_argnums=(0, 1)),
+        update=jax.jit(update, in_shardings=(param_sharding, stored_opt_sharding, acc_sharding, None, None),
+                       out_shardings=(param_sharding, stored_opt_sharding, None), donate_argnums=(0, 1)),
         eval_loss=jax.jit(eval_loss, in_shardings=(param_sharding, batch_shardings)),
     )
 
