@@ -231,3 +231,14 @@ def test_not_a_model_folder(tmp_path):
     os.remove(tmp_path / "model.safetensors")
     with pytest.raises(jaxsft.CheckpointError, match="no model.safetensors"):
         load_fp32(tmp_path)
+
+
+def test_cudnn_packed_layout():
+    from jaxsft.models.attention import packed_layout
+
+    seg = jnp.array([[1, 1, 1, 2, 2, 0, 0, 0], [1] * 8, [0] * 8])
+    seqlens, offsets = packed_layout(seg)
+    np.testing.assert_array_equal(seqlens[:, :3], [[3, 2, 3], [8, -1, -1], [8, -1, -1]])
+    assert (seqlens[:, 3:] == -1).all() and seqlens.shape == (3, 8)
+    np.testing.assert_array_equal(offsets[:, :3], [[0, 3, 5], [0, -1, -1], [0, -1, -1]])
+    assert (offsets[:, 3:] == -1).all() and offsets.shape == (3, 9)

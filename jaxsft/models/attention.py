@@ -58,12 +58,45 @@ def xla_attention(q, k, v, segment_ids, *, scale, sliding_window):
 
 
 def cudnn_attention(q, k, v, segment_ids, *, scale, sliding_window):
-    # The public API has no segment ids; a same-sample mask with is_causal keeps packing exact.
+    """cuDNN flash attention. On Hopper and newer, packed rows go through cuDNN's native
+    sequence packing (per-sample lengths and offsets, no T x T mask); elsewhere a same-sample
+    mask with is_causal keeps packing exact at the cost of a dense bias."""
+    if _cudnn_packing_supported():
+        from jax._src.cudnn.fused_attention_stablehlo import MaskType, dot_product_attention
+
+        seqlens, offsets = packed_layout(segment_ids)
+        return dot_product_attention(
+            q, k, v, q_seqlen=seqlens, kv_seqlen=seqlens, q_offsets=offsets, kv_offsets=offsets,
+            scale=scale, mask_type=MaskType.PADDING_CAUSAL, qkv_layout="BTNH",
+            sliding_window_length=sliding_window)
     same_sample = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
     window = None if sliding_window is None else (sliding_window - 1, 0)
     return jax.nn.dot_product_attention(
         q, k, v, mask=same_sample, scale=scale, is_causal=True, local_window_size=window,
         implementation="cudnn")
+
+
+def _cudnn_packing_supported() -> bool:
+    device = jax.devices()[0]
+    return device.platform == "gpu" and float(getattr(device, "compute_capability", "0")) >= 9.0
+
+
+def packed_layout(segment_ids):
+    """Per-row sample lengths (B, M) and start offsets (B, M + 1), -1 where a row has fewer
+    samples, as cuDNN's packed attention wants them (M = T, the most a row can hold).
+
+    Trailing padding (segment 0) becomes one more sample of its own, so every position gets a
+    finite output: a garbage value there would turn into NaN gradients through the 0-weighted loss.
+    """
+    b, t = segment_ids.shape
+    last = jnp.max(segment_ids, axis=1, keepdims=True)
+    segments = jnp.where(segment_ids == 0, last + 1, segment_ids)
+    counts = jax.vmap(lambda s: jnp.bincount(s, length=t + 1)[1:])(segments)
+    starts = jnp.cumsum(counts, axis=1) - counts
+    present = counts > 0
+    seqlens = jnp.where(present, counts, -1).astype(jnp.int32)
+    offsets = jnp.where(present, starts, -1).astype(jnp.int32)
+    return seqlens, jnp.concatenate([offsets, jnp.full((b, 1), -1, jnp.int32)], axis=1)
 
 
 def splash_attention(q, k, v, segment_ids, *, scale, sliding_window, block: int = 128):

@@ -40,7 +40,7 @@ def token_loss_sum(model, batch, chunk: int | None = None):
         h, targets, mask = xs
         logits = jnp.einsum("bte,ev->btv", h, w, preferred_element_type=jnp.float32) / scaling
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-        return total + jnp.sum(losses * mask), None
+        return total + jnp.sum(jnp.where(mask > 0, losses, 0.0)), None
 
     def chunks(x):
         return jnp.moveaxis(x.reshape(b, t // chunk, chunk, *x.shape[2:]), 1, 0)
