@@ -242,3 +242,21 @@ def test_cudnn_packed_layout():
     assert (seqlens[:, 3:] == -1).all() and seqlens.shape == (3, 8)
     np.testing.assert_array_equal(offsets[:, :3], [[0, 3, 5], [0, -1, -1], [0, -1, -1]])
     assert (offsets[:, 3:] == -1).all() and offsets.shape == (3, 9)
+
+
+def test_splash_attention_sharded_over_a_mesh_matches_xla():
+    """On a TPU pod slice the kernel runs per shard (shard_map); here in interpret mode."""
+    from jaxsft.models.attention import splash_attention, xla_attention
+
+    b, t, n, k, h = 4, 128, 4, 2, 32
+    keys = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(keys[0], (b, t, n, h))
+    kk = jax.random.normal(keys[1], (b, t, k, h))
+    v = jax.random.normal(keys[2], (b, t, k, h))
+    seg = jnp.asarray(np.repeat([[1] * 50 + [2] * 60 + [0] * 18], b, axis=0))
+    ref = xla_attention(q, kk, v, seg, scale=0.2, sliding_window=None)
+    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    with jax.set_mesh(mesh):
+        got = jax.jit(lambda *a: splash_attention(*a, scale=0.2, sliding_window=None))(q, kk, v, seg)
+    real = np.asarray(seg > 0)
+    np.testing.assert_allclose(np.asarray(got)[real], np.asarray(ref)[real], atol=2e-6)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 
 def resolve_backend(backend: str, head_dim: int, dtype) -> str:
@@ -126,4 +127,23 @@ def splash_attention(q, k, v, segment_ids, *, scale, sliding_window, block: int 
             segment_ids=sk.SegmentIds(q=seg, kv=seg))
         return out.swapaxes(0, 1)
 
-    return jax.vmap(one_row)(q, k, v, segment_ids)
+    return _per_shard(jax.vmap(one_row), q, k, v, segment_ids)
+
+
+def _per_shard(fn, q, k, v, segment_ids):
+    """Run a Pallas kernel on each device's block of rows and heads: the compiler cannot
+    partition a kernel call by itself. Rows split over (data, fsdp), heads over tensor."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return fn(q, k, v, segment_ids)
+    shape = dict(zip(mesh.axis_names, mesh.axis_sizes))
+    rows = tuple(a for a in ("data", "fsdp") if shape.get(a, 1) > 1)
+    rows_size = 1
+    for a in rows:
+        rows_size *= shape[a]
+    row_spec = rows if rows and q.shape[0] % rows_size == 0 else None
+    tensor = shape.get("tensor", 1)
+    head_spec = "tensor" if tensor > 1 and q.shape[2] % tensor == 0 and k.shape[2] % tensor == 0 else None
+    qkv = P(row_spec, None, head_spec, None)
+    return jax.shard_map(fn, in_specs=(qkv, qkv, qkv, P(row_spec, None)), out_specs=qkv,
+                         check_vma=False)(q, k, v, segment_ids)
