@@ -1,16 +1,23 @@
-"""Metrics: FLOP accounting for MFU, and sinks (metrics.jsonl, TensorBoard, console).
+"""Metrics: FLOP accounting for MFU, per-step metric functions, and sinks (metrics.jsonl,
+TensorBoard, console).
 
-The train loop hands every step's figures to `MetricsLogger.log`; a new sink is a class with
-`write(step, metrics)` and `close()`, and touches nothing else.
+The train loop only calls `step_metrics(StepInfo)` and `MetricsLogger.log`. Extending either
+touches nothing else:
+- a new metric is a function `StepInfo -> dict` decorated with `@register_metric`;
+- a new sink is a class with `write(step, metrics)` and `close()`, made per run by a factory
+  `(output_dir, total_steps, progress) -> sink` decorated with `@register_sink`.
+A config file is Python run before training, so it may register both (tests/test_metrics.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import sys
 import time
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -59,6 +66,60 @@ def segment_lengths(segment_ids: np.ndarray) -> np.ndarray:
     return counts[counts > 0]
 
 
+@dataclasses.dataclass
+class StepInfo:
+    """What one finished step offers to metric functions."""
+    step: int
+    batch: Any  # jaxsft.data Batch: num_samples, num_tokens, num_loss_tokens, microbatches, epoch
+    values: dict  # the update's device metrics, fetched: loss, grad_norm, update_norm, ...
+    flops: float
+    step_time_s: float
+    peak_flops: float | None  # per device; None where unknown (CPU)
+
+
+METRIC_FNS: list[Callable[[StepInfo], dict]] = []
+SINK_FACTORIES: list[Callable] = []
+
+
+def register_metric(fn):
+    METRIC_FNS.append(fn)
+    return fn
+
+
+def register_sink(factory):
+    SINK_FACTORIES.append(factory)
+    return factory
+
+
+def step_metrics(info: StepInfo) -> dict:
+    line = {}
+    for fn in METRIC_FNS:
+        line.update(fn(info))
+    return line
+
+
+@register_metric
+def optimizer_metrics(info):
+    return {k: float(v) for k, v in info.values.items()}
+
+
+@register_metric
+def throughput_metrics(info):
+    b = info.batch
+    line = {"samples": b.num_samples, "tokens": b.num_tokens, "loss_tokens": b.num_loss_tokens,
+            "microbatches": len(b.microbatches), "epoch": b.epoch, "step_time_s": info.step_time_s,
+            "tokens_per_s": b.num_tokens / info.step_time_s}
+    if info.peak_flops:
+        line["mfu"] = info.flops / info.step_time_s / (info.peak_flops * jax.device_count())
+    return line
+
+
+@register_metric
+def memory_metrics(info):
+    memory = device_memory_gib()
+    return {} if memory is None else {"device_memory_gib": memory}
+
+
 class JsonlSink:
     def __init__(self, path):
         self.file = open(path, "a")
@@ -89,7 +150,7 @@ class TensorBoardSink:
 class ConsoleSink:
     """One line that rewrites itself: progress, ETA and the latest figures."""
 
-    SHOWN = ("loss", "eval_loss", "grad_norm", "learning_rate", "tokens_per_s", "mfu")
+    SHOWN = ("loss", "eval_loss", "grad_norm", "learning_rate", "tokens_per_s", "mfu", "alerts")
 
     def __init__(self, total_steps, stream=sys.stderr):
         self.total = total_steps
@@ -117,6 +178,8 @@ class ConsoleSink:
 
 
 def _fmt(v):
+    if isinstance(v, list):
+        return ",".join(v).upper()
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
@@ -156,9 +219,14 @@ def device_memory_gib() -> float | None:
 
 
 def standard_logger(output_dir, total_steps, progress=True) -> MetricsLogger:
-    """metrics.jsonl and eval.jsonl in the run directory, TensorBoard events, the console."""
+    """metrics.jsonl and eval.jsonl in the run directory, TensorBoard events, the console, and
+    every registered sink (which gets both train and eval metrics)."""
     tensorboard = TensorBoardSink(os.path.join(output_dir, "tensorboard"))
     console = [ConsoleSink(total_steps)] if progress else []
+    extra = [s for s in (f(output_dir, total_steps, progress) for f in SINK_FACTORIES) if s is not None]
     return MetricsLogger(
-        [JsonlSink(os.path.join(output_dir, "metrics.jsonl")), tensorboard, *console],
-        [JsonlSink(os.path.join(output_dir, "eval.jsonl")), tensorboard, *console])
+        [JsonlSink(os.path.join(output_dir, "metrics.jsonl")), tensorboard, *console, *extra],
+        [JsonlSink(os.path.join(output_dir, "eval.jsonl")), tensorboard, *console, *extra])
+
+
+from jaxsft.metrics.health import HealthMonitor, TrainingDiverged, spikes  # noqa: E402,F401

@@ -44,6 +44,21 @@ The `data` section is documented in `jaxsft/data/config.py` (sources, batch size
 | `export_hf` | `False` | Write a Hugging Face folder to `output_dir/hf` at the end. |
 | `export_dtype` | `'bfloat16'` | Dtype of that export. |
 | `progress` | `True` | Console progress bar with ETA. |
+| `stop_after_steps` | `0` | Stop (checkpoint, evaluate) after this many steps while the schedule still spans the whole run, so the run can be continued later (sweeps stop runs at a rung this way); 0 = run to the end. |
+
+## health
+Online checks of every step (`jaxsft/metrics/health.py`). Actions: `stop` (the run ends with an
+error naming the step; the failing step's parameters are never checkpointed), `warn` (the step
+gets an `alerts` list in metrics.jsonl and a warning on the console), `off`.
+
+| key | default | meaning |
+|---|---|---|
+| `on_nan` | `'stop'` | NaN or Inf in the loss, the gradient norm or the updated parameters' norm. |
+| `on_loss_spike` | `'warn'` | Loss above `loss_spike_ratio` x the median of the previous `spike_window` steps. |
+| `on_grad_spike` | `'warn'` | Pre-clip gradient norm above `grad_spike_ratio` x its rolling median. |
+| `spike_window` | `20` | Steps in the rolling median (a check needs at least 5). |
+| `loss_spike_ratio` | `1.5` | See `on_loss_spike`. |
+| `grad_spike_ratio` | `10.0` | See `on_grad_spike`. |
 
 ## mesh
 | key | default | meaning |
@@ -64,6 +79,7 @@ from __future__ import annotations
 import ml_collections
 
 from jaxsft.data import default_data_config, validate_data_config
+from jaxsft.metrics.health import ACTIONS
 from jaxsft.models.config import ATTENTION_BACKENDS, REMAT_POLICIES
 from jaxsft.train.optimizer import SCHEDULES
 
@@ -80,7 +96,9 @@ def default_config() -> ml_collections.ConfigDict:
                    clip_norm=1.0, state_dtype="float32", offload_state=False)
     c.train = dict(output_dir="runs/run", num_steps=0, num_epochs=1.0, seed=0, log_every=1,
                    eval_every=0, eval_at_start=True, export_hf=False, export_dtype="bfloat16",
-                   progress=True)
+                   progress=True, stop_after_steps=0)
+    c.health = dict(on_nan="stop", on_loss_spike="warn", on_grad_spike="warn", spike_window=20,
+                    loss_spike_ratio=1.5, grad_spike_ratio=10.0)
     c.mesh = dict(data=1, fsdp=-1, tensor=1)
     c.checkpoint = dict(every_steps=0, keep=2, dir="", resume=True)
     return c
@@ -97,13 +115,17 @@ def validate(c) -> None:
         "optim.schedule": (c.optim.schedule, SCHEDULES),
         "optim.state_dtype": (c.optim.state_dtype, DTYPES),
         "train.export_dtype": (c.train.export_dtype, DTYPES),
+        **{f"health.{k}": (c.health[k], ACTIONS) for k in ("on_nan", "on_loss_spike", "on_grad_spike")},
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ValueError(f"{key}={value!r}: choose one of {', '.join(allowed)}")
     if not c.model.path:
         raise ValueError("model.path is empty: give a Hugging Face model folder, .gguf file or checkpoint")
-    positive = {"optim.learning_rate": c.optim.learning_rate, "train.log_every": c.train.log_every}
+    positive = {"optim.learning_rate": c.optim.learning_rate, "train.log_every": c.train.log_every,
+                "health.spike_window": c.health.spike_window,
+                "health.loss_spike_ratio": c.health.loss_spike_ratio,
+                "health.grad_spike_ratio": c.health.grad_spike_ratio}
     for key, value in positive.items():
         if not value > 0:
             raise ValueError(f"{key}={value!r} must be > 0")
@@ -113,6 +135,8 @@ def validate(c) -> None:
         raise ValueError(f"optim.warmup_fraction={c.optim.warmup_fraction} must be in [0, 1)")
     if c.optim.schedule == "constant" and (c.optim.warmup_steps or c.optim.warmup_fraction):
         raise ValueError("optim.schedule='constant' has no warmup; use 'warmup_constant'")
+    if c.train.stop_after_steps < 0:
+        raise ValueError(f"train.stop_after_steps={c.train.stop_after_steps} must be >= 0 (0 = off)")
     if c.train.num_steps < 0 or (c.train.num_steps == 0 and not c.train.num_epochs > 0):
         raise ValueError("set train.num_steps > 0 or train.num_epochs > 0")
     for key in ("data", "fsdp", "tensor"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -134,7 +135,10 @@ def run(config) -> dict:
     logger = metrics_lib.standard_logger(out, total_steps, config.train.progress and is_main) if is_main else None
     eval_batches = data.eval_microbatches()
     peak = metrics_lib.peak_flops_per_device()
+    health = metrics_lib.HealthMonitor(config.health)
     last, eval_loss = {}, None
+    # stop_after_steps ends the run early without changing its schedule (which spans total_steps).
+    end = max(min(total_steps, config.train.stop_after_steps or total_steps), start)
 
     def run_eval(step):
         loss = evaluate(fns, params, eval_batches, batch_sharding)
@@ -156,13 +160,16 @@ def run(config) -> dict:
 
     def finish(pending):
         step, batch, device_metrics, flops = pending
-        line = _metrics_line(batch, jax.device_get(device_metrics), flops, clock, peak)
-        if logger and (step % config.train.log_every == 0 or step == total_steps):
+        now = time.perf_counter()
+        info = metrics_lib.StepInfo(step, batch, jax.device_get(device_metrics), flops, now - clock[0], peak)
+        clock[0] = now
+        line = health.check(step, metrics_lib.step_metrics(info))
+        if logger and (step % config.train.log_every == 0 or step == end or "alerts" in line):
             logger.log(step, line)
         return line
 
-    with jax.set_mesh(mesh):
-        for step in range(start, total_steps):
+    with jax.set_mesh(mesh), _close_on_divergence(checkpointer, data, logger):
+        for step in range(start, end):
             batch = next(data)
             acc = fns.zero_accumulator(params)
             for mb in batch.microbatches:
@@ -174,15 +181,18 @@ def run(config) -> dict:
             flops = metrics_lib.step_flops(model_config, np.concatenate(
                 [metrics_lib.segment_lengths(mb["segment_ids"]) for mb in batch.microbatches]))
             pending = (step + 1, batch, device_metrics, flops)
-            if config.train.eval_every and (step + 1) % config.train.eval_every == 0 and step + 1 < total_steps:
+            if config.train.eval_every and (step + 1) % config.train.eval_every == 0 and step + 1 < end:
                 eval_loss = run_eval(step + 1)
-            if config.checkpoint.every_steps and (step + 1) % config.checkpoint.every_steps == 0:
+            if (config.checkpoint.every_steps and (step + 1) % config.checkpoint.every_steps == 0
+                    and step + 1 < end):  # the last step is saved after the final eval
+                # Health-check this step before its params are saved: a NaN state is never saved.
+                last, pending = finish(pending), None
                 save(step + 1)
         if pending is not None:
             last = finish(pending)
-        eval_loss = run_eval(total_steps)
-    if latest != total_steps:
-        save(total_steps)
+        eval_loss = run_eval(end)
+    if latest != end:
+        save(end)
     checkpointer.close()
     data.close()
     if config.train.export_hf:
@@ -190,25 +200,17 @@ def run(config) -> dict:
         save_hf(model, os.path.join(out, "hf"), tokenizer=tokenizer, dtype=jnp.dtype(config.train.export_dtype))
     if logger:
         logger.close()
-    return {**last, "eval_loss": eval_loss, "steps": total_steps}
+    return {**last, "eval_loss": eval_loss, "steps": end}
 
 
-def _metrics_line(batch, values, flops, clock, peak) -> dict:
-    now = time.perf_counter()
-    elapsed, clock[0] = now - clock[0], now
-    line = {
-        **{k: float(v) for k, v in values.items()},
-        "samples": batch.num_samples,
-        "tokens": batch.num_tokens,
-        "loss_tokens": batch.num_loss_tokens,
-        "microbatches": len(batch.microbatches),
-        "epoch": batch.epoch,
-        "step_time_s": elapsed,
-        "tokens_per_s": batch.num_tokens / elapsed,
-    }
-    if peak:
-        line["mfu"] = flops / elapsed / (peak * jax.device_count())
-    memory = metrics_lib.device_memory_gib()
-    if memory is not None:
-        line["device_memory_gib"] = memory
-    return line
+@contextlib.contextmanager
+def _close_on_divergence(*resources):
+    """A diverged run stops only after its last good checkpoint is completely written."""
+    try:
+        yield
+    except metrics_lib.TrainingDiverged:
+        for r in resources:
+            if r is not None:
+                r.close()
+        raise
+

@@ -1,0 +1,123 @@
+"""Sweeps: the grid, the early ranking rule, and a small real sweep that prunes, resumes, skips
+finished runs, continues a pruned run by hand and writes its report."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from jaxsft.sweep import decide, default_sweep_config, early_stats, plan, rank_runs, validate_sweep
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_plan_expands_the_grid():
+    s = default_sweep_config()
+    s.base.model.path = "x"
+    s.output_dir = "/sweep"
+    s.train_samples = 100
+    s.batch_sizes, s.learning_rates = [8, 32], [1e-5, 1e-4]
+    s.schedules, s.warmup_fractions = ["constant", "warmup_linear"], [0.0, 0.1]
+    runs = plan(s)
+    # constant never warms up: 2 x 2 x (1 constant + 2 warmup_linear)
+    assert len(runs) == 12
+    c = runs["bs32_lr0.0001_warmup_linear_wu0.1"]
+    assert c.data.global_batch_size == 32 and c.optim.learning_rate == 1e-4
+    assert c.optim.warmup_fraction == 0.1 and c.train.num_steps == 4  # ceil(100 / 32)
+    assert c.train.output_dir == "/sweep/bs32_lr0.0001_warmup_linear_wu0.1"
+    assert "bs8_lr1e-05_constant_wu0" in runs and "bs8_lr1e-05_constant_wu0.1" not in runs
+    s.rungs = [0.5, 0.25]
+    with pytest.raises(ValueError, match="rungs"):
+        validate_sweep(s)
+
+
+def test_early_stats_average_the_window_before_the_rung():
+    metrics = {k: {"loss": 10.0 - k, "grad_norm": float(k)} for k in range(1, 21)}
+    st = early_stats(metrics, fraction=0.5, window=0.25, total_steps=20)  # steps 6..10
+    assert st == {"steps": [6, 10], "loss": 2.0, "grad_norm": 8.0}
+    assert early_stats(metrics, 0.1, 0.01, 20)["steps"] == [2, 2]  # at least one step
+
+
+def test_ranking_prefers_low_grad_norm_and_high_loss():
+    stats = {"a": {"grad_norm": 1.0, "loss": 3.0},   # best on both
+             "b": {"grad_norm": 2.0, "loss": 2.0},
+             "c": {"grad_norm": 3.0, "loss": 2.5},
+             "d": {"grad_norm": 4.0, "loss": 1.0}}   # worst on both
+    scores = rank_runs(stats)
+    assert scores["a"] == 0.0 and scores["d"] == 1.0 and scores["b"] == scores["c"] == 0.5
+    _, stop = decide(stats, prune_fraction=0.5)
+    assert stop == ["c", "d"]  # b and c tie; b has the lower gradient norm
+    _, stop = decide(stats, prune_fraction=0.5, grad_weight=0.0)  # loss only
+    assert stop == ["b", "d"]
+    assert decide({"a": stats["a"]}, prune_fraction=0.9)[1] == []  # one run always survives
+
+
+SWEEP_FILE = '''
+from jaxsft.sweep import default_sweep_config
+
+def get_config():
+    s = default_sweep_config()
+    b = s.base
+    b.model.path = MODEL
+    b.model.init = "random"
+    b.model.compute_dtype = "float32"
+    b.model.remat = "none"
+    b.data.tokenizer = TOKENIZER
+    b.data.sources = [{"path": DATA, "format": "gsm8k"}]
+    b.data.eval_fraction = 0.002
+    b.data.max_seq_len = 128
+    b.data.micro_batch_rows = 2
+    b.train.eval_at_start = False
+    b.train.progress = False
+    s.train_samples = 8
+    s.batch_sizes = [2]
+    s.learning_rates = [1e-3, 1e-2, 1e-1]
+    s.rungs = [0.5]
+    s.window = 0.5
+    s.prune_fraction = 0.34
+    return s
+'''
+
+
+@pytest.mark.slow
+def test_sweep_prunes_skips_finished_runs_continues_by_hand_and_reports(tmp_path):
+    from test_metrics import tiny_model
+
+    model, tokenizer = tiny_model(tmp_path)
+    cfg = tmp_path / "sweep.py"
+    cfg.write_text(f"MODEL = {str(model)!r}\nTOKENIZER = {tokenizer!r}\n"
+                   f"DATA = {os.path.join(REPO, 'configs/assets/gsm8k/train.jsonl')!r}\n" + SWEEP_FILE)
+    out = tmp_path / "sweep"
+
+    def sweep(*args):
+        r = subprocess.run(
+            [sys.executable, "-m", "jaxsft.sweep", "--config", str(cfg), f"--config.output_dir={out}",
+             f"--config.base.data.cache_dir={tmp_path / 'cache'}", *args],
+            cwd=REPO, capture_output=True, text=True, env={**os.environ, "XLA_FLAGS": ""})
+        assert r.returncode == 0, r.stderr[-3000:]
+        return json.loads((out / "sweep_state.json").read_text())
+
+    state = sweep()
+    (rung,) = state["rungs"]
+    assert len(rung["stopped"]) == 1 and len(rung["scores"]) == 3
+    stopped = rung["stopped"][0]
+    steps = {k: r["steps_done"] for k, r in state["runs"].items()}
+    assert steps == {k: 2 if k == stopped else 4 for k in steps}
+    assert (out / stopped / "checkpoints" / "2").exists()
+    report = (out / "sweep_report.md").read_text()
+    assert f"| {stopped} | 2/4 |" in report and "stopped at rung 0 (0.5): score" in report
+    assert (out / "loss.png").stat().st_size > 0 and (out / "grad_norm.png").stat().st_size > 0
+
+    # Started again: nothing left to do, no run is touched.
+    before = {k: (out / k / "metrics.jsonl").read_text() for k in steps}
+    assert sweep() == state
+    assert before == {k: (out / k / "metrics.jsonl").read_text() for k in steps}
+
+    # The pruned run resumes from its checkpoint and finishes.
+    state = sweep("--continue", stopped)
+    assert state["runs"][stopped]["steps_done"] == 4
+    lines = [json.loads(x) for x in (out / stopped / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [1, 2, 3, 4]
+    assert f"| {stopped} | 4/4 |" in (out / "sweep_report.md").read_text()
