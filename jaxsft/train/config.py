@@ -6,7 +6,7 @@ Any field can be overridden on the command line: `--config.optim.learning_rate=2
 ## model
 | key | default | meaning |
 |---|---|---|
-| `path` | `''` | Hugging Face model folder, `.gguf` file or jaxsft checkpoint; local or `gs://`. |
+| `path` | `''` | Hugging Face model folder, `.gguf` file or converted jaxsft checkpoint (`python -m jaxsft.convert`); local or `gs://`. |
 | `init` | `'pretrained'` | `'pretrained'`: weights from `path`; `'random'`: `path`'s config.json with random weights (demos, benchmarks). |
 | `param_dtype` | `'float32'` | Master weights (and with them Adam's second moment): `float32` or `bfloat16`. |
 | `compute_dtype` | `'bfloat16'` | Matmul dtype. Softmax, norms and the loss always run in float32. |
@@ -70,6 +70,7 @@ gets an `alerts` list in metrics.jsonl and a warning on the console), `off`.
 |---|---|---|
 | `every_steps` | `0` | Save every N steps (0 = only at the end). |
 | `keep` | `2` | Keep the newest N checkpoints. |
+| `keep_best` | `0` | Also keep the N checkpoints with the lowest eval loss (steps where an eval ran: `train.eval_every` multiples and the last). |
 | `dir` | `''` | Where; `''` = `output_dir/checkpoints`. May be `gs://`. |
 | `resume` | `True` | Continue from the newest checkpoint in `dir` when there is one. |
 """
@@ -100,7 +101,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.health = dict(on_nan="stop", on_loss_spike="warn", on_grad_spike="warn", spike_window=20,
                     loss_spike_ratio=1.5, grad_spike_ratio=10.0)
     c.mesh = dict(data=1, fsdp=-1, tensor=1)
-    c.checkpoint = dict(every_steps=0, keep=2, dir="", resume=True)
+    c.checkpoint = dict(every_steps=0, keep=2, keep_best=0, dir="", resume=True)
     return c
 
 

@@ -17,7 +17,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxsft import memory
 from jaxsft import metrics as metrics_lib
-from jaxsft.checkpoint import Checkpointer
+from jaxsft.checkpoint import Checkpointer, is_converted, load_converted, truncate_jsonl
 from jaxsft.data import DataPipeline
 from jaxsft.models import Decoder, ModelConfig, load_model, save_hf
 from jaxsft.sharding import make_mesh, optimizer_shardings, param_shardings
@@ -43,6 +43,8 @@ def maybe_initialize_distributed() -> None:
 def init_model(config, mesh) -> Decoder:
     m = config.model
     dtypes = dict(dtype=jnp.dtype(m.param_dtype), compute_dtype=jnp.dtype(m.compute_dtype))
+    if m.init == "pretrained" and is_converted(m.path):  # made once by `python -m jaxsft.convert`
+        return load_converted(m.path, mesh=mesh, remat=m.remat, attention=m.attention, **dtypes)
     if m.init == "pretrained":
         return load_model(m.path, mesh=mesh, remat=m.remat, attention=m.attention, **dtypes)
     # Random weights from the folder's config.json, created already sharded (never whole on one device).
@@ -123,14 +125,20 @@ def run(config) -> dict:
 
     checkpointer = Checkpointer(os.path.abspath(config.checkpoint.dir or os.path.join(out, "checkpoints"))
                                 if not (config.checkpoint.dir or "").startswith("gs://")
-                                else config.checkpoint.dir, keep=config.checkpoint.keep)
-    start = 0
-    latest = checkpointer.latest_step() if config.checkpoint.resume else None
-    if latest is not None:
-        params, opt_state, record = checkpointer.restore(latest, params, opt_state)
+                                else config.checkpoint.dir, keep=config.checkpoint.keep,
+                                keep_best=config.checkpoint.keep_best)
+    start, latest = 0, None
+    restored = checkpointer.restore_latest(params, opt_state) if config.checkpoint.resume else None
+    if restored is not None:
+        params, opt_state, record = restored
         data.set_state(record["data"])
-        start = record["step"]
+        start = latest = record["step"]
         log.info("resumed from step %d", start)
+    if is_main:
+        # Lines logged after the restored step (by a killed run) are logged again by this one.
+        # Step `start`'s own lines were written before its checkpoint (see `save`), step 0's were not.
+        for name in ("metrics.jsonl", "eval.jsonl"):
+            truncate_jsonl(os.path.join(out, name), start if start else -1)
 
     logger = metrics_lib.standard_logger(out, total_steps, config.train.progress and is_main) if is_main else None
     eval_batches = data.eval_microbatches()
@@ -146,9 +154,12 @@ def run(config) -> dict:
             logger.log_eval(step, {"eval_loss": loss})
         return loss
 
-    def save(step):
+    def save(step, eval_loss=None):
+        # No randomness is drawn during training: init and data order come from these seeds.
+        rng = {"train.seed": config.train.seed, "data.seed": config.data.seed}
         checkpointer.save(step, params, opt_state,
-                          {"step": step, "data": data.get_state(), "config": config.to_dict()})
+                          {"step": step, "data": data.get_state(), "rng": rng, "config": config.to_dict()},
+                          eval_loss=eval_loss)
 
     if start == 0 and config.train.eval_at_start:
         eval_loss = run_eval(0)
@@ -185,14 +196,16 @@ def run(config) -> dict:
                 eval_loss = run_eval(step + 1)
             if (config.checkpoint.every_steps and (step + 1) % config.checkpoint.every_steps == 0
                     and step + 1 < end):  # the last step is saved after the final eval
-                # Health-check this step before its params are saved: a NaN state is never saved.
+                # Log this step's metrics before its checkpoint exists, so a run resumed from it
+                # has every line (the save waits for this step's params anyway).
                 last, pending = finish(pending), None
-                save(step + 1)
+                save(step + 1, eval_loss if config.train.eval_every and
+                     (step + 1) % config.train.eval_every == 0 else None)
         if pending is not None:
             last = finish(pending)
         eval_loss = run_eval(end)
     if latest != end:
-        save(end)
+        save(end, eval_loss)
     checkpointer.close()
     data.close()
     if config.train.export_hf:
@@ -213,4 +226,3 @@ def _close_on_divergence(*resources):
             if r is not None:
                 r.close()
         raise
-
