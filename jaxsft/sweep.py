@@ -47,13 +47,14 @@ import os
 import ml_collections
 import numpy as np
 
+from jaxsft.train import default_config, run, validate
+
 log = logging.getLogger("jaxsft.sweep")
 
 ACTIONS = ("stop", "flag")
 
 
 def default_sweep_config() -> ml_collections.ConfigDict:
-    from jaxsft.train import default_config
     return ml_collections.ConfigDict(dict(
         base=default_config(), output_dir="runs/sweep", train_samples=0, batch_sizes=[],
         learning_rates=[], schedules=["constant"], warmup_fractions=[0.0], rungs=[0.25, 0.5],
@@ -69,6 +70,8 @@ def validate_sweep(s) -> None:
         raise ValueError(f"rungs={list(s.rungs)} must increase within (0, 1)")
     if not (0 < s.window <= 1 and 0 <= s.prune_fraction < 1):
         raise ValueError("window must be in (0, 1], prune_fraction in [0, 1)")
+    if min(s.grad_weight, s.loss_weight) < 0 or s.grad_weight + s.loss_weight <= 0:
+        raise ValueError("grad_weight and loss_weight must be >= 0, not both 0")
 
 
 def plan(s) -> dict[str, ml_collections.ConfigDict]:
@@ -133,11 +136,15 @@ class Sweep:
         validate_sweep(s)
         self.s = s
         self.runs = plan(s)
+        for c in self.runs.values():  # a bad grid point fails now, not hours into the sweep
+            validate(c)
         self.state_path = os.path.join(s.output_dir, "sweep_state.json")
-        self.state = {"runs": {k: {"steps_done": 0} for k in self.runs}, "rungs": []}
+        self.state = {"runs": {}, "rungs": []}
         if os.path.exists(self.state_path):
             with open(self.state_path) as f:
                 self.state = json.load(f)
+        for k in self.runs:
+            self.state["runs"].setdefault(k, {"steps_done": 0})
 
     def save_state(self):
         os.makedirs(self.s.output_dir, exist_ok=True)
@@ -150,7 +157,6 @@ class Sweep:
         return {k: i for i, r in enumerate(self.state["rungs"]) for k in r["stopped"]}
 
     def train(self, name: str, fraction: float):
-        from jaxsft.train import run
         c = self.runs[name]
         target = rung_step(fraction, c.train.num_steps)
         record = self.state["runs"][name]
@@ -230,10 +236,10 @@ def write_report(sweep: Sweep):
     if len(finished) == len(sweep.runs) and rungs:
         best = min(finished, key=finished.get)
         survivors = [k for k in sweep.runs if k not in stopped]
-        verdict = "includes" if best in survivors else "does NOT include"
         lines += ["## Rule check", "",
                   f"Every run finished. Best final eval loss: {best} ({finished[best]:.4f}). "
-                  f"The survivors ({', '.join(survivors)}) {verdict} it.", ""]
+                  f"Survivors: {', '.join(survivors)}. Do they include the best run? "
+                  f"**{'yes' if best in survivors else 'no'}**.", ""]
     lines += ["![loss](loss.png)", "", "![grad norm](grad_norm.png)", ""]
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "sweep_report.md"), "w") as f:
