@@ -158,7 +158,6 @@ def small_run_config(tmp_path, **changes):
     c.train.eval_at_start = False
     c.train.progress = False
     c.train.output_dir = str(tmp_path / "run")
-    c.mesh.fsdp = 1
     for key, value in changes.items():
         section, name = key.split(".")
         c[section][name] = value
@@ -178,7 +177,6 @@ def test_checkpoint_of_another_model_names_keys_and_shapes(tmp_path):
     ckpt.close()
 
     config = small_run_config(tmp_path, **{"checkpoint.dir": str(tmp_path / "ckpt")})
-    config.mesh.fsdp = -1
     with pytest.raises(CheckpointMismatch) as e:
         run(config)
     message = str(e.value)
