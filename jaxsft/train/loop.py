@@ -196,8 +196,9 @@ def run(config) -> dict:
                 eval_loss = run_eval(step + 1)
             if (config.checkpoint.every_steps and (step + 1) % config.checkpoint.every_steps == 0
                     and step + 1 < end):  # the last step is saved after the final eval
-                # Log this step's metrics before its checkpoint exists, so a run resumed from it
-                # has every line (the save waits for this step's params anyway).
+                # Health-check this step before its params are saved: a NaN state is never saved.
+                # And its metrics line is logged before its checkpoint exists, so a run resumed
+                # from it has every line (the save waits for this step's params anyway).
                 last, pending = finish(pending), None
                 save(step + 1, eval_loss if config.train.eval_every and
                      (step + 1) % config.train.eval_every == 0 else None)
