@@ -1,7 +1,8 @@
 """Checkpoint figures for a ~1B model on CPU (random weights, Llama-3.2-1B shapes):
 
 - start-up: a Hugging Face folder (bf16 safetensors, as published) vs the same model converted
-  once with `python -m jaxsft.convert`, each loaded sharded over 8 simulated devices into float32;
+  once with `python -m jaxsft.convert` (stored float32, or `--dtype bfloat16`), each loaded
+  sharded over 8 simulated devices into float32;
 - save: seconds the train loop is blocked (`Checkpointer.save` returns) and until the files are
   complete, and the host memory the save adds on top of the model (RSS sampled every 5 ms);
 - restore: seconds to restore that checkpoint onto another mesh (4 devices, fsdp 2 x tensor 2).
@@ -142,14 +143,17 @@ def main():
         return
 
     with tempfile.TemporaryDirectory(prefix="jaxsft-bench-") as tmp:
-        hf, conv, ckpt = (os.path.join(tmp, d) for d in ("hf", "converted", "ckpt"))
+        hf, conv, conv16, ckpt = (os.path.join(tmp, d) for d in ("hf", "converted", "converted_bf16", "ckpt"))
         n = write_hf(hf, a.layers)
         t = time.perf_counter()
         subprocess.run([sys.executable, "-m", "jaxsft.convert", "--from-hf", hf, "--to", conv],
                        env=ENV, check=True, capture_output=True)
         convert_s = time.perf_counter() - t
+        subprocess.run([sys.executable, "-m", "jaxsft.convert", "--from-hf", hf, "--to", conv16,
+                        "--dtype", "bfloat16"], env=ENV, check=True, capture_output=True)
         hf_s = min(run_child("startup_hf", hf, "")["seconds"] for _ in range(a.repeats))
         conv_s = min(run_child("startup_converted", conv, "")["seconds"] for _ in range(a.repeats))
+        conv16_s = min(run_child("startup_converted", conv16, "")["seconds"] for _ in range(a.repeats))
         save = run_child("save_restore", conv, ckpt)
 
     import jax
@@ -159,7 +163,7 @@ def main():
                                                                 "vocab_size", "tie_word_embeddings")},
                   "num_hidden_layers": a.layers, "parameters": n,
                   "float32_gib": n * 4 / 2**30, "hf_bf16_gib": n * 2 / 2**30},
-        "startup_s": {"hf_folder": hf_s, "converted": conv_s,
+        "startup_s": {"hf_folder_bf16": hf_s, "converted_float32": conv_s, "converted_bf16": conv16_s,
                       "note": "process start excluded; load into float32 sharded over 8 simulated CPU devices"},
         "convert_once_s": convert_s,
         "save_restore": save,
