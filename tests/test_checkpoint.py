@@ -164,6 +164,7 @@ def small_run_config(tmp_path, **changes):
     return c
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_model_names_keys_and_shapes(tmp_path):
     from jaxsft.train import run
 
@@ -283,6 +284,7 @@ def make_hf_qwen2(folder):
     return folder
 
 
+@pytest.mark.slow
 def test_convert_once_then_start_from_it_and_export(tmp_path):
     from jaxsft.checkpoint import is_converted, load_converted
     from jaxsft.convert import main as convert_main
