@@ -1,0 +1,116 @@
+"""Generation with the KV cache against transformers' `generate`, and its batching and sampling."""
+
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers as tf
+
+import jaxsft
+from jaxsft.generate import _generate
+from jaxsft.models.gguf import load_gguf_tokenizer, smollm2_path
+from jaxsft.sharding import make_mesh
+from tests.hf_models import make_hf_model
+
+PROMPT_LENGTHS = (5, 17, 9, 30, 1)
+
+
+def load_fp32(path, **kw):
+    return jaxsft.load_model(path, dtype=jnp.float32, compute_dtype=jnp.float32, remat="none", **kw)
+
+
+def hf_greedy(hf, prompt, max_new_tokens, eos_token_id):
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                          max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos_token_id,
+                          pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.fixture(scope="module", params=["llama", "mistral"])
+def tiny(request, tmp_path_factory):
+    hf = make_hf_model(request.param)
+    path = tmp_path_factory.mktemp(request.param)
+    hf.save_pretrained(path)
+    rng = np.random.RandomState(0)
+    prompts = [rng.randint(0, 160, n).tolist() for n in PROMPT_LENGTHS]
+    return hf, str(path), load_fp32(path), prompts
+
+
+def test_tiny_greedy_equals_transformers(tiny):
+    # Mistral's sliding window (8) is shorter than the longer prompts, so its mask is exercised too.
+    hf, _, model, prompts = tiny
+    ours = jaxsft.generate(model, prompts, 20, eos_token_id=[])
+    assert ours == [hf_greedy(hf, p, 20, None) for p in prompts]
+
+
+def test_batched_equals_one_by_one_and_stops_at_eos(tiny):
+    _, _, model, prompts = tiny
+    free = jaxsft.generate(model, prompts, 12, eos_token_id=[])
+    # Make the 4th token of the first row its end token: that row stops there, end token included.
+    eos = free[0][3]
+    stopped = jaxsft.generate(model, prompts, 12, eos_token_id=[eos, 159])
+    for row, alone in zip(stopped, [jaxsft.generate(model, [p], 12, eos_token_id=[eos, 159]) for p in prompts]):
+        assert row == alone[0]
+    for full, row in zip(free, stopped):
+        ends = [i for i, t in enumerate(full) if t in (eos, 159)]
+        assert row == (full[:ends[0] + 1] if ends else full)
+    assert stopped[0] == free[0][:free[0].index(eos) + 1]
+
+
+def test_one_compilation_per_bucket(tiny):
+    _, _, model, prompts = tiny
+    jaxsft.generate(model, [prompts[3][:20]] * 3, 5)
+    before = _generate._cache_size()
+    jaxsft.generate(model, [prompts[3][:18], prompts[3][:25], [1]], 7)  # same buckets: 4 x 32, 8 new
+    assert _generate._cache_size() == before
+
+
+def test_sampling_is_reproducible_and_top_p_tiny_is_greedy(tiny):
+    _, _, model, prompts = tiny
+    sample = lambda seed, **kw: jaxsft.generate(  # noqa: E731
+        model, prompts, 16, eos_token_id=[], temperature=1.0, seed=seed, **kw)
+    assert sample(1) == sample(1)
+    assert sample(1) != sample(2)
+    assert sample(1, top_p=1e-6) == jaxsft.generate(model, prompts, 16, eos_token_id=[])
+
+
+def test_sharded_params_generate_the_same(tiny):
+    _, path, model, prompts = tiny
+    sharded = load_fp32(path, mesh=make_mesh(data=2, fsdp=2, tensor=2))
+    assert len(sharded.layers.q[...].sharding.device_set) == 8
+    assert jaxsft.generate(sharded, prompts, 10) == jaxsft.generate(model, prompts, 10)
+
+
+def test_bad_arguments_are_refused(tiny):
+    model = tiny[2]
+    with pytest.raises(ValueError, match="empty prompt"):
+        jaxsft.generate(model, [[1], []], 4)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        jaxsft.generate(model, [[1]], 0)
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_equals_transformers_on_gsm8k(assets):
+    path = smollm2_path()
+    tok = load_gguf_tokenizer(path)
+    with open(assets / "data" / "gsm8k" / "test.jsonl") as f:
+        questions = [json.loads(line)["question"] for line, _ in zip(f, range(8))]
+    prompts = [tok(tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                           add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+               for q in questions]
+    assert len({len(p) for p in prompts}) == 8
+    ours = jaxsft.generate(load_fp32(path), prompts, 64)
+    hf = tf.AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32).eval()
+    # One left-padded batch in transformers too (one prompt at a time is 8x slower on CPU).
+    tok.padding_side = "left"
+    batch = tok.pad({"input_ids": prompts}, return_tensors="pt")
+    with torch.no_grad():
+        out = hf.generate(**batch, max_new_tokens=64, do_sample=False)[:, batch["input_ids"].shape[1]:].tolist()
+    for row, ref in zip(ours, out):
+        ref = ref[:ref.index(tok.eos_token_id) + 1] if tok.eos_token_id in ref else ref
+        assert row == ref
