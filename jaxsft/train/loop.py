@@ -22,23 +22,11 @@ from jaxsft.data import DataPipeline
 from jaxsft.models import Decoder, ModelConfig, load_model, save_hf
 from jaxsft.sharding import make_mesh, optimizer_shardings, param_shardings
 from jaxsft.train.config import validate
+from jaxsft.train.distributed import exit_on_failure, maybe_initialize_distributed
 from jaxsft.train.optimizer import make_optimizer
 from jaxsft.train.step import host_shardings, make_train_step
 
 log = logging.getLogger("jaxsft.train")
-
-# Environment variables that mean "this process is one of several" (set by TPU pods, Slurm,
-# or a user who names the coordinator).
-_DISTRIBUTED_ENV = ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "TPU_WORKER_HOSTNAMES",
-                    "MEGASCALE_COORDINATOR_ADDRESS")
-
-
-def maybe_initialize_distributed() -> None:
-    if jax.distributed.is_initialized() if hasattr(jax.distributed, "is_initialized") else False:
-        return
-    if any(os.environ.get(k) for k in _DISTRIBUTED_ENV):
-        jax.distributed.initialize()
-
 
 def init_model(config, mesh) -> Decoder:
     m = config.model
@@ -85,6 +73,7 @@ def evaluate(fns, params, batches, sharding) -> float | None:
     return total / max(count, 1.0)
 
 
+@exit_on_failure
 def run(config) -> dict:
     """Train as configured; returns the last step's metrics and the final eval loss."""
     validate(config)
