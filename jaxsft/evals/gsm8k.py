@@ -1,0 +1,107 @@
+"""GSM8K: prompts through the tokenizer's chat template, greedy generation, exact-match scoring.
+
+Prompts match the SFT data format (`format='gsm8k'`): the question is the user turn, the full
+solution ending in `#### N` the assistant turn. k-shot prompts put k training examples before the
+question as earlier user/assistant turns. The answer is the number after the last `####`, or
+else the last number in the output; two answers match when they are equal as numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from decimal import Decimal, InvalidOperation
+
+from jaxsft.generate import generate
+
+# A number as written in text: optional sign and $, thousands commas, decimals.
+_NUMBER = re.compile(r"-?\$?\d(?:[\d,]*\d)?(?:\.\d+)?")
+
+
+def extract_answer(text: str) -> str | None:
+    """The final answer in `text` as a normalised number string, or None if it has no number."""
+    if "####" in text:
+        found = _NUMBER.findall(text.rsplit("####", 1)[1])
+        if found:
+            return normalize_number(found[0])
+    found = _NUMBER.findall(text)
+    return normalize_number(found[-1]) if found else None
+
+
+def normalize_number(s: str) -> str | None:
+    """'$1,200.50' -> '1200.5'; '18.00' -> '18'; None if `s` is not a number."""
+    try:
+        value = Decimal(s.replace("$", "").replace(",", "").strip().rstrip("."))
+    except InvalidOperation:
+        return None
+    # Decimal.normalize() turns 1200 into 1.2E+3; formatting with 'f' keeps plain digits.
+    return format(value.normalize(), "f") if value != 0 else "0"
+
+
+def is_correct(predicted: str | None, expected: str | None) -> bool:
+    return predicted is not None and expected is not None and Decimal(predicted) == Decimal(expected)
+
+
+def load_jsonl(path: str | os.PathLike) -> list[dict]:
+    """GSM8K examples ({question, answer} per line) from a .jsonl file."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def build_messages(question: str, shots=(), system_prompt: str | None = None) -> list[dict]:
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    for shot in shots:
+        messages += [{"role": "user", "content": shot["question"]}, {"role": "assistant", "content": shot["answer"]}]
+    return messages + [{"role": "user", "content": question}]
+
+
+def build_prompt(tokenizer, question: str, shots=(), system_prompt: str | None = None) -> list[int]:
+    """Token ids of the chat-templated conversation, ending with the assistant turn's header."""
+    text = tokenizer.apply_chat_template(
+        build_messages(question, shots, system_prompt), tokenize=False, add_generation_prompt=True)
+    # The template already wrote any special tokens it wants.
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def evaluate_gsm8k(model, tokenizer, examples: list[dict], *, k_shot: int = 0, shots: list[dict] | None = None,
+                   max_new_tokens: int = 256, batch_size: int = 32, subset: int | None = None,
+                   system_prompt: str | None = None) -> dict:
+    """Greedy exact-match accuracy on `examples` ({question, answer} dicts, e.g. the test split).
+
+    k_shot > 0 takes the first k of `shots` (e.g. the train split) as worked examples in every
+    prompt; subset evaluates only the first `subset` examples. Returns accuracy, counts, the
+    settings and one record per example (prompt, output, extracted, expected, correct).
+    """
+    if k_shot:
+        if shots is None or len(shots) < k_shot:
+            raise ValueError(f"k_shot={k_shot} needs at least {k_shot} examples in shots= (the train split)")
+        shots = shots[:k_shot]
+    else:
+        shots = []
+    examples = examples[:subset] if subset is not None else examples
+    prompts = [build_prompt(tokenizer, ex["question"], shots, system_prompt) for ex in examples]
+    eos = model.config.eos_token_id if tokenizer.eos_token_id is None else tokenizer.eos_token_id
+    # Similar lengths in one batch waste less padding; records keep the input order.
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    outputs = [None] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        for i, tokens in zip(chunk, generate(model, [prompts[i] for i in chunk], max_new_tokens, eos_token_id=eos)):
+            outputs[i] = tokenizer.decode(tokens, skip_special_tokens=True)
+    records = []
+    for ex, prompt, output in zip(examples, prompts, outputs):
+        extracted, expected = extract_answer(output), extract_answer(ex["answer"])
+        records.append({"question": ex["question"], "prompt": tokenizer.decode(prompt), "output": output,
+                        "extracted": extracted, "expected": expected, "correct": is_correct(extracted, expected)})
+    correct = sum(r["correct"] for r in records)
+    return {"accuracy": correct / len(records) if records else 0.0, "correct": correct, "total": len(records),
+            "k_shot": k_shot, "max_new_tokens": max_new_tokens, "records": records}
+
+
+def write_results(result: dict, path: str | os.PathLike) -> None:
+    """The result as JSON (records included); the parent folder is created."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
