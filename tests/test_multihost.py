@@ -1,0 +1,190 @@
+"""Multi-process training on CPU with real processes (2 processes x 4 simulated devices against
+1 process x 8), checkpoints across process counts, a failing worker, and the launchers' dry runs."""
+
+import json
+import os
+import shlex
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from jaxsft.train.distributed import initialize_args
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Runs through the real CLI (`jaxsft.train.__main__.main`) after two test-only additions: a dump
+# of this process's own rows of the first steps, computed exactly as `run` computes them, and an
+# injected exception in one process at a given step (once that step's checkpoint is complete).
+WORKER = r'''
+import logging, os, sys, time
+logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")  # before jax's own logging
+import jax
+import numpy as np
+from jaxsft.train.distributed import maybe_initialize_distributed
+maybe_initialize_distributed()
+from jaxsft.cli import parse_args
+from jaxsft.data import DataPipeline
+from jaxsft.train.loop import load_tokenizer
+
+config, _ = parse_args(sys.argv[1:])
+if os.environ.get("DUMP_ROWS"):
+    data = DataPipeline(config.data, load_tokenizer(config), num_batch_devices=jax.device_count(),
+                        process_index=jax.process_index(), process_count=jax.process_count())
+    steps = [next(data).microbatches for _ in range(2)]
+    data.close()
+    np.savez(f"{os.environ['DUMP_ROWS']}.{jax.process_index()}.npz",
+             **{f"{s}_{m}": mb["input_ids"] for s, mbs in enumerate(steps) for m, mb in enumerate(mbs)})
+fail_at = int(os.environ.get("FAIL_AT_STEP", "-1"))
+if jax.process_index() == 1 and fail_at >= 0:
+    original = DataPipeline.__next__
+
+    def failing(self):
+        if self._next_step == fail_at:
+            done = os.path.join(config.train.output_dir, "checkpoints", str(fail_at))
+            deadline = time.time() + 60
+            while not os.path.exists(done) and time.time() < deadline:
+                time.sleep(0.2)
+            raise RuntimeError("simulated worker failure")
+        return original(self)
+
+    DataPipeline.__next__ = failing
+from jaxsft.train.__main__ import main
+main(sys.argv[1:])
+'''
+
+HEARTBEAT_S = 10
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_args(out, cache, **overrides):
+    settings = {
+        "train.num_steps": 4, "checkpoint.every_steps": 1, "data.global_batch_size": 8,
+        "data.max_seq_len": 128, "data.micro_batch_rows": 1, "data.eval_sources": "[]",
+        "train.eval_at_start": False, "train.export_hf": False, "train.progress": False,
+        "train.output_dir": out, "data.cache_dir": cache, **overrides}
+    return ["--config", "configs/demo.py", *[f"--config.{k}={v}" for k, v in settings.items()]]
+
+
+def launch(tmp_path, processes, args, **env):
+    """Start the job: `processes` processes sharing 8 simulated CPU devices."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(WORKER)
+    base = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={8 // processes}",
+            "HF_HUB_OFFLINE": "1", "JAXSFT_HEARTBEAT_TIMEOUT_S": str(HEARTBEAT_S), **env}
+    if processes > 1:
+        base.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{free_port()}", JAX_NUM_PROCESSES=str(processes))
+    procs = []
+    for i in range(processes):
+        log = open(tmp_path / f"log.{len(list(tmp_path.glob('log.*')))}", "w+")
+        procs.append((subprocess.Popen([sys.executable, str(worker), *args], cwd=REPO, stdout=log,
+                                       stderr=subprocess.STDOUT, env={**base, "JAX_PROCESS_ID": str(i)}), log))
+    return procs
+
+
+def wait(procs, timeout=300):
+    codes, texts = [], []
+    for p, log in procs:
+        try:
+            codes.append(p.wait(timeout))
+        except subprocess.TimeoutExpired:
+            for q, _ in procs:
+                q.kill()
+            raise
+        log.seek(0)
+        texts.append(log.read())
+    return codes, texts
+
+
+def run_job(tmp_path, processes, args, **env):
+    codes, texts = wait(launch(tmp_path, processes, args, **env))
+    assert codes == [0] * processes, "\n".join(t[-3000:] for t in texts)
+    return texts
+
+
+def losses(out):
+    return {x["step"]: x["loss"] for x in map(json.loads, open(os.path.join(out, "metrics.jsonl")))}
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one_and_checkpoints_cross_process_counts(tmp_path):
+    cache = tmp_path / "cache"
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    # 1x8 and 2x4: the first two steps of the same 4-step run (same mesh: fsdp=8).
+    run_job(tmp_path, 1, train_args(one, cache, **{"train.stop_after_steps": 2}), DUMP_ROWS=f"{one}/rows")
+    texts = run_job(tmp_path, 2, train_args(two, cache, **{"train.stop_after_steps": 2}), DUMP_ROWS=f"{two}/rows")
+    assert "process 1 of 2, 4 local devices of 8" in texts[1]
+    a, b = losses(one), losses(two)
+    assert sorted(a) == sorted(b) == [1, 2]
+    # fp32 on CPU: only the order of cross-device reductions differs.
+    np.testing.assert_allclose([b[s] for s in (1, 2)], [a[s] for s in (1, 2)], rtol=2e-5)
+
+    # The processes' rows: process 0 has the first half of every micro-batch, process 1 the
+    # second; together exactly the single process's rows, nothing duplicated or missing.
+    whole = np.load(f"{one}/rows.0.npz")
+    halves = [np.load(f"{two}/rows.{i}.npz") for i in (0, 1)]
+    assert sorted(whole.files) == sorted(halves[0].files) == sorted(halves[1].files)
+    for key in whole.files:
+        assert whole[key].shape[0] == 8 and halves[0][key].shape[0] == halves[1][key].shape[0] == 4
+        np.testing.assert_array_equal(np.concatenate([halves[0][key], halves[1][key]]), whole[key])
+        rows = [r.tobytes() for r in whole[key] if r.any()]
+        assert len(set(rows)) == len(rows)
+
+    # Cross restores: the 2-process checkpoint continues in 1 process and the 1-process one in 2;
+    # both give the same steps 3 and 4.
+    run_job(tmp_path, 1, train_args(two, cache))
+    run_job(tmp_path, 2, train_args(one, cache))
+    a, b = losses(one), losses(two)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    np.testing.assert_allclose([a[3], a[4]], [b[3], b[4]], rtol=2e-5)
+    print("losses 1x8 then 2x4:", [a[s] for s in (1, 2, 3, 4)], "2x4 then 1x8:", [b[s] for s in (1, 2, 3, 4)])
+
+
+@pytest.mark.slow
+def test_a_failed_worker_stops_the_job_and_the_same_command_resumes(tmp_path):
+    cache, out = tmp_path / "cache", str(tmp_path / "run")
+    args = train_args(out, cache, **{"train.num_steps": 3})
+    start = time.time()
+    procs = launch(tmp_path, 2, args, FAIL_AT_STEP="2")
+    codes, texts = wait(procs, timeout=240)
+    # Process 1 raises at step 3 and exits at once; process 0, waiting for it in a collective,
+    # is stopped by the missed heartbeats (within HEARTBEAT_S, plus start-up and two steps).
+    assert codes[0] != 0 and codes[1] == 1, codes
+    assert "simulated worker failure" in texts[1] and "process 1 of 2 failed" in texts[1]
+    assert "stopped sending heartbeats" in texts[0], texts[0][-2000:]
+    print(f"failed job stopped after {time.time() - start:.0f} s")
+    assert os.path.exists(os.path.join(out, "checkpoints", "2"))
+
+    texts = run_job(tmp_path, 2, args)  # the same command again
+    assert "resumed from step 2" in texts[0]
+    assert sorted(losses(out)) == [1, 2, 3]
+
+
+# --- initialisation from the environment (no jax started) ---
+
+def test_initialize_args_from_the_environment():
+    assert initialize_args({}) is None
+    assert initialize_args({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "2",
+                            "JAX_PROCESS_ID": "1", "JAXSFT_HEARTBEAT_TIMEOUT_S": "5"}) == {
+        "coordinator_address": "10.0.0.1:1234", "num_processes": 2, "process_id": 1,
+        "heartbeat_timeout_seconds": 5}
+    # Inside srun with several tasks jax reads Slurm's variables; a bare sbatch shell is one process.
+    assert initialize_args({"SLURM_NTASKS": "8", "SLURM_STEP_NODELIST": "gpu[1-2]"}) == {}
+    assert initialize_args({"SLURM_NTASKS": "8"}) is None
+    assert initialize_args({"SLURM_NTASKS": "1", "SLURM_STEP_NODELIST": "gpu1"}) is None
+    assert initialize_args({"JAXSFT_DISTRIBUTED": "1"}) == {}  # TPU pods: jax asks the metadata server
+    assert initialize_args({"JAXSFT_DISTRIBUTED": "0", "JAX_COORDINATOR_ADDRESS": "h:1"}) is None
+    with pytest.raises(ValueError, match="JAX_PROCESS_ID"):
+        initialize_args({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2"})
+    with pytest.raises(ValueError, match="outside"):
+        initialize_args({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "2"})
+    with pytest.raises(ValueError, match="not an integer"):
+        initialize_args({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "two", "JAX_PROCESS_ID": "0"})
