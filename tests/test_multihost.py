@@ -188,3 +188,61 @@ def test_initialize_args_from_the_environment():
         initialize_args({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "2"})
     with pytest.raises(ValueError, match="not an integer"):
         initialize_args({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "two", "JAX_PROCESS_ID": "0"})
+
+
+# --- the launchers' dry runs ---
+
+SOURCES = "[{'path': 'gs://bucket/data/train.jsonl', 'format': 'messages'}]"
+TRAIN = ["--config", "configs/demo.py", "--config.train.output_dir=gs://bucket/runs/my run",
+         f"--config.data.sources={SOURCES}"]
+
+
+def dry_run(cmd, **env):
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, **env}, timeout=60)
+    assert r.returncode == 0, r.stderr
+    lines = [x[2:] for x in r.stdout.splitlines() if x.startswith("+ ")]
+    return [shlex.split(x.split("  #")[0]) for x in lines]
+
+
+def test_tpu_pod_launcher_dry_run():
+    cmds = dry_run([sys.executable, "launch/tpu_pod.py", "--name", "sft", "--zone", "us-central2-b",
+                    "--accelerator", "v4-32", "--create", "--queued", "--delete", "--env", "A=b c",
+                    "--dry-run", "--", *TRAIN])
+    assert [c[:5] for c in cmds] == [
+        ["gcloud", "compute", "tpus", "queued-resources", "create"],
+        ["gcloud", "compute", "tpus", "queued-resources", "describe"],
+        ["git", "-C", REPO, "archive", "--format=tar.gz"],
+        ["gcloud", "compute", "tpus", "tpu-vm", "scp"],
+        ["gcloud", "compute", "tpus", "tpu-vm", "ssh"],
+        ["gcloud", "compute", "tpus", "tpu-vm", "ssh"],
+        ["gcloud", "compute", "tpus", "queued-resources", "delete"]]
+    assert "--accelerator-type=v4-32" in cmds[0] and "--zone=us-central2-b" in cmds[0]
+    assert "pip install" in cmds[4][-2] and "--worker=all" in cmds[4]
+    train = cmds[5]
+    assert "--worker=all" in train
+    remote = next(a for a in train if a.startswith("--command="))[len("--command="):]
+    # The remote shell sees exactly the arguments given after `--`.
+    words = shlex.split(remote)
+    assert words[words.index("python3"):] == ["python3", "-m", "jaxsft.train", *TRAIN]
+    assert "JAXSFT_DISTRIBUTED=1" in words and "A=b c" in words
+
+    plain = dry_run([sys.executable, "launch/tpu_pod.py", "--name", "sft", "--zone", "z", "--dry-run",
+                     "--", *TRAIN])
+    assert len(plain) == 1 and plain[0][3:6] == ["tpu-vm", "ssh", "sft"]
+    r = subprocess.run([sys.executable, "launch/tpu_pod.py", "--name", "sft", "--zone", "z", "--dry-run",
+                        "--", "--config.train.num_steps=2"], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 2 and "need --config" in r.stderr
+
+
+@pytest.mark.parametrize("tasks", ["node", "gpu"])
+def test_slurm_script_dry_run(tasks):
+    [cmd] = dry_run(["bash", "launch/slurm.sbatch", *TRAIN], DRY_RUN="1", TASKS=tasks, GPUS_PER_NODE="4")
+    assert cmd[0] == "srun" and "--kill-on-bad-exit=1" in cmd and "--gpus-per-node=4" in cmd
+    assert cmd[cmd.index("python"):] == ["python", "-m", "jaxsft.train", *TRAIN]
+    if tasks == "node":
+        assert "--ntasks-per-node=1" in cmd and "JAX_LOCAL_DEVICE_IDS=0,1,2,3" in cmd
+    else:
+        assert "--ntasks-per-node=4" in cmd and not any("JAX_LOCAL_DEVICE_IDS" in c for c in cmd)
+    r = subprocess.run(["bash", "launch/slurm.sbatch", "--config.train.num_steps=2"], cwd=REPO,
+                       capture_output=True, text=True, env={**os.environ, "DRY_RUN": "1"})
+    assert r.returncode == 2 and "usage" in r.stderr
