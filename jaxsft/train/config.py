@@ -73,6 +73,20 @@ gets an `alerts` list in metrics.jsonl and a warning on the console), `off`.
 | `keep_best` | `0` | Also keep the N checkpoints with the lowest eval loss (steps where an eval ran: `train.eval_every` multiples and the last). |
 | `dir` | `''` | Where; `''` = `output_dir/checkpoints`. May be `gs://`. |
 | `resume` | `True` | Continue from the newest checkpoint in `dir` when there is one. |
+
+## gsm8k
+GSM8K test accuracy by greedy generation (`jaxsft/evals/gsm8k.py`), before training, every
+`every` steps and at the end; results in `output_dir/eval/gsm8k_step{N}.json` and the metrics sinks.
+| key | default | meaning |
+|---|---|---|
+| `file` | `''` | GSM8K test JSONL ({question, answer}); `''` = no accuracy evaluation. |
+| `subset` | `0` | Evaluate the first N problems (0 = all). |
+| `k_shot` | `0` | Worked examples before each question, taken from `shots_file`. |
+| `shots_file` | `''` | JSONL with the k-shot examples (the training split). |
+| `max_new_tokens` | `256` | Generation budget per answer. |
+| `batch_size` | `32` | Prompts generated together. |
+| `every` | `0` | Also evaluate every N steps (0 = before training and at the end only). |
+| `show` | `3` | At the end, print this many questions with the first and the final answers side by side. |
 """
 
 from __future__ import annotations
@@ -102,6 +116,8 @@ def default_config() -> ml_collections.ConfigDict:
                     loss_spike_ratio=1.5, grad_spike_ratio=10.0)
     c.mesh = dict(data=1, fsdp=-1, tensor=1)
     c.checkpoint = dict(every_steps=0, keep=2, keep_best=0, dir="", resume=True)
+    c.gsm8k = dict(file="", subset=0, k_shot=0, shots_file="", max_new_tokens=256, batch_size=32,
+                   every=0, show=3)
     return c
 
 
@@ -143,4 +159,13 @@ def validate(c) -> None:
     for key in ("data", "fsdp", "tensor"):
         if c.mesh[key] == 0 or c.mesh[key] < -1:
             raise ValueError(f"mesh.{key}={c.mesh[key]} must be a positive size or -1")
+    g = c.gsm8k
+    if g.k_shot and not g.shots_file:
+        raise ValueError(f"gsm8k.k_shot={g.k_shot} needs gsm8k.shots_file (the training split)")
+    for key in ("subset", "k_shot", "every", "show"):
+        if g[key] < 0:
+            raise ValueError(f"gsm8k.{key}={g[key]} must be >= 0")
+    for key in ("max_new_tokens", "batch_size"):
+        if g[key] < 1:
+            raise ValueError(f"gsm8k.{key}={g[key]} must be >= 1")
     validate_data_config(c.data)

@@ -19,6 +19,7 @@ from jaxsft import memory
 from jaxsft import metrics as metrics_lib
 from jaxsft.checkpoint import Checkpointer, is_converted, load_converted, truncate_jsonl
 from jaxsft.data import DataPipeline
+from jaxsft.eval import gsm8k_accuracy, side_by_side
 from jaxsft.models import Decoder, ModelConfig, load_model, save_hf
 from jaxsft.sharding import make_mesh, optimizer_shardings, param_shardings
 from jaxsft.train.config import validate
@@ -52,8 +53,13 @@ def init_model(config, mesh) -> Decoder:
 
 def load_tokenizer(config):
     from transformers import AutoTokenizer
+    from jaxsft.models.gguf import find_gguf, load_gguf_tokenizer
     from jaxsft.models.hf_io import local_dir
-    return AutoTokenizer.from_pretrained(local_dir(config.data.tokenizer or config.model.path))
+    path = config.data.tokenizer or config.model.path
+    gguf_file = find_gguf(path)
+    if gguf_file is not None:
+        return load_gguf_tokenizer(gguf_file)
+    return AutoTokenizer.from_pretrained(local_dir(path))
 
 
 def to_global(batch: dict, sharding) -> dict:
@@ -137,10 +143,17 @@ def run(config) -> dict:
     # stop_after_steps ends the run early without changing its schedule (which spans total_steps).
     end = max(min(total_steps, config.train.stop_after_steps or total_steps), start)
 
+    accuracy_results = []
+
     def run_eval(step):
         loss = evaluate(fns, params, eval_batches, batch_sharding)
-        if loss is not None and logger:
-            logger.log_eval(step, {"eval_loss": loss})
+        line = {} if loss is None else {"eval_loss": loss}
+        if config.gsm8k.file:
+            result = gsm8k_accuracy(config, nnx.merge(graphdef, params), tokenizer, step)
+            accuracy_results.append(result)
+            line["gsm8k_accuracy"] = result["accuracy"]
+        if line and logger:
+            logger.log_eval(step, line)
         return loss
 
     def save(step, eval_loss=None):
@@ -181,7 +194,8 @@ def run(config) -> dict:
             flops = metrics_lib.step_flops(model_config, np.concatenate(
                 [metrics_lib.segment_lengths(mb["segment_ids"]) for mb in batch.microbatches]))
             pending = (step + 1, batch, device_metrics, flops)
-            if config.train.eval_every and (step + 1) % config.train.eval_every == 0 and step + 1 < end:
+            every = [n for n in (config.train.eval_every, config.gsm8k.every) if n]
+            if any((step + 1) % n == 0 for n in every) and step + 1 < end:
                 eval_loss = run_eval(step + 1)
             if (config.checkpoint.every_steps and (step + 1) % config.checkpoint.every_steps == 0
                     and step + 1 < end):  # the last step is saved after the final eval
@@ -203,7 +217,10 @@ def run(config) -> dict:
         save_hf(model, os.path.join(out, "hf"), tokenizer=tokenizer, dtype=jnp.dtype(config.train.export_dtype))
     if logger:
         logger.close()
-    return {**last, "eval_loss": eval_loss, "steps": end}
+    if is_main and len(accuracy_results) > 1 and config.gsm8k.show:
+        print(side_by_side(accuracy_results[0], accuracy_results[-1], config.gsm8k.show), flush=True)
+    accuracy = {"gsm8k_accuracy": [(r["step"], r["accuracy"]) for r in accuracy_results]} if accuracy_results else {}
+    return {**last, "eval_loss": eval_loss, "steps": end, **accuracy}
 
 
 @contextlib.contextmanager
