@@ -57,6 +57,9 @@ main(sys.argv[1:])
 '''
 
 HEARTBEAT_S = 10
+# 8 simulated devices in all (2 x 4 against 1 x 8). The tiny demo model's step peaks near 2 GB of
+# host memory per simulated device on CPU: on a small machine set MULTIHOST_TEST_DEVICES=4.
+DEVICES = int(os.environ.get("MULTIHOST_TEST_DEVICES", "8"))
 
 
 def free_port():
@@ -67,7 +70,7 @@ def free_port():
 
 def train_args(out, cache, **overrides):
     settings = {
-        "train.num_steps": 4, "checkpoint.every_steps": 1, "data.global_batch_size": 8,
+        "train.num_steps": 4, "checkpoint.every_steps": 1, "data.global_batch_size": 8, "mesh.fsdp": DEVICES,
         "data.max_seq_len": 128, "data.micro_batch_rows": 1, "data.eval_sources": "[]",
         "train.eval_at_start": False, "train.export_hf": False, "train.progress": False,
         "train.output_dir": out, "data.cache_dir": cache, **overrides}
@@ -78,7 +81,7 @@ def launch(tmp_path, processes, args, **env):
     """Start the job: `processes` processes sharing 8 simulated CPU devices."""
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)
-    base = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={8 // processes}",
+    base = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES // processes}",
             "HF_HUB_OFFLINE": "1", "JAXSFT_HEARTBEAT_TIMEOUT_S": str(HEARTBEAT_S), **env}
     if processes > 1:
         base.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{free_port()}", JAX_NUM_PROCESSES=str(processes))
@@ -119,9 +122,9 @@ def test_two_processes_train_like_one_and_checkpoints_cross_process_counts(tmp_p
     cache = tmp_path / "cache"
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     # 1x8 and 2x4: the first two steps of the same 4-step run (same mesh: fsdp=8).
-    run_job(tmp_path, 1, train_args(one, cache, **{"train.stop_after_steps": 2}), DUMP_ROWS=f"{one}/rows")
-    texts = run_job(tmp_path, 2, train_args(two, cache, **{"train.stop_after_steps": 2}), DUMP_ROWS=f"{two}/rows")
-    assert "process 1 of 2, 4 local devices of 8" in texts[1]
+    run_job(tmp_path, 1, train_args(one, cache, **{"train.stop_after_steps": 2}), DUMP_ROWS=f"{one}-rows")
+    texts = run_job(tmp_path, 2, train_args(two, cache, **{"train.stop_after_steps": 2}), DUMP_ROWS=f"{two}-rows")
+    assert f"process 1 of 2, {DEVICES // 2} local devices of {DEVICES}" in texts[1]
     a, b = losses(one), losses(two)
     assert sorted(a) == sorted(b) == [1, 2]
     # fp32 on CPU: only the order of cross-device reductions differs.
@@ -129,11 +132,11 @@ def test_two_processes_train_like_one_and_checkpoints_cross_process_counts(tmp_p
 
     # The processes' rows: process 0 has the first half of every micro-batch, process 1 the
     # second; together exactly the single process's rows, nothing duplicated or missing.
-    whole = np.load(f"{one}/rows.0.npz")
-    halves = [np.load(f"{two}/rows.{i}.npz") for i in (0, 1)]
+    whole = np.load(f"{one}-rows.0.npz")
+    halves = [np.load(f"{two}-rows.{i}.npz") for i in (0, 1)]
     assert sorted(whole.files) == sorted(halves[0].files) == sorted(halves[1].files)
     for key in whole.files:
-        assert whole[key].shape[0] == 8 and halves[0][key].shape[0] == halves[1][key].shape[0] == 4
+        assert whole[key].shape[0] == DEVICES and halves[0][key].shape[0] == halves[1][key].shape[0] == DEVICES // 2
         np.testing.assert_array_equal(np.concatenate([halves[0][key], halves[1][key]]), whole[key])
         rows = [r.tobytes() for r in whole[key] if r.any()]
         assert len(set(rows)) == len(rows)
@@ -155,11 +158,12 @@ def test_a_failed_worker_stops_the_job_and_the_same_command_resumes(tmp_path):
     start = time.time()
     procs = launch(tmp_path, 2, args, FAIL_AT_STEP="2")
     codes, texts = wait(procs, timeout=240)
-    # Process 1 raises at step 3 and exits at once; process 0, waiting for it in a collective,
-    # is stopped by the missed heartbeats (within HEARTBEAT_S, plus start-up and two steps).
+    # Process 1 raises at step 3 and exits at once. Process 0, waiting for it in a collective,
+    # stops either on the collective's error (gloo: "Connection closed by peer") or on the missed
+    # heartbeats (within HEARTBEAT_S); either way well within the timeout above.
     assert codes[0] != 0 and codes[1] == 1, codes
     assert "simulated worker failure" in texts[1] and "process 1 of 2 failed" in texts[1]
-    assert "stopped sending heartbeats" in texts[0], texts[0][-2000:]
+    assert "stopped sending heartbeats" in texts[0] or "process 0 of 2 failed" in texts[0], texts[0][-2000:]
     print(f"failed job stopped after {time.time() - start:.0f} s")
     assert os.path.exists(os.path.join(out, "checkpoints", "2"))
 
@@ -192,7 +196,7 @@ def test_initialize_args_from_the_environment():
 
 # --- the launchers' dry runs ---
 
-SOURCES = "[{'path': 'gs://bucket/data/train.jsonl', 'format': 'messages'}]"
+SOURCES = "[{'path': 'gs://bucket/data/train.jsonl', 'format': 'chat'}]"
 TRAIN = ["--config", "configs/demo.py", "--config.train.output_dir=gs://bucket/runs/my run",
          f"--config.data.sources={SOURCES}"]
 
