@@ -24,7 +24,7 @@ import jax
 
 from jaxsft.models import ModelConfig
 from jaxsft.models.hf_io import local_dir
-from jaxsft.train.step import _loss_chunk
+from jaxsft.train.step import loss_chunk
 
 GiB = 2**30
 # What XLA needs beyond the estimate (fragmentation, workspace, collectives' buffers).
@@ -83,7 +83,7 @@ def estimate(config, model_config: ModelConfig, num_devices: int, devices_per_ho
         "optimizer": optimizer if not offload else optimizer / 2,
         "layer_copy": 2 * layer * cmp / tensor,
         "activations": model_config.num_layers * tokens * activation_width(model_config, config.model.remat) * cmp,
-        "logits": rows * _loss_chunk(t) * model_config.vocab_size * 4 * 3 / tensor,
+        "logits": rows * loss_chunk(rows, t, model_config.vocab_size, 1) * model_config.vocab_size * 4 * 3 / tensor,
     }
     host = {"optimizer": optimizer * devices_per_host} if offload else {}
     return Estimate(device, host)

@@ -31,8 +31,8 @@ def token_loss_sum(model, batch, chunk: int | None = None):
     """
     hidden = model.hidden_states(batch["input_ids"], batch["segment_ids"], batch["positions"])
     b, t, e = hidden.shape
-    chunk = chunk or _loss_chunk(t)
     w = model.output_matrix()
+    chunk = chunk or loss_chunk(b, t, w.shape[1], jax.device_count())
     scaling = model.config.logits_scaling
 
     @jax.checkpoint
@@ -51,11 +51,17 @@ def token_loss_sum(model, batch, chunk: int | None = None):
     return total
 
 
-def _loss_chunk(seq_len: int) -> int:
-    for chunk in (1024, 512, 256, 128):
-        if seq_len % chunk == 0:
-            return chunk
-    return seq_len
+# Float32 logits elements per device in one loss chunk (256 MiB).
+LOGITS_PER_DEVICE = 2**26
+
+
+def loss_chunk(rows: int, seq_len: int, vocab: int, devices: int) -> int:
+    """Sequence positions per loss chunk: halve the row length until the chunk's float32 logits
+    fit LOGITS_PER_DEVICE per device (a 128k vocabulary makes whole-row logits gigabytes)."""
+    chunk = seq_len
+    while chunk % 2 == 0 and rows * chunk * vocab > LOGITS_PER_DEVICE * devices:
+        chunk //= 2
+    return chunk
 
 
 @dataclasses.dataclass(frozen=True)
