@@ -80,17 +80,22 @@ def as_dict(value) -> dict:
     return value.to_dict() if hasattr(value, "to_dict") else dict(value)
 
 
+def _with_defaults(value, defaults: dict, key: str, required: str) -> dict:
+    """A dict (or ConfigDict) with unknown keys refused and the defaults filled in."""
+    if not isinstance(value, dict) and not hasattr(value, "to_dict"):
+        raise ValueError(f"data.{key} must be a dict with {required}, got {value!r}")
+    value = as_dict(value)
+    unknown = set(value) - set(defaults)
+    if unknown:
+        raise ValueError(f"data.{key} has unknown keys {sorted(unknown)}; known: {sorted(defaults)}")
+    return {**defaults, **value}
+
+
 def normalize_source(source, key: str) -> dict:
     """Returns the source with defaults filled in, or raises ValueError naming `key`."""
     if isinstance(source, str):
         source = {"path": source}
-    if not isinstance(source, dict) and not hasattr(source, "to_dict"):
-        raise ValueError(f"data.{key} must be a dict with a 'path', got {source!r}")
-    source = as_dict(source)
-    unknown = set(source) - set(SOURCE_DEFAULTS)
-    if unknown:
-        raise ValueError(f"data.{key} has unknown keys {sorted(unknown)}; known: {sorted(SOURCE_DEFAULTS)}")
-    source = {**SOURCE_DEFAULTS, **source}
+    source = _with_defaults(source, SOURCE_DEFAULTS, key, "'path'")
     if not isinstance(source["path"], str) or not source["path"]:
         raise ValueError(f"data.{key}.path must be a non-empty string")
     if source["format"] not in FORMATS:
@@ -126,13 +131,7 @@ def normalize_phases(phases) -> list[dict]:
         raise ValueError("data.phases must be a list of phase dicts")
     out = []
     for i, phase in enumerate(phases):
-        if not isinstance(phase, dict) and not hasattr(phase, "to_dict"):
-            raise ValueError(f"data.phases[{i}] must be a dict with 'sources', got {phase!r}")
-        phase = as_dict(phase)
-        unknown = set(phase) - set(PHASE_DEFAULTS)
-        if unknown:
-            raise ValueError(f"data.phases[{i}] has unknown keys {sorted(unknown)}; known: {sorted(PHASE_DEFAULTS)}")
-        phase = {**PHASE_DEFAULTS, **phase}
+        phase = _with_defaults(phase, PHASE_DEFAULTS, f"phases[{i}]", "'sources'")
         phase["sources"] = normalize_sources(phase["sources"], f"phases[{i}].sources")
         if not phase["sources"]:
             raise ValueError(f"data.phases[{i}].sources is empty")
