@@ -146,10 +146,10 @@ def main():
         hf, conv, conv16, ckpt = (os.path.join(tmp, d) for d in ("hf", "converted", "converted_bf16", "ckpt"))
         n = write_hf(hf, a.layers)
         t = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "jaxsft.convert", "--from-hf", hf, "--to", conv],
+        subprocess.run([sys.executable, "-m", "jaxsft.convert", "--from", hf, "--to", conv],
                        env=ENV, check=True, capture_output=True)
         convert_s = time.perf_counter() - t
-        subprocess.run([sys.executable, "-m", "jaxsft.convert", "--from-hf", hf, "--to", conv16,
+        subprocess.run([sys.executable, "-m", "jaxsft.convert", "--from", hf, "--to", conv16,
                         "--dtype", "bfloat16"], env=ENV, check=True, capture_output=True)
         hf_s = min(run_child("startup_hf", hf, "")["seconds"] for _ in range(a.repeats))
         conv_s = min(run_child("startup_converted", conv, "")["seconds"] for _ in range(a.repeats))

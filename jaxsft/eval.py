@@ -32,9 +32,15 @@ def side_by_side(first: dict, last: dict, count: int) -> str:
         blocks.append(
             f"Q: {a['question']}\n"
             f"  expected {a['expected']}\n"
-            f"  step {first['step']:>5} ({'right' if a['correct'] else 'wrong'}): {a['output'].strip()[-300:]}\n"
-            f"  step {last['step']:>5} ({'right' if b['correct'] else 'wrong'}): {b['output'].strip()[-300:]}")
+            f"  step {first['step']:>5}: {_verdict(a)}\n"
+            f"  step {last['step']:>5}: {_verdict(b)}")
     return "\n\n".join(blocks)
+
+
+def _verdict(record: dict, chars: int = 300) -> str:
+    text = " ".join(record["output"].split())
+    text = text if len(text) <= chars else text[:chars] + " [...]"
+    return f"answer {record['extracted']} ({'right' if record['correct'] else 'wrong'}): {text}"
 
 
 def main(argv=None):

@@ -293,7 +293,7 @@ def test_convert_once_then_start_from_it_and_export(tmp_path):
 
     hf_dir = make_hf_qwen2(str(tmp_path / "hf"))
     conv = tmp_path / "converted"
-    convert_main(["--from-hf", hf_dir, "--to", str(conv)])
+    convert_main(["--from", hf_dir, "--to", str(conv)])
     assert is_converted(str(conv)) and not list(conv.glob("*.safetensors"))
 
     ids = jnp.asarray([[1, 5, 9, 151000, 3]])
@@ -306,7 +306,7 @@ def test_convert_once_then_start_from_it_and_export(tmp_path):
     np.testing.assert_allclose(np.asarray(model(ids)), reference, rtol=1e-5, atol=1e-5)
     assert load_tokenizer(config)("hello")["input_ids"]
     # bfloat16 storage, cast back to the run's float32 on load.
-    convert_main(["--from-hf", hf_dir, "--to", str(tmp_path / "bf16"), "--dtype", "bfloat16"])
+    convert_main(["--from", hf_dir, "--to", str(tmp_path / "bf16"), "--dtype", "bfloat16"])
     small = load_converted(str(tmp_path / "bf16"), compute_dtype=jnp.float32)
     assert small.embed.value.dtype == jnp.float32
 

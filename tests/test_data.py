@@ -1,11 +1,13 @@
 """SFT data pipeline on the real GSM8K and OpenAssistant files with the real Llama 3.2 and Qwen 2.5 tokenizers."""
 
 import collections
+import copy
 import gzip
 import json
 import os
 import subprocess
 import sys
+import threading
 import unicodedata
 
 import numpy as np
@@ -261,25 +263,71 @@ def test_resume_continues_at_exactly_the_next_step(tokenizers, cache, oasst):
         DataPipeline(make_cfg(cache, [oasst], global_batch_size=32), tok).set_state(state)
 
 
-def test_processes_split_rows_without_duplicates_or_gaps(tokenizers, cache, oasst):
-    def steps(process_index, process_count):
-        cfg = make_cfg(cache, [oasst], global_batch_size=40, micro_batch_rows=2, max_seq_len=1024, prefetch=0)
-        pipe = DataPipeline(cfg, tokenizers["qwen"], num_batch_devices=2,
-                            process_index=process_index, process_count=process_count)
-        return [next(pipe) for _ in range(4)], pipe
+def thread_allgather(count):
+    """jax's allgather between processes, played by threads meeting at a barrier (the real
+    multi-process exchange runs in tests/test_multihost.py)."""
+    barrier, slots = threading.Barrier(count), [None] * count
 
-    whole, whole_pipe = steps(0, 1)
-    parts = [steps(p, 2)[0] for p in range(2)]
-    for s, step in enumerate(whole):
-        assert [len(p[s].microbatches) for p in parts] == [len(step.microbatches)] * 2
+    def for_process(p):
+        def allgather(obj):
+            slots[p] = obj
+            barrier.wait()
+            out = list(slots)
+            barrier.wait()
+            return out
+        return allgather
+    return for_process
+
+
+def test_a_shard_decodes_only_its_own_records(tmp_path):
+    records = [{"question": f"q{i}", "answer": f"a{i}"} for i in range(5)]
+    path = write_jsonl(tmp_path / "d.jsonl", [json.dumps(records[0]), "{bad json", *map(json.dumps, records[2:])])
+    source = {**SOURCE_DEFAULTS, "path": str(path)}
+    first = read_source(source, system_prompt="", on_bad_record="error", shard=(0, 2))
+    assert first.format == "gsm8k" and first.records == 3
+    assert [(c.record, c.messages[0]["content"]) for c in first.conversations] == [(0, "q0"), (2, "q2"), (4, "q4")]
+    with pytest.raises(DataError, match="d.jsonl, line 2: bad JSON"):
+        read_source(source, system_prompt="", on_bad_record="error", shard=(1, 2))
+    second = read_source(source, system_prompt="", on_bad_record="skip", shard=(1, 2))
+    assert second.format == "gsm8k" and second.records == 2 and second.skipped == {"bad_json": 1}
+    assert [c.record for c in second.conversations] == [3]
+
+
+def test_each_process_reads_only_its_share_and_the_steps_match_one_process(tokenizers, cache, oasst):
+    cfg = make_cfg(cache, [oasst], global_batch_size=40, micro_batch_rows=2, max_seq_len=1024, prefetch=0)
+    whole = DataPipeline(cfg, tokenizers["qwen"], num_batch_devices=2)
+    whole_steps = [next(whole) for _ in range(4)]
+    exchange, parts = thread_allgather(2), [None, None]
+
+    def build(p):
+        parts[p] = DataPipeline(cfg, copy.deepcopy(tokenizers["qwen"]), num_batch_devices=2, process_index=p,
+                                process_count=2, allgather=exchange(p))
+    threads = [threading.Thread(target=build, args=(p,)) for p in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+    # Process p tokenized and holds only the records numbered p mod 2: the two halves are the whole.
+    held = [part._tables[0] for part in parts]
+    assert [set((t.records % 2).tolist()) for t in held] == [{0}, {1}]
+    assert len(held[0]) + len(held[1]) == len(whole._tables[0]) and min(len(held[0]), len(held[1])) > 200
+    np.testing.assert_array_equal(np.sort(np.concatenate([t.records for t in held])), whole._tables[0].records)
+    counts = ("sources", "records_read", "samples_read", "skipped", "truncated", "dropped", "train_samples_per_epoch",
+              "eval_samples", "tokens_per_epoch", "loss_tokens_per_epoch", "steps_per_epoch")
+    for part in parts:
+        assert {k: part.summary[k] for k in counts} == {k: whole.summary[k] for k in counts}
+        assert part.local_rows == 2 and whole.local_rows == 4
+
+    for step in whole_steps:
+        mine = [next(part) for part in parts]
         for k in ("num_samples", "num_tokens", "num_loss_tokens"):
-            assert getattr(parts[0][s], k) == getattr(parts[1][s], k) == getattr(step, k)
-        for m, batch in enumerate(step.microbatches):
-            for key, value in batch.items():
-                assert parts[0][s].microbatches[m][key].shape == (2, 1024)
-                joined = np.concatenate([parts[0][s].microbatches[m][key], parts[1][s].microbatches[m][key]])
-                np.testing.assert_array_equal(joined, value)
-    assert whole_pipe.local_rows == 4
+            assert getattr(mine[0], k) == getattr(mine[1], k) == getattr(step, k)
+        assert len(mine[0].microbatches) == len(mine[1].microbatches) >= len(step.microbatches)
+        assert all(b["input_ids"].shape == (2, 1024) for m in mine for b in m.microbatches)
+        # Together the two processes hold exactly the step's samples, none twice.
+        assert collections.Counter(unpacked_samples(mine[0]) + unpacked_samples(mine[1])) == collections.Counter(
+            unpacked_samples(step))
 
 
 # --- sources, mixtures, phases, eval ---

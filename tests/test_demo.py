@@ -45,6 +45,8 @@ def test_demo_trains_evaluates_checkpoints_and_exports(tmp_path):
     # From a random start (ln 151936 = 11.93) a clear drop in 8 steps: at least 1 nat.
     assert evals[0]["eval_loss"] > 11.5
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] - 1.0, evals
+    assert (f"done: 8 steps; training loss {lines[-1]['loss']:.4g}; held-out loss {evals[0]['eval_loss']:.4g} (step 0)"
+            f" -> {evals[-1]['eval_loss']:.4g} (step 8); GSM8K accuracy {evals[0]['gsm8k_accuracy']:.4g} (step 0)") in r.stdout
     assert any((out / "tensorboard").iterdir())
     assert (out / "checkpoints" / "8").exists()
 

@@ -38,7 +38,7 @@ def test_model_data_and_checkpoints_on_gcs(tmp_path, gcs_bucket, monkeypatch):  
     np.testing.assert_array_equal(np.asarray(load_model(f"{root}/hf", compute_dtype=jnp.float32)(ids)), local_logits)
 
     # Convert GCS -> GCS once; a run starts from it, reads its data from GCS, checkpoints to GCS.
-    convert_main(["--from-hf", f"{root}/hf", "--to", f"{root}/converted"])
+    convert_main(["--from", f"{root}/hf", "--to", f"{root}/converted"])
     assert is_converted(f"{root}/converted")
     train = tmp_path / "train.jsonl"
     small_run_config(tmp_path)  # writes train.jsonl

@@ -97,6 +97,26 @@ def test_smollm2_logits_match_transformers_and_survive_export(smollm2, gsm8k_pro
     assert again(tok.decode(gsm8k_prompts[0]), add_special_tokens=False)["input_ids"] == gsm8k_prompts[0]
 
 
+@pytest.mark.slow
+def test_convert_a_gguf_file_to_a_checkpoint_and_to_a_hf_folder(smollm2, gsm8k_prompts, tmp_path):
+    from jaxsft.checkpoint import load_converted
+    from jaxsft.convert import main as convert_main
+
+    path, hf, model, tok = smollm2
+    prompt = gsm8k_prompts[0]
+    ours = np.asarray(model(jnp.asarray([prompt])))[0]
+    convert_main(["--from", path, "--to", str(tmp_path / "converted")])
+    converted = load_converted(str(tmp_path / "converted"), compute_dtype=jnp.float32)
+    np.testing.assert_array_equal(np.asarray(converted(jnp.asarray([prompt])))[0], ours)
+    again = tf.AutoTokenizer.from_pretrained(tmp_path / "converted")
+    assert again.chat_template == tok.chat_template and again(tok.decode(prompt), add_special_tokens=False)["input_ids"] == prompt
+
+    convert_main(["--from", path, "--to", str(tmp_path / "hf"), "--hf"])
+    reloaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    assert_logits_close(hf_logits(reloaded, [prompt])[0], hf_logits(hf, [prompt])[0])
+    assert tf.AutoTokenizer.from_pretrained(tmp_path / "hf").chat_template == tok.chat_template
+
+
 def test_gguf_paths_are_found(smollm2, tmp_path):
     assert find_gguf(smollm2[0]) == smollm2[0]
     assert find_gguf(tmp_path) is None

@@ -37,7 +37,8 @@ if os.environ.get("DUMP_ROWS"):
     steps = [next(data).microbatches for _ in range(2)]
     data.close()
     np.savez(f"{os.environ['DUMP_ROWS']}.{jax.process_index()}.npz",
-             **{f"{s}_{m}": mb["input_ids"] for s, mbs in enumerate(steps) for m, mb in enumerate(mbs)})
+             **{f"{s}_{m}{suffix}": mb[key] for s, mbs in enumerate(steps) for m, mb in enumerate(mbs)
+                for key, suffix in (("input_ids", ""), ("segment_ids", "_segments"))})
 fail_at = int(os.environ.get("FAIL_AT_STEP", "-1"))
 if jax.process_index() == 1 and fail_at >= 0:
     original = DataPipeline.__next__
@@ -119,6 +120,16 @@ def losses(out):
     return {x["step"]: x["loss"] for x in map(json.loads, open(os.path.join(out, "metrics.jsonl")))}
 
 
+def step_samples(dump, step):
+    """The token ids of every packed sample of `step` in a DUMP_ROWS file, sorted."""
+    out = []
+    for key in dump.files:
+        if key.startswith(f"{step}_") and not key.endswith("_segments"):
+            for ids, segments in zip(dump[key], dump[f"{key}_segments"]):
+                out += [tuple(ids[segments == s].tolist()) for s in np.unique(segments[segments > 0])]
+    return sorted(out)
+
+
 @pytest.mark.slow
 def test_two_processes_train_like_one_and_checkpoints_cross_process_counts(tmp_path):
     cache = tmp_path / "cache"
@@ -129,19 +140,19 @@ def test_two_processes_train_like_one_and_checkpoints_cross_process_counts(tmp_p
     assert f"process 1 of 2, {DEVICES // 2} local devices of {DEVICES}" in texts[1]
     a, b = losses(one), losses(two)
     assert sorted(a) == sorted(b) == [1, 2]
-    # fp32 on CPU: only the order of cross-device reductions differs.
+    # fp32 on CPU: only the order of reductions differs (rows are packed per process).
     np.testing.assert_allclose([b[s] for s in (1, 2)], [a[s] for s in (1, 2)], rtol=2e-5)
 
-    # The processes' rows: process 0 has the first half of every micro-batch, process 1 the
-    # second; together exactly the single process's rows, nothing duplicated or missing.
+    # Each process packs the samples it read (records p mod 2) into its half of every micro-batch;
+    # together the two hold exactly the single process's samples of each step, none twice.
     whole = np.load(f"{one}-rows.0.npz")
     halves = [np.load(f"{two}-rows.{i}.npz") for i in (0, 1)]
-    assert sorted(whole.files) == sorted(halves[0].files) == sorted(halves[1].files)
-    for key in whole.files:
-        assert whole[key].shape[0] == DEVICES and halves[0][key].shape[0] == halves[1][key].shape[0] == DEVICES // 2
-        np.testing.assert_array_equal(np.concatenate([halves[0][key], halves[1][key]]), whole[key])
-        rows = [r.tobytes() for r in whole[key] if r.any()]
-        assert len(set(rows)) == len(rows)
+    assert sorted(halves[0].files) == sorted(halves[1].files)
+    assert all(halves[i][k].shape[0] == DEVICES // 2 for i in (0, 1) for k in halves[i].files)
+    for step in (0, 1):
+        expected = step_samples(whole, step)
+        assert expected == sorted(step_samples(halves[0], step) + step_samples(halves[1], step))
+        assert len(set(expected)) == len(expected) > 0
 
     # Cross restores: the 2-process checkpoint continues in 1 process and the 1-process one in 2;
     # both give the same steps 3 and 4.

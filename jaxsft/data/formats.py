@@ -39,6 +39,7 @@ class Conversation:
     where: str
     # For the raw render of single-turn formats; None for chat data.
     prompt_completion: tuple[str, str] | None = None
+    record: int = 0  # the record's number in the source, counted across its files
 
 
 @dataclass
@@ -92,12 +93,14 @@ def load_hub_dataset(source: dict):
     return datasets.load_dataset(source["path"], source["subset"] or None, split=source["split"])
 
 
-def iter_raw_records(source: dict):
-    """Yields (where, record or DataError) in file order."""
+def iter_raw_records(source: dict, parse=lambda number: True):
+    """Yields (where, record or DataError) in file order; JSON lines whose record number `parse`
+    rejects are yielded as (where, None) without being decoded."""
     if is_hub_name(source["path"]):
         for i, record in enumerate(load_hub_dataset(source)):
             yield f"{source['path']}[{source['split']}], row {i}", record
         return
+    number = 0
     fs, files = expand_files(source["path"])
     for f in files:
         name = f if _is_local(fs) else fs.unstrip_protocol(f)
@@ -111,31 +114,39 @@ def iter_raw_records(source: dict):
                     for record in batch.to_pylist():
                         yield f"{name}, row {row}", record
                         row += 1
+                number += row
             elif base.endswith(".json"):
                 text = fh.read().decode("utf-8")
                 try:
                     data = json.loads(text)
                 except json.JSONDecodeError:
-                    yield from _json_lines(name, text)  # a .json file holding JSON lines
+                    number = yield from _json_lines(name, text, number, parse)  # a .json file holding JSON lines
                     continue
                 if isinstance(data, dict):  # {"data": [records]} as written by pandas/datasets, or one record
                     data = data["data"] if isinstance(data.get("data"), list) else [data]
                 for i, record in enumerate(data if isinstance(data, list) else [data]):
                     yield f"{name}, record {i}", record
+                    number += 1
             else:
-                yield from _json_lines(name, fh.read().decode("utf-8"))
+                number = yield from _json_lines(name, fh.read().decode("utf-8"), number, parse)
 
 
-def _json_lines(name: str, text: str):
+def _json_lines(name: str, text: str, number: int, parse):
+    """Yields the records of JSON lines numbered from `number`; returns the next number."""
     # split("\n"), not splitlines(): JSON strings may hold raw U+2028 and other line breaks.
     for lineno, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         where = f"{name}, line {lineno}"
-        try:
-            yield where, json.loads(line)
-        except json.JSONDecodeError as e:
-            yield where, DataError(where, None, f"bad JSON: {e}", "bad_json")
+        if not parse(number):
+            yield where, None
+        else:
+            try:
+                yield where, json.loads(line)
+            except json.JSONDecodeError as e:
+                yield where, DataError(where, None, f"bad JSON: {e}", "bad_json")
+        number += 1
+    return number
 
 
 def detect_format(record: dict, where: str) -> str:
@@ -158,10 +169,23 @@ def detect_format(record: dict, where: str) -> str:
     )
 
 
-def read_source(source: dict, *, system_prompt: str, on_bad_record: str) -> ReadResult:
+def read_source(source: dict, *, system_prompt: str, on_bad_record: str, shard: tuple[int, int] = (0, 1)) -> ReadResult:
+    """The conversations of the records numbered `index` mod `count` for `shard=(index, count)`.
+
+    The other records are not decoded, except that an auto-detected format comes from the
+    source's first decodable record, so every shard detects the same one.
+    """
+    index, count = shard
     result = ReadResult(format=source["format"])
-    for where, record in iter_raw_records(source):
-        result.records += 1
+
+    def parse(number):
+        return number % count == index or result.format == "auto"
+
+    for number, (where, record) in enumerate(iter_raw_records(source, parse)):
+        mine = number % count == index
+        if not mine and (record is None or result.format != "auto"):
+            continue
+        result.records += mine
         try:
             if isinstance(record, DataError):
                 raise record
@@ -169,9 +193,17 @@ def read_source(source: dict, *, system_prompt: str, on_bad_record: str) -> Read
                 raise DataError(where, None, f"expected a JSON object, got {type(record).__name__}", "not_an_object")
             if result.format == "auto":
                 result.format = detect_format(record, where)
-            result.conversations.extend(to_conversations(record, result.format, source["columns"], system_prompt, where))
+            if mine:
+                conversations = to_conversations(record, result.format, source["columns"], system_prompt, where)
+                for conversation in conversations:
+                    conversation.record = number
+                result.conversations.extend(conversations)
         except DataError as e:
-            if on_bad_record == "error" or e.reason == "unknown_format":
+            if e.reason == "unknown_format":
+                raise
+            if not mine:  # its own shard reports it
+                continue
+            if on_bad_record == "error":
                 raise
             result.skipped[e.reason] += 1
     return result

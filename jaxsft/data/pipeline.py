@@ -3,8 +3,14 @@
 The samples of all epochs form one stream (epoch e's order is a seeded shuffle of the mixture);
 step s takes stream samples [s * global_batch_size, (s + 1) * global_batch_size), packs them
 into rows (first-fit decreasing) and groups the rows into fixed-shape micro-batches. The plan
-depends only on the config, the seed and the cached sample lengths, so every process computes
-the same plan and materialises only its own rows; resuming needs only the step index.
+depends only on the config, the seed and the sample lengths, so every process computes the same
+plan; resuming needs only the step index.
+
+Several processes: process p reads, tokenizes and holds only the records numbered p mod the
+process count, and the processes exchange their samples' lengths, so sample ids and the epoch
+orders are those of a single process. Each process packs the step's samples it holds into its own
+rows; a step has as many micro-batches as the process with the most rows needs (the others add
+empty ones), so the step's samples, tokens and exact loss are those of one process.
 
 `steps_per_epoch` is ceil(samples per epoch / global_batch_size): the last step of an epoch is
 completed with the first samples of the next epoch's order, so no sample is dropped.
@@ -17,6 +23,7 @@ import hashlib
 import json
 import logging
 import math
+import pickle
 import queue
 import threading
 from dataclasses import dataclass
@@ -67,10 +74,27 @@ def _draw(pool: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
     return np.concatenate([rng.permutation(pool) for _ in range(passes)])[:count]
 
 
-class DataPipeline:
-    """Yields `Step`s forever; see the module docstring and `jaxsft.data.config` for the settings."""
+def jax_allgather(obj) -> list:
+    """`obj` of every process, in process order, through jax's multi-process collectives."""
+    from jax.experimental import multihost_utils
 
-    def __init__(self, cfg, tokenizer, *, num_batch_devices: int = 1, process_index: int = 0, process_count: int = 1):
+    data = np.frombuffer(pickle.dumps(obj), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.array([len(data)], np.int64))).reshape(-1)
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[: len(data)] = data
+    every = np.asarray(multihost_utils.process_allgather(padded))
+    return [pickle.loads(every[p, : sizes[p]].tobytes()) for p in range(len(sizes))]
+
+
+class DataPipeline:
+    """Yields `Step`s forever; see the module docstring and `jaxsft.data.config` for the settings.
+
+    `allgather(obj) -> [obj of process 0, 1, ...]` exchanges the sample lengths between processes;
+    by default jax's collectives (all processes construct their pipelines together).
+    """
+
+    def __init__(self, cfg, tokenizer, *, num_batch_devices: int = 1, process_index: int = 0, process_count: int = 1,
+                 allgather=None):
         validate_data_config(cfg)
         global_rows = cfg.micro_batch_rows * num_batch_devices
         if global_rows % process_count:
@@ -84,7 +108,8 @@ class DataPipeline:
         self.tokenizer = tokenizer
         self.global_rows = global_rows
         self.local_rows = global_rows // process_count
-        self._first_local_row = process_index * self.local_rows
+        self.process_index, self.process_count = process_index, process_count
+        self._allgather = allgather or (jax_allgather if process_count > 1 else lambda obj: [obj])
         self._settings = dict(
             render=cfg.render, loss_on=cfg.loss_on, system_prompt=cfg.system_prompt,
             on_bad_record=cfg.on_bad_record, template_kwargs=as_dict(cfg.chat_template_kwargs),
@@ -132,7 +157,8 @@ class DataPipeline:
     # --- loading and per-sample bookkeeping ---
 
     def _load(self, source: dict) -> int:
-        table = load_or_tokenize(source, self.tokenizer, self._settings, self._cache_dir)
+        table = load_or_tokenize(source, self.tokenizer, self._settings, self._cache_dir,
+                                 shard=(self.process_index, self.process_count))
         key = table.info["cache_key"]
         if key not in self._table_of_key:
             self._table_of_key[key] = len(self._tables)
@@ -140,35 +166,48 @@ class DataPipeline:
         return self._table_of_key[key]
 
     def _index_samples(self) -> None:
-        """Per global sample id: packed length and loss tokens after truncation, and whether it is used."""
+        """Per global sample id: packed length and loss tokens after truncation, whether it is
+        used, and which process holds it at which index of its table."""
         cap = self.cfg.max_seq_len
-        self._bases = np.cumsum([0] + [len(t) for t in self._tables])
-        packed, loss, keep = [], [], []
-        self._truncated = self._dropped_over_length = self._dropped_no_loss = 0
-        self._dropped_no_loss_after_truncation = 0
+        local = []
         for table in self._tables:
             starts = table.offsets[:-1]
             length = np.minimum(np.diff(table.offsets), cap + 1) - 1
             over = np.diff(table.offsets) - 1 > cap
             # Labels are mask[1:length + 1]: the first token is never a target.
-            shifted = np.add.reduceat(table.loss_mask, starts, dtype=np.int64) - table.loss_mask[starts]
+            loss = np.add.reduceat(table.loss_mask, starts, dtype=np.int64) - table.loss_mask[starts] if len(starts) else starts
             for i in np.flatnonzero(over):
-                shifted[i] = int(table.loss_mask[starts[i] + 1 : starts[i] + length[i] + 1].sum())
-            has_loss = shifted > 0
-            self._dropped_no_loss += int((~has_loss & ~over).sum())
-            if self.cfg.on_overlength == "drop":
-                self._dropped_over_length += int(over.sum())
-                use = has_loss & ~over
-            else:
-                self._truncated += int((over & has_loss).sum())
-                self._dropped_no_loss_after_truncation += int((over & ~has_loss).sum())
-                use = has_loss
-            packed.append(length)
-            loss.append(shifted)
-            keep.append(use)
-        self._packed_len = np.concatenate(packed).astype(np.int64)
-        self._loss_count = np.concatenate(loss)
-        self._keep = np.concatenate(keep)
+                loss[i] = int(table.loss_mask[starts[i] + 1 : starts[i] + length[i] + 1].sum())
+            local.append(dict(records=table.records, length=length, loss=loss, over=over, info=table.info))
+        everyone = self._allgather(local)
+
+        packed, losses, overs, self._owner, self._local_index, bases = [], [], [], [], [], [0]
+        for t, table in enumerate(self._tables):
+            shards = [every[t] for every in everyone]
+            # Sample ids in record order, as one process would number them.
+            order = np.argsort(np.concatenate([s["records"] for s in shards]), kind="stable")
+            for out, key in ((packed, "length"), (losses, "loss"), (overs, "over")):
+                out.append(np.concatenate([s[key] for s in shards]).astype(np.int64)[order])
+            self._owner.append(np.concatenate([np.full(len(s["records"]), p) for p, s in enumerate(shards)])[order])
+            self._local_index.append(np.concatenate([np.arange(len(s["records"])) for s in shards])[order])
+            bases.append(bases[-1] + len(order))
+            table.info = _merge_infos([s["info"] for s in shards])
+        self._bases = np.array(bases)
+        self._packed_len = np.concatenate(packed)
+        self._loss_count = np.concatenate(losses)
+        self._owner = np.concatenate(self._owner).astype(np.int64)
+        self._local_index = np.concatenate(self._local_index).astype(np.int64)
+        over = np.concatenate(overs).astype(bool)
+        has_loss = self._loss_count > 0
+        self._dropped_no_loss = int((~has_loss & ~over).sum())
+        self._dropped_over_length = self._truncated = self._dropped_no_loss_after_truncation = 0
+        if self.cfg.on_overlength == "drop":
+            self._dropped_over_length = int(over.sum())
+            self._keep = has_loss & ~over
+        else:
+            self._truncated = int((over & has_loss).sum())
+            self._dropped_no_loss_after_truncation = int((over & ~has_loss).sum())
+            self._keep = has_loss
 
     def _pool(self, table: int, holdout: dict[int, np.ndarray]) -> np.ndarray:
         ids = np.arange(self._bases[table], self._bases[table + 1])
@@ -221,20 +260,28 @@ class DataPipeline:
             size -= len(part)
         return np.concatenate(parts)
 
-    def _microbatch_rows(self, ids: np.ndarray) -> list[list[list[int]]]:
-        """Packed rows of global sample ids, grouped into micro-batches of `global_rows` rows."""
-        rows = [[int(ids[i]) for i in row] for row in first_fit_decreasing(self._packed_len[ids], self.cfg.max_seq_len)]
-        return [rows[i : i + self.global_rows] for i in range(0, len(rows), self.global_rows)]
+    def _microbatch_rows(self, ids: np.ndarray) -> list[list[list[list[int]]]]:
+        """Micro-batches of packed rows of global sample ids: microbatches[m][p] is process p's
+        rows (at most `local_rows`) of micro-batch m; each process packs the samples it holds."""
+        per_process = []
+        for p in range(self.process_count):
+            own = ids[self._owner[ids] == p]
+            rows = first_fit_decreasing(self._packed_len[own], self.cfg.max_seq_len)
+            per_process.append([[int(own[i]) for i in row] for row in rows])
+        count = max(-(-len(rows) // self.local_rows) for rows in per_process)
+        n = self.local_rows
+        return [[rows[m * n : (m + 1) * n] for rows in per_process] for m in range(count)]
 
-    def _materialize(self, rows: list[list[int]]) -> dict[str, np.ndarray]:
+    def _materialize(self, microbatch: list[list[list[int]]]) -> dict[str, np.ndarray]:
         batch = empty_batch(self.local_rows, self.cfg.max_seq_len)
-        for r, row in enumerate(rows[self._first_local_row : self._first_local_row + self.local_rows]):
+        for r, row in enumerate(microbatch[self.process_index]):
             fill_row(batch, r, [self._sample(g) for g in row])
         return batch
 
     def _sample(self, gid: int) -> tuple[np.ndarray, np.ndarray]:
+        assert self._owner[gid] == self.process_index, "a process materialises only the samples it read"
         table = int(np.searchsorted(self._bases, gid, side="right")) - 1
-        tokens, mask = self._tables[table].sample(gid - int(self._bases[table]))
+        tokens, mask = self._tables[table].sample(int(self._local_index[gid]))
         n = self._packed_len[gid] + 1
         return tokens[:n], mask[:n]
 
@@ -334,7 +381,7 @@ class DataPipeline:
         for s in range(steps):
             ids = self._step_sample_ids(s)
             groups = self._microbatch_rows(ids)
-            rows += sum(len(g) for g in groups)
+            rows += sum(len(rows_of_process) for g in groups for rows_of_process in g)
             padded_rows += len(groups) * self.global_rows
             tokens += int(self._packed_len[ids].sum())
             per_step.append(len(groups))
@@ -366,3 +413,14 @@ class DataPipeline:
             "microbatches_per_step": {"min": min(per_step), "max": max(per_step), "mean": round(float(np.mean(per_step)), 2)},
             "packing_measured_steps": steps,
         }
+
+
+def _merge_infos(infos: list[dict]) -> dict:
+    """One source's summary from its shards' summaries."""
+    skipped = collections.Counter()
+    for info in infos:
+        skipped.update(info["skipped"])
+    merged = {**infos[0], "skipped": dict(skipped)}
+    for key in ("records", "samples", "tokens", "loss_tokens"):
+        merged[key] = sum(info[key] for info in infos)
+    return merged

@@ -24,7 +24,7 @@ import numpy as np
 
 from jaxsft.data.formats import Conversation, DataError, fingerprint_source, read_source
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "tokenizer_config.json",
     "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json",
@@ -41,6 +41,7 @@ class TokenizedSource:
     tokens: np.ndarray  # int32, every sample's ids back to back
     loss_mask: np.ndarray  # uint8, 1 on label tokens, aligned with tokens
     offsets: np.ndarray  # int64, sample i is tokens[offsets[i]:offsets[i + 1]]
+    records: np.ndarray  # int64, the number of the record each sample came from
     info: dict  # format, records, skipped by reason, samples, tokens, loss_tokens, cache key
 
     def __len__(self) -> int:
@@ -124,9 +125,9 @@ def span_mask(ids: np.ndarray, starts: np.ndarray, spans, special_ids: np.ndarra
 
 def tokenize_conversations(conversations: list[Conversation], tokenizer, *, render: str, loss_on: str,
                            template_kwargs: dict, on_bad_record: str):
-    """Returns (list of token arrays, list of mask arrays, Counter of skipped records by reason)."""
+    """Returns (token arrays, mask arrays, record numbers, Counter of skipped records by reason)."""
     skipped = collections.Counter()
-    all_ids, all_masks = [], []
+    all_ids, all_masks, records = [], [], []
     if render == "raw":
         if tokenizer.eos_token_id is None:
             raise ValueError("data.render='raw' needs a tokenizer with an eos token")
@@ -135,10 +136,11 @@ def tokenize_conversations(conversations: list[Conversation], tokenizer, *, rend
             texts = [c.prompt_completion for c in chunk]
             prompts = tokenizer([p for p, _ in texts], add_special_tokens=False)["input_ids"]
             completions = tokenizer([c for _, c in texts], add_special_tokens=False)["input_ids"]
-            for p, c in zip(prompts, completions):
+            for conv, p, c in zip(chunk, prompts, completions):
                 all_ids.append(np.array(bos + p + c + [tokenizer.eos_token_id], np.int32))
                 all_masks.append(np.array([0] * (len(bos) + len(p)) + [1] * (len(c) + 1), np.uint8))
-        return all_ids, all_masks, skipped
+                records.append(conv.record)
+        return all_ids, all_masks, records, skipped
 
     special_ids = special_token_ids(tokenizer)
     for chunk in _chunks(conversations):
@@ -161,7 +163,8 @@ def tokenize_conversations(conversations: list[Conversation], tokenizer, *, rend
                 continue
             all_ids.append(ids)
             all_masks.append(mask)
-    return all_ids, all_masks, skipped
+            records.append(conv.record)
+    return all_ids, all_masks, records, skipped
 
 
 def _chunks(items):
@@ -169,13 +172,17 @@ def _chunks(items):
         yield items[i:i + ENCODE_CHUNK]
 
 
-def load_or_tokenize(source: dict, tokenizer, settings: dict, cache_dir: Path) -> TokenizedSource:
-    """The tokenized source from the cache, or tokenized now and cached.
+def load_or_tokenize(source: dict, tokenizer, settings: dict, cache_dir: Path,
+                     shard: tuple[int, int] = (0, 1)) -> TokenizedSource:
+    """The tokenized source (only its records `index` mod `count` for `shard=(index, count)`)
+    from the cache, or tokenized now and cached.
 
     `settings`: render, loss_on, template_kwargs, system_prompt, on_bad_record. The cache key
-    covers them, the tokenizer's files and template, the source's format options and contents.
+    covers them, the tokenizer's files and template, the source's format options and contents,
+    and the shard.
     """
     key_material = {
+        "shard": list(shard),
         "version": CACHE_VERSION,
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "settings": settings,
@@ -187,10 +194,10 @@ def load_or_tokenize(source: dict, tokenizer, settings: dict, cache_dir: Path) -
     if (folder / "info.json").exists():
         return _load(folder)
 
-    read = read_source(source, system_prompt=settings["system_prompt"], on_bad_record=settings["on_bad_record"])
+    read = read_source(source, system_prompt=settings["system_prompt"], on_bad_record=settings["on_bad_record"], shard=shard)
     if settings["render"] == "raw" and any(c.prompt_completion is None for c in read.conversations):
         raise ValueError(f"data.render='raw' needs single-turn data; {source['path']} is {read.format}")
-    ids, masks, skipped = tokenize_conversations(
+    ids, masks, records, skipped = tokenize_conversations(
         read.conversations, tokenizer, render=settings["render"], loss_on=settings["loss_on"],
         template_kwargs=settings["template_kwargs"], on_bad_record=settings["on_bad_record"],
     )
@@ -207,16 +214,17 @@ def load_or_tokenize(source: dict, tokenizer, settings: dict, cache_dir: Path) -
         "loss_tokens": int(loss_mask.sum()),
         "cache_key": key,
     }
-    _save(folder, tokens, loss_mask, np.concatenate([[0], np.cumsum(lengths)]), info)
+    _save(folder, tokens, loss_mask, np.concatenate([[0], np.cumsum(lengths)]), np.array(records, np.int64), info)
     return _load(folder)
 
 
-def _save(folder: Path, tokens, loss_mask, offsets, info) -> None:
+def _save(folder: Path, tokens, loss_mask, offsets, records, info) -> None:
     tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
     np.save(tmp / "tokens.npy", tokens.astype(np.int32))
     np.save(tmp / "loss_mask.npy", loss_mask.astype(np.uint8))
     np.save(tmp / "offsets.npy", offsets.astype(np.int64))
+    np.save(tmp / "records.npy", records)
     (tmp / "info.json").write_text(json.dumps(info, indent=1))
     try:
         os.replace(tmp, folder)
@@ -231,5 +239,6 @@ def _load(folder: Path) -> TokenizedSource:
         tokens=np.load(folder / "tokens.npy", mmap_mode=mmap),
         loss_mask=np.load(folder / "loss_mask.npy", mmap_mode=mmap),
         offsets=offsets,
+        records=np.load(folder / "records.npy"),
         info=json.loads((folder / "info.json").read_text()),
     )

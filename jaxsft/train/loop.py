@@ -143,11 +143,13 @@ def run(config) -> dict:
     # stop_after_steps ends the run early without changing its schedule (which spans total_steps).
     end = max(min(total_steps, config.train.stop_after_steps or total_steps), start)
 
-    accuracy_results = []
+    accuracy_results, eval_losses = [], []
 
     def run_eval(step):
         loss = evaluate(fns, params, eval_batches, batch_sharding)
         line = {} if loss is None else {"eval_loss": loss}
+        if loss is not None:
+            eval_losses.append((step, loss))
         if config.gsm8k.file:
             result = gsm8k_accuracy(config, nnx.merge(graphdef, params), tokenizer, step)
             accuracy_results.append(result)
@@ -219,8 +221,8 @@ def run(config) -> dict:
         logger.close()
     if is_main and len(accuracy_results) > 1 and config.gsm8k.show:
         print(side_by_side(accuracy_results[0], accuracy_results[-1], config.gsm8k.show), flush=True)
-    accuracy = {"gsm8k_accuracy": [(r["step"], r["accuracy"]) for r in accuracy_results]} if accuracy_results else {}
-    return {**last, "eval_loss": eval_loss, "steps": end, **accuracy}
+    accuracy = [(r["step"], r["accuracy"]) for r in accuracy_results]
+    return {**last, "eval_loss": eval_loss, "steps": end, "eval_losses": eval_losses, "gsm8k_accuracy": accuracy}
 
 
 @contextlib.contextmanager
