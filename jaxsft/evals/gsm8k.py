@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from decimal import Decimal, InvalidOperation
 
 from jaxsft.generate import generate
@@ -85,10 +86,13 @@ def evaluate_gsm8k(model, tokenizer, examples: list[dict], *, k_shot: int = 0, s
     # Similar lengths in one batch waste less padding; records keep the input order.
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     outputs = [None] * len(prompts)
+    generated, started = 0, time.perf_counter()
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
         for i, tokens in zip(chunk, generate(model, [prompts[i] for i in chunk], max_new_tokens, eos_token_id=eos)):
             outputs[i] = tokenizer.decode(tokens, skip_special_tokens=True)
+            generated += len(tokens)
+    seconds = time.perf_counter() - started
     records = []
     for ex, prompt, output in zip(examples, prompts, outputs):
         extracted, expected = extract_answer(output), extract_answer(ex["answer"])
@@ -96,7 +100,9 @@ def evaluate_gsm8k(model, tokenizer, examples: list[dict], *, k_shot: int = 0, s
                         "extracted": extracted, "expected": expected, "correct": is_correct(extracted, expected)})
     correct = sum(r["correct"] for r in records)
     return {"accuracy": correct / len(records) if records else 0.0, "correct": correct, "total": len(records),
-            "k_shot": k_shot, "max_new_tokens": max_new_tokens, "records": records}
+            "k_shot": k_shot, "max_new_tokens": max_new_tokens,
+            # Includes compilation the first time a shape bucket is seen.
+            "generated_tokens": generated, "generation_s": seconds, "records": records}
 
 
 def write_results(result: dict, path: str | os.PathLike) -> None:
