@@ -49,7 +49,7 @@ def _files(folder: str) -> list[str]:
     """The folder's files other than the weights and the files the conversion rewrites."""
     return [os.path.join(folder, f) for f in sorted(os.listdir(folder))
             if os.path.isfile(os.path.join(folder, f)) and f not in _REPLACED
-            and not f.endswith((".safetensors", ".partial", ".bin", ".gguf"))]
+            and ".partial" not in f and not f.endswith((".safetensors", ".bin", ".gguf"))]
 
 
 def main(argv=None):

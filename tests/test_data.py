@@ -376,6 +376,15 @@ def test_eval_fraction_holds_out_samples_seen_exactly_once(tokenizers, cache, oa
     pipe.close()
 
 
+def test_the_held_out_records_do_not_depend_on_the_tokenizer_or_settings(tokenizers, cache, gsm8k):
+    held_out = []
+    for name, max_seq_len in (("qwen", 2048), ("llama", 2048), ("qwen", 1024)):
+        pipe = DataPipeline(make_cfg(cache, [gsm8k], name, eval_fraction=0.01, max_seq_len=max_seq_len), tokenizers[name])
+        held_out.append(pipe._tables[0].records[pipe._eval_ids].tolist())  # one sample per GSM8K record
+        pipe.close()
+    assert len(held_out[0]) == 75 and held_out[0] == held_out[1] == held_out[2]
+
+
 def test_eval_sources(tokenizers, cache, gsm8k, assets):
     cfg = make_cfg(cache, [gsm8k], global_batch_size=512, eval_sources=[{"path": str(assets / "data/gsm8k/test.jsonl")}])
     pipe = DataPipeline(cfg, tokenizers["qwen"])

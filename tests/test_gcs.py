@@ -3,6 +3,7 @@ GCS API served on 127.0.0.1 by fake-gcs-server (tests/gcs_server.py); nothing le
 
 import json
 import os
+import time
 
 import jax.numpy as jnp
 import numpy as np
@@ -63,3 +64,21 @@ def test_model_data_and_checkpoints_on_gcs(tmp_path, gcs_bucket, monkeypatch):  
                  "--dtype", "float32"])
     exported = load_model(tmp_path / "exported", compute_dtype=jnp.float32)
     assert not np.allclose(np.asarray(exported(ids)), local_logits)  # trained: moved away from the start
+
+
+def test_a_model_folder_re_uploaded_to_the_same_path_is_not_read_stale(tmp_path, gcs_bucket, monkeypatch):  # noqa: F811
+    from jaxsft.models.hf_io import local_dir
+
+    monkeypatch.setenv("JAXSFT_CACHE", str(tmp_path / "cache"))
+    root = epath.Path(f"gs://{gcs_bucket}/{tmp_path.name}/model")
+    (root / "config.json").write_text('{"version": 1}')
+    (root / "tokenizer.json").write_text("{}")
+    folder = local_dir(str(root))
+    kept = os.stat(os.path.join(folder, "tokenizer.json")).st_mtime_ns
+    assert open(os.path.join(folder, "config.json")).read() == '{"version": 1}'
+    time.sleep(1.1)  # object times in the bucket have a resolution of 1 ms to 1 s
+    (root / "config.json").write_text('{"version": 2}')  # the same size, a newer object
+    assert local_dir(str(root)) == folder
+    assert open(os.path.join(folder, "config.json")).read() == '{"version": 2}'
+    assert os.stat(os.path.join(folder, "tokenizer.json")).st_mtime_ns == kept  # unchanged: not copied again
+    assert sorted(os.listdir(folder)) == ["config.json", "tokenizer.json"]

@@ -6,7 +6,7 @@
 | `mode` | `'stacked'` | `'stacked'`: all sources shuffled together. `'phased'`: run `phases` in order. |
 | `phases` | `[]` | Phased mode: list of `{'sources': [...], 'epochs': 1.0, 'replay_fraction': 0.0}`. A phase's samples are its sources (each with its own weight/epochs) repeated `epochs` times; `replay_fraction` r in [0, 1) is the share of the phase's samples drawn from the sources of earlier phases. |
 | `eval_sources` | `[]` | Held-out sources (same dict shape as `sources`, weights/epochs ignored). |
-| `eval_fraction` | `0.0` | With no `eval_sources`: hold out this fraction of every training source (0 = no eval set). |
+| `eval_fraction` | `0.0` | With no `eval_sources`: hold out this fraction of every training source (0 = no eval set); which samples depends only on `seed` and the source's path, so runs with other tokenizers, settings or process counts hold out the same records. |
 | `tokenizer` | `''` | Tokenizer folder; `''` = the model path given by the caller. |
 | `chat_template_kwargs` | `{}` | Extra keyword arguments for `apply_chat_template`, e.g. `{'date_string': '26 Jul 2024'}`. |
 | `render` | `'chat_template'` | How non-chat formats become tokens: `'chat_template'` (user/assistant turns) or `'raw'` (bos + prompt + completion + eos, loss on completion + eos). |

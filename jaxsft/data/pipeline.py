@@ -220,7 +220,7 @@ class DataPipeline:
         out = {}
         for t in tables:
             ids = self._pool(t, {})
-            rng = np.random.default_rng([self.cfg.seed, _seed_of(self._tables[t].info["cache_key"])])
+            rng = np.random.default_rng([self.cfg.seed, _seed_of(self._tables[t].info["path"])])
             out[t] = np.sort(rng.permutation(ids)[: round(self.cfg.eval_fraction * len(ids))])
         return out
 

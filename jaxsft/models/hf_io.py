@@ -106,7 +106,11 @@ class CheckpointError(ValueError):
 
 
 def local_dir(path: str | os.PathLike) -> str:
-    """A local folder with the model's files: `path` itself, or a cached copy of a gs:// folder."""
+    """A local folder with the model's files: `path` itself, or a cached copy of a gs:// folder.
+
+    A cached file is downloaded again when the object's size or modification time in the bucket
+    changed since it was copied (a model re-uploaded to the same path is never read stale).
+    """
     path = str(path)
     if not path.startswith("gs://"):
         return path
@@ -115,14 +119,25 @@ def local_dir(path: str | os.PathLike) -> str:
         os.environ.get("JAXSFT_CACHE", os.path.expanduser("~/.cache/jaxsft")), "gcs",
         path.removeprefix("gs://").rstrip("/"))
     os.makedirs(cache, exist_ok=True)
+    record_path = cache + ".copied_from.json"
+    copied = json.loads(open(record_path).read()) if os.path.exists(record_path) else {}
     for f in src.iterdir():
+        if not f.is_file():
+            continue
+        stat = f.stat()
+        version = [stat.length, stat.mtime]
         dst = os.path.join(cache, f.name)
-        if f.is_file() and not os.path.exists(dst):
-            # Copy to a temporary name first so an interrupted download is never taken as complete.
-            tmp = dst + ".partial"
-            with f.open("rb") as r, open(tmp, "wb") as w:
-                shutil.copyfileobj(r, w, length=64 << 20)
-            os.replace(tmp, dst)
+        if copied.get(f.name) == version and os.path.exists(dst):
+            continue
+        # Copy to a temporary name first so an interrupted download is never taken as complete.
+        tmp = f"{dst}.partial{os.getpid()}"
+        with f.open("rb") as r, open(tmp, "wb") as w:
+            shutil.copyfileobj(r, w, length=64 << 20)
+        os.replace(tmp, dst)
+        copied[f.name] = version
+        with open(f"{record_path}.partial{os.getpid()}", "w") as w:
+            json.dump(copied, w)
+        os.replace(f"{record_path}.partial{os.getpid()}", record_path)
     return cache
 
 
