@@ -79,6 +79,45 @@ def test_health_monitor_flags_or_stops():
         m.check(8, line(grad_norm=20.0))
 
 
+def visible_scalars(logdir, tag):
+    """(step, value) of `tag` as TensorBoard shows it: events read file by file in name order, and
+    a SessionLog START at step N hides the earlier events at steps >= N."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    shown = {}
+    for f in sorted(os.listdir(logdir)):
+        data, i = open(os.path.join(logdir, f), "rb").read(), 0
+        while i < len(data):
+            n = struct.unpack("<Q", data[i:i + 8])[0]
+            event = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
+            i += n + 16
+            if event.HasField("session_log") and event.session_log.status == event_pb2.SessionLog.START:
+                shown = {k: v for k, v in shown.items() if k[0] < event.step}
+            for value in event.summary.value:
+                if value.tag == tag:
+                    shown[(event.step, len(shown))] = value.simple_value
+    return [(step, value) for (step, _), value in sorted(shown.items())]
+
+
+def test_a_resumed_run_replaces_the_tensorboard_steps_logged_after_its_checkpoint(tmp_path):
+    first = metrics.standard_logger(str(tmp_path), 4, progress=False)
+    for step in (1, 2, 3):  # killed after step 3 was logged, with its newest checkpoint at step 2
+        first.log(step, {"loss": float(step)})
+    first.close()
+    resumed = metrics.standard_logger(str(tmp_path), 4, progress=False, resumed_from=2)
+    for step in (3, 4):
+        resumed.log(step, {"loss": 10.0 * step})
+    resumed.close()
+    assert visible_scalars(tmp_path / "tensorboard", "loss") == [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0)]
+    # A fresh start over an old run directory shows only its own steps.
+    again = metrics.standard_logger(str(tmp_path), 4, progress=False)
+    again.log(1, {"loss": 7.0})
+    again.close()
+    assert visible_scalars(tmp_path / "tensorboard", "loss") == [(1, 7.0)]
+
+
 def test_health_config_is_documented_and_validated():
     import jaxsft.train.config as module
     c = default_config()

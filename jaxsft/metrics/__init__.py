@@ -133,9 +133,13 @@ class JsonlSink:
 
 
 class TensorBoardSink:
-    def __init__(self, logdir):
+    def __init__(self, logdir, purge_step=None):
         from tensorboardX import SummaryWriter
-        self.writer = SummaryWriter(logdir)
+        # TensorBoard hides the earlier files' events at steps >= purge_step: a resumed run's
+        # steps replace those a killed run logged after its checkpoint.
+        # The file name has whole seconds; the suffix keeps a run resumed within the same second
+        # from overwriting the earlier file, and sorts after it as TensorBoard reads them.
+        self.writer = SummaryWriter(logdir, purge_step=purge_step, filename_suffix=f".{time.time_ns()}")
 
     def write(self, step, metrics):
         for k, v in metrics.items():
@@ -218,10 +222,13 @@ def device_memory_gib() -> float | None:
     return stats["peak_bytes_in_use"] / 2**30
 
 
-def standard_logger(output_dir, total_steps, progress=True) -> MetricsLogger:
+def standard_logger(output_dir, total_steps, progress=True, resumed_from=0) -> MetricsLogger:
     """metrics.jsonl and eval.jsonl in the run directory, TensorBoard events, the console, and
-    every registered sink (which gets both train and eval metrics)."""
-    tensorboard = TensorBoardSink(os.path.join(output_dir, "tensorboard"))
+    every registered sink (which gets both train and eval metrics).
+
+    `resumed_from`: the step the run continues from; TensorBoard then drops what an earlier run
+    logged after it, as the jsonl files are truncated (see `train.loop`)."""
+    tensorboard = TensorBoardSink(os.path.join(output_dir, "tensorboard"), purge_step=resumed_from + 1 if resumed_from else 0)
     console = [ConsoleSink(total_steps)] if progress else []
     extra = [s for s in (f(output_dir, total_steps, progress) for f in SINK_FACTORIES) if s is not None]
     return MetricsLogger(

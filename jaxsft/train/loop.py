@@ -135,7 +135,7 @@ def run(config) -> dict:
         for name in ("metrics.jsonl", "eval.jsonl"):
             truncate_jsonl(os.path.join(out, name), start if start else -1)
 
-    logger = metrics_lib.standard_logger(out, total_steps, config.train.progress and is_main) if is_main else None
+    logger = metrics_lib.standard_logger(out, total_steps, config.train.progress and is_main, start) if is_main else None
     eval_batches = data.eval_microbatches()
     peak = metrics_lib.peak_flops_per_device()
     health = metrics_lib.HealthMonitor(config.health)
