@@ -319,6 +319,9 @@ def test_each_process_reads_only_its_share_and_the_steps_match_one_process(token
         assert {k: part.summary[k] for k in counts} == {k: whole.summary[k] for k in counts}
         assert part.local_rows == 2 and whole.local_rows == 4
 
+    with pytest.raises(ValueError, match="process 1 of 2 exchanged sample lengths with 1 process"):
+        DataPipeline(cfg, tokenizers["qwen"], num_batch_devices=2, process_index=1, process_count=2)
+
     for step in whole_steps:
         mine = [next(part) for part in parts]
         for k in ("num_samples", "num_tokens", "num_loss_tokens"):

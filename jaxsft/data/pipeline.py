@@ -180,6 +180,11 @@ class DataPipeline:
                 loss[i] = int(table.loss_mask[starts[i] + 1 : starts[i] + length[i] + 1].sum())
             local.append(dict(records=table.records, length=length, loss=loss, over=over, info=table.info))
         everyone = self._allgather(local)
+        if len(everyone) != self.process_count:
+            raise ValueError(
+                f"the data pipeline of process {self.process_index} of {self.process_count} exchanged sample "
+                f"lengths with {len(everyone)} process(es): start jax.distributed in every process first "
+                "(jaxsft.train.distributed) or pass allgather=")
 
         packed, losses, overs, self._owner, self._local_index, bases = [], [], [], [], [], [0]
         for t, table in enumerate(self._tables):
