@@ -46,7 +46,9 @@ def smollm2(tmp_path_factory):
     # jaxsft reads it from a folder holding only the .gguf, transformers from the file.
     folder = tmp_path_factory.mktemp("smollm2")
     os.symlink(path, folder / os.path.basename(path))
-    return path, hf_from_gguf(path), load_fp32(folder), load_gguf_tokenizer(path)
+    # transformers' own tokenizer of the file, the reference for ours (load_gguf_tokenizer).
+    tok = tf.AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+    return path, hf_from_gguf(path), load_fp32(folder), tok
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +117,37 @@ def test_convert_a_gguf_file_to_a_checkpoint_and_to_a_hf_folder(smollm2, gsm8k_p
     reloaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     assert_logits_close(hf_logits(reloaded, [prompt])[0], hf_logits(hf, [prompt])[0])
     assert tf.AutoTokenizer.from_pretrained(tmp_path / "hf").chat_template == tok.chat_template
+
+
+NO_TORCH = r"""
+import sys
+sys.modules["torch"] = None  # `import torch` fails and transformers sees no torch
+import jax.numpy as jnp
+import jaxsft
+from jaxsft.models.gguf import load_gguf_tokenizer, smollm2_path
+
+tok = load_gguf_tokenizer(smollm2_path())
+model = jaxsft.load_model(smollm2_path(), dtype=jnp.float32, compute_dtype=jnp.float32)
+text = tok.apply_chat_template([{"role": "user", "content": "What is 2 + 3?"}], tokenize=False, add_generation_prompt=True)
+prompt = tok(text, add_special_tokens=False)["input_ids"]
+print(tok.decode(jaxsft.generate(model, [prompt], 8, eos_token_id=tok.eos_token_id)[0]))
+"""
+
+
+@pytest.mark.slow
+def test_a_gguf_model_and_its_tokenizer_load_and_generate_without_torch(smollm2, gsm8k_prompts):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", NO_TORCH], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "PyTorch was not found" in r.stderr  # transformers' own warning: torch really was absent
+    tok = smollm2[3]  # transformers' tokenizer of the same file
+    ours = load_gguf_tokenizer(smollm2[0])
+    assert ours.chat_template == tok.chat_template and ours.eos_token_id == tok.eos_token_id
+    assert [ours.decode(p) for p in gsm8k_prompts] == [tok.decode(p) for p in gsm8k_prompts]
+    assert [ours(tok.decode(p), add_special_tokens=False)["input_ids"] for p in gsm8k_prompts] == gsm8k_prompts
+    print("without torch:", r.stdout.strip())
 
 
 def test_gguf_paths_are_found(smollm2, tmp_path):

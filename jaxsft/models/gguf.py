@@ -193,10 +193,32 @@ def load_gguf(path: str, dtype, compute_dtype, mesh=None, rules=None, **run_opti
 
 
 def load_gguf_tokenizer(path: str | os.PathLike):
-    """The transformers tokenizer stored in a .gguf file (or the one .gguf in a folder)."""
-    from transformers import AutoTokenizer
+    """The transformers tokenizer stored in a .gguf file (or the one .gguf in a folder).
+
+    The metadata is read with the `gguf` package and handed to transformers' GGUF tokenizer
+    builder, as `AutoTokenizer.from_pretrained(gguf_file=...)` does, but without its metadata
+    reader, which imports torch.
+    """
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     file = find_gguf(path)
     if file is None:
         raise CheckpointError(f"{path}: not a .gguf file or a folder holding one")
-    return AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(file)), gguf_file=os.path.basename(file))
+    try:
+        from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
+    except ImportError:  # transformers 4.x: only its own reader (which needs torch)
+        return AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(file)), gguf_file=os.path.basename(file))
+    reader = _reader(file)
+    groups = {
+        group: {name: _field(reader, f"tokenizer.{key}") for key, name in renames.items()
+                if f"tokenizer.{key}" in reader.fields}
+        for group, renames in GGUF_TOKENIZER_MAPPING.items()
+    }
+    vocab, init = groups["tokenizer"], groups["tokenizer_config"]
+    if vocab.get("tokenizer_type") == "llama":  # llama.cpp adds BOS to sentencepiece vocabularies by default
+        init.setdefault("add_bos_token", True)
+    for name in ("bos", "eos", "unk", "pad"):
+        token_id = vocab.get(f"{name}_token_id")
+        init[f"{name}_token"] = vocab["tokens"][token_id] if token_id is not None else None
+    backend, extra = convert_gguf_tokenizer(_field(reader, "general.architecture"), vocab)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **init, **extra)
