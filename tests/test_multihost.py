@@ -71,20 +71,20 @@ def free_port():
         return s.getsockname()[1]
 
 
-def train_args(out, cache, **overrides):
+def train_args(out, cache, devices=DEVICES, **overrides):
     settings = {
-        "train.num_steps": 4, "checkpoint.every_steps": 1, "data.global_batch_size": 8, "mesh.fsdp": DEVICES,
+        "train.num_steps": 4, "checkpoint.every_steps": 1, "data.global_batch_size": 8, "mesh.fsdp": devices,
         "data.max_seq_len": 128, "data.micro_batch_rows": 1, "data.eval_sources": "[]",
         "train.eval_at_start": False, "train.export_hf": False, "train.progress": False,
         "train.output_dir": out, "data.cache_dir": cache, **overrides}
     return ["--config", "configs/demo.py", *[f"--config.{k}={v}" for k, v in settings.items()]]
 
 
-def launch(tmp_path, processes, args, **env):
-    """Start the job: `processes` processes sharing 8 simulated CPU devices."""
+def launch(tmp_path, processes, args, devices=DEVICES, **env):
+    """Start the job: `processes` processes sharing `devices` simulated CPU devices."""
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)
-    base = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES // processes}",
+    base = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices // processes}",
             "HF_HUB_OFFLINE": "1", "JAXSFT_HEARTBEAT_TIMEOUT_S": str(HEARTBEAT_S), **env}
     if processes > 1:
         base.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{free_port()}", JAX_NUM_PROCESSES=str(processes))
@@ -110,8 +110,8 @@ def wait(procs, timeout=300):
     return codes, texts
 
 
-def run_job(tmp_path, processes, args, **env):
-    codes, texts = wait(launch(tmp_path, processes, args, **env))
+def run_job(tmp_path, processes, args, devices=DEVICES, **env):
+    codes, texts = wait(launch(tmp_path, processes, args, devices, **env))
     assert codes == [0] * processes, "\n".join(t[-3000:] for t in texts)
     return texts
 
@@ -167,9 +167,10 @@ def test_two_processes_train_like_one_and_checkpoints_cross_process_counts(tmp_p
 @pytest.mark.slow
 def test_a_failed_worker_stops_the_job_and_the_same_command_resumes(tmp_path):
     cache, out = tmp_path / "cache", str(tmp_path / "run")
-    args = train_args(out, cache, **{"train.num_steps": 3})
+    # 2 x 2 devices: failing and resuming do not depend on the mesh size.
+    args = train_args(out, cache, devices=4, **{"train.num_steps": 3})
     start = time.time()
-    procs = launch(tmp_path, 2, args, FAIL_AT_STEP="2")
+    procs = launch(tmp_path, 2, args, devices=4, FAIL_AT_STEP="2")
     codes, texts = wait(procs, timeout=240)
     # Process 1 raises at step 3 and exits at once. Process 0, waiting for it in a collective,
     # stops either on the collective's error (gloo: "Connection closed by peer") or on the missed
@@ -180,7 +181,7 @@ def test_a_failed_worker_stops_the_job_and_the_same_command_resumes(tmp_path):
     print(f"failed job stopped after {time.time() - start:.0f} s")
     assert os.path.exists(os.path.join(out, "checkpoints", "2"))
 
-    texts = run_job(tmp_path, 2, args)  # the same command again
+    texts = run_job(tmp_path, 2, args, devices=4)  # the same command again
     assert "resumed from step 2" in texts[0]
     assert sorted(losses(out)) == [1, 2, 3]
 
