@@ -21,15 +21,11 @@ import time
 import jax
 
 from jaxsft.cli import parse_args
+from jaxsft.evals.gsm8k import load_jsonl
 from jaxsft.train import run
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-
-
-def read_jsonl(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f]
 
 
 def main(argv=None):
@@ -43,9 +39,9 @@ def main(argv=None):
     wall = time.perf_counter() - start
 
     out = config.train.output_dir
-    steps = read_jsonl(os.path.join(out, "metrics.jsonl"))
+    steps = load_jsonl(os.path.join(out, "metrics.jsonl"))
     timed = steps[1:] or steps
-    evals = read_jsonl(os.path.join(out, "eval.jsonl"))
+    evals = load_jsonl(os.path.join(out, "eval.jsonl"))
     before, after = (json.load(open(os.path.join(out, "eval", f"gsm8k_step{e['step']}.json")))
                      for e in (evals[0], evals[-1]))
     mfus = [s["mfu"] for s in timed if "mfu" in s]

@@ -9,6 +9,7 @@ counted by `DataError.reason` instead.
 from __future__ import annotations
 
 import collections
+import functools
 import glob
 import hashlib
 import json
@@ -93,14 +94,13 @@ def load_hub_dataset(source: dict):
     return datasets.load_dataset(source["path"], source["subset"] or None, split=source["split"])
 
 
-def iter_raw_records(source: dict, parse=lambda number: True):
-    """Yields (where, record or DataError) in file order; JSON lines whose record number `parse`
-    rejects are yielded as (where, None) without being decoded."""
+def iter_raw_records(source: dict):
+    """Yields (where, decode) in file order; `decode()` returns the record or a DataError. JSON
+    lines are decoded only when asked, so a shard passes over the other shards' records cheaply."""
     if is_hub_name(source["path"]):
         for i, record in enumerate(load_hub_dataset(source)):
-            yield f"{source['path']}[{source['split']}], row {i}", record
+            yield f"{source['path']}[{source['split']}], row {i}", functools.partial(_as_is, record)
         return
-    number = 0
     fs, files = expand_files(source["path"])
     for f in files:
         name = f if _is_local(fs) else fs.unstrip_protocol(f)
@@ -112,41 +112,40 @@ def iter_raw_records(source: dict, parse=lambda number: True):
                 row = 0
                 for batch in pq.ParquetFile(fh).iter_batches():
                     for record in batch.to_pylist():
-                        yield f"{name}, row {row}", record
+                        yield f"{name}, row {row}", functools.partial(_as_is, record)
                         row += 1
-                number += row
             elif base.endswith(".json"):
                 text = fh.read().decode("utf-8")
                 try:
                     data = json.loads(text)
                 except json.JSONDecodeError:
-                    number = yield from _json_lines(name, text, number, parse)  # a .json file holding JSON lines
+                    yield from _json_lines(name, text)  # a .json file holding JSON lines
                     continue
                 if isinstance(data, dict):  # {"data": [records]} as written by pandas/datasets, or one record
                     data = data["data"] if isinstance(data.get("data"), list) else [data]
                 for i, record in enumerate(data if isinstance(data, list) else [data]):
-                    yield f"{name}, record {i}", record
-                    number += 1
+                    yield f"{name}, record {i}", functools.partial(_as_is, record)
             else:
-                number = yield from _json_lines(name, fh.read().decode("utf-8"), number, parse)
+                yield from _json_lines(name, fh.read().decode("utf-8"))
 
 
-def _json_lines(name: str, text: str, number: int, parse):
-    """Yields the records of JSON lines numbered from `number`; returns the next number."""
+def _as_is(record):
+    return record
+
+
+def _json_lines(name: str, text: str):
     # split("\n"), not splitlines(): JSON strings may hold raw U+2028 and other line breaks.
     for lineno, line in enumerate(text.split("\n"), 1):
-        if not line.strip():
-            continue
-        where = f"{name}, line {lineno}"
-        if not parse(number):
-            yield where, None
-        else:
-            try:
-                yield where, json.loads(line)
-            except json.JSONDecodeError as e:
-                yield where, DataError(where, None, f"bad JSON: {e}", "bad_json")
-        number += 1
-    return number
+        if line.strip():
+            where = f"{name}, line {lineno}"
+            yield where, functools.partial(_decode_line, where, line)
+
+
+def _decode_line(where: str, line: str):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        return DataError(where, None, f"bad JSON: {e}", "bad_json")
 
 
 def detect_format(record: dict, where: str) -> str:
@@ -177,15 +176,12 @@ def read_source(source: dict, *, system_prompt: str, on_bad_record: str, shard: 
     """
     index, count = shard
     result = ReadResult(format=source["format"])
-
-    def parse(number):
-        return number % count == index or result.format == "auto"
-
-    for number, (where, record) in enumerate(iter_raw_records(source, parse)):
+    for number, (where, decode) in enumerate(iter_raw_records(source)):
         mine = number % count == index
-        if not mine and (record is None or result.format != "auto"):
+        if not mine and result.format != "auto":
             continue
         result.records += mine
+        record = decode()
         try:
             if isinstance(record, DataError):
                 raise record

@@ -186,22 +186,22 @@ class DataPipeline:
                 f"lengths with {len(everyone)} process(es): start jax.distributed in every process first "
                 "(jaxsft.train.distributed) or pass allgather=")
 
-        packed, losses, overs, self._owner, self._local_index, bases = [], [], [], [], [], [0]
+        packed, losses, overs, owners, local_indices, bases = [], [], [], [], [], [0]
         for t, table in enumerate(self._tables):
             shards = [every[t] for every in everyone]
             # Sample ids in record order, as one process would number them.
             order = np.argsort(np.concatenate([s["records"] for s in shards]), kind="stable")
             for out, key in ((packed, "length"), (losses, "loss"), (overs, "over")):
                 out.append(np.concatenate([s[key] for s in shards]).astype(np.int64)[order])
-            self._owner.append(np.concatenate([np.full(len(s["records"]), p) for p, s in enumerate(shards)])[order])
-            self._local_index.append(np.concatenate([np.arange(len(s["records"])) for s in shards])[order])
+            owners.append(np.concatenate([np.full(len(s["records"]), p) for p, s in enumerate(shards)])[order])
+            local_indices.append(np.concatenate([np.arange(len(s["records"])) for s in shards])[order])
             bases.append(bases[-1] + len(order))
             table.info = _merge_infos([s["info"] for s in shards])
         self._bases = np.array(bases)
         self._packed_len = np.concatenate(packed)
         self._loss_count = np.concatenate(losses)
-        self._owner = np.concatenate(self._owner).astype(np.int64)
-        self._local_index = np.concatenate(self._local_index).astype(np.int64)
+        self._owner = np.concatenate(owners).astype(np.int64)
+        self._local_index = np.concatenate(local_indices).astype(np.int64)
         over = np.concatenate(overs).astype(bool)
         has_loss = self._loss_count > 0
         self._dropped_no_loss = int((~has_loss & ~over).sum())
@@ -273,8 +273,8 @@ class DataPipeline:
             own = ids[self._owner[ids] == p]
             rows = first_fit_decreasing(self._packed_len[own], self.cfg.max_seq_len)
             per_process.append([[int(own[i]) for i in row] for row in rows])
-        count = max(-(-len(rows) // self.local_rows) for rows in per_process)
         n = self.local_rows
+        count = max(-(-len(rows) // n) for rows in per_process)
         return [[rows[m * n : (m + 1) * n] for rows in per_process] for m in range(count)]
 
     def _materialize(self, microbatch: list[list[list[int]]]) -> dict[str, np.ndarray]:

@@ -120,7 +120,10 @@ def local_dir(path: str | os.PathLike) -> str:
         path.removeprefix("gs://").rstrip("/"))
     os.makedirs(cache, exist_ok=True)
     record_path = cache + ".copied_from.json"
-    copied = json.loads(open(record_path).read()) if os.path.exists(record_path) else {}
+    copied = {}
+    if os.path.exists(record_path):
+        with open(record_path) as f:
+            copied = json.load(f)
     for f in src.iterdir():
         if not f.is_file():
             continue
