@@ -45,7 +45,7 @@ def is_correct(predicted: str | None, expected: str | None) -> bool:
 
 
 def load_jsonl(path: str | os.PathLike) -> list[dict]:
-    """GSM8K examples ({question, answer} per line) from a .jsonl file."""
+    """The JSON objects of a .jsonl file, one per non-empty line (GSM8K examples, metrics lines)."""
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
 
