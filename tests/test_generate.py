@@ -10,7 +10,7 @@ import torch
 import transformers as tf
 
 import jaxsft
-from jaxsft.generate import _generate
+from jaxsft.generation import _generate
 from jaxsft.models.gguf import load_gguf_tokenizer, smollm2_path
 from jaxsft.sharding import make_mesh
 from tests.hf_models import make_hf_model

@@ -14,7 +14,7 @@ import re
 import time
 from decimal import Decimal, InvalidOperation
 
-from jaxsft.generate import generate
+from jaxsft.generation import generate
 
 # A number as written in text: optional sign and $, thousands commas, decimals.
 _NUMBER = re.compile(r"-?\$?\d(?:[\d,]*\d)?(?:\.\d+)?")
