@@ -24,7 +24,7 @@ import jax
 
 from jaxsft.models import ModelConfig
 from jaxsft.models.hf_io import local_dir
-from jaxsft.train.step import loss_chunk
+from jaxsft.train.loss import loss_chunk
 
 GiB = 2**30
 # What XLA needs beyond the estimate (fragmentation, workspace, collectives' buffers).

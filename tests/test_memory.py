@@ -98,9 +98,9 @@ def test_memory_cli_says_what_to_change(tmp_path):
 
 
 def test_loss_chunks_keep_logits_under_256mib_per_device():
-    from jaxsft.train.step import loss_chunk
+    from jaxsft.train.loss import loss_chunk
 
     assert loss_chunk(1, 4096, 128256, devices=1) == 512  # 512 x 128256 x 4 B = 251 MiB
     assert loss_chunk(16, 512, 151936, devices=8) == 128  # 8 simulated CPU devices, demo shapes
     assert loss_chunk(2, 64, 160, devices=1) == 64  # small logits: one chunk
-    assert loss_chunk(64, 37, 128256, devices=1) == 37  # odd lengths cannot be halved
+    assert loss_chunk(64, 37, 128256, devices=1) == 5  # odd lengths: 37 -> 19 -> 10 -> 5, padded to 40

@@ -20,48 +20,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from jaxsft.train.loss import token_loss_sum
+
 BATCH_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions")
-
-
-def token_loss_sum(model, batch, chunk: int | None = None):
-    """Sum of cross-entropy over loss tokens, in float32.
-
-    Logits are computed and dropped chunk by chunk along the sequence (recomputed in the backward
-    pass), so a 128k vocabulary never materialises (batch, seq, vocab) in float32.
-    """
-    hidden = model.hidden_states(batch["input_ids"], batch["segment_ids"], batch["positions"])
-    b, t, e = hidden.shape
-    w = model.output_matrix()
-    chunk = chunk or loss_chunk(b, t, w.shape[1], jax.device_count())
-    scaling = model.config.logits_scaling
-
-    @jax.checkpoint
-    def chunk_loss(total, xs):
-        h, targets, mask = xs
-        logits = jnp.einsum("bte,ev->btv", h, w, preferred_element_type=jnp.float32) / scaling
-        losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-        return total + jnp.sum(jnp.where(mask > 0, losses, 0.0)), None
-
-    def chunks(x):
-        return jnp.moveaxis(x.reshape(b, t // chunk, chunk, *x.shape[2:]), 1, 0)
-
-    total, _ = jax.lax.scan(
-        chunk_loss, jnp.zeros((), jnp.float32),
-        (chunks(hidden), chunks(batch["targets"]), chunks(batch["loss_mask"].astype(jnp.float32))))
-    return total
-
-
-# Float32 logits elements per device in one loss chunk (256 MiB).
-LOGITS_PER_DEVICE = 2**26
-
-
-def loss_chunk(rows: int, seq_len: int, vocab: int, devices: int) -> int:
-    """Sequence positions per loss chunk: halve the row length until the chunk's float32 logits
-    fit LOGITS_PER_DEVICE per device (a 128k vocabulary makes whole-row logits gigabytes)."""
-    chunk = seq_len
-    while chunk % 2 == 0 and rows * chunk * vocab > LOGITS_PER_DEVICE * devices:
-        chunk //= 2
-    return chunk
 
 
 @dataclasses.dataclass(frozen=True)
