@@ -6,6 +6,7 @@ row never attends across samples. RoPE positions are applied by the caller, befo
 
 from __future__ import annotations
 
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -58,18 +59,36 @@ def xla_attention(q, k, v, segment_ids, *, scale, sliding_window):
     return out.reshape(b, t, n, h)
 
 
-def cudnn_attention(q, k, v, segment_ids, *, scale, sliding_window):
+# Segment slots per row given to cuDNN's packed attention. cuDNN schedules work and keeps float32
+# softmax statistics per slot ((rows x slots, heads, seq): 1.6 GB per layer call at 4096 slots, 24
+# heads), so one slot per token is wasteful; packed SFT rows hold far fewer samples (GSM8K at seq
+# 4096: ~20-27). Peers use 32. A row with more samples still gets one slot per token (exact, slower).
+CUDNN_SEGMENT_SLOTS = 32
+
+
+def cudnn_attention(q, k, v, segment_ids, *, scale, sliding_window, slots: int | None = None):
     """cuDNN flash attention. On Hopper and newer, packed rows go through cuDNN's native
     sequence packing (per-sample lengths and offsets, no T x T mask); elsewhere a same-sample
-    mask with is_causal keeps packing exact at the cost of a dense bias."""
+    mask with is_causal keeps packing exact at the cost of a dense bias.
+
+    `slots`: segment slots per row (None: CUDNN_SEGMENT_SLOTS when every row fits, decided on the
+    device, else one per token). Benchmarks pass it to time a fixed layout."""
     if _cudnn_packing_supported():
         from jax._src.cudnn.fused_attention_stablehlo import MaskType, dot_product_attention
 
-        seqlens, offsets = packed_layout(segment_ids)
-        return dot_product_attention(
-            q, k, v, q_seqlen=seqlens, kv_seqlen=seqlens, q_offsets=offsets, kv_offsets=offsets,
-            scale=scale, mask_type=MaskType.PADDING_CAUSAL, qkv_layout="BTNH",
-            sliding_window_length=sliding_window)
+        def packed(slots, q, k, v):
+            seqlens, offsets = packed_layout(segment_ids, slots)
+            return dot_product_attention(
+                q, k, v, q_seqlen=seqlens, kv_seqlen=seqlens, q_offsets=offsets, kv_offsets=offsets,
+                scale=scale, mask_type=MaskType.PADDING_CAUSAL, qkv_layout="BTNH",
+                sliding_window_length=sliding_window)
+
+        t = segment_ids.shape[1]
+        if slots is not None or t <= CUDNN_SEGMENT_SLOTS:
+            return packed(slots or t, q, k, v)
+        fits = jnp.max(slots_needed(segment_ids)) <= CUDNN_SEGMENT_SLOTS
+        return jax.lax.cond(fits, functools.partial(packed, CUDNN_SEGMENT_SLOTS), functools.partial(packed, t),
+                            q, k, v)
     same_sample = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
     window = None if sliding_window is None else (sliding_window - 1, 0)
     return jax.nn.dot_product_attention(
@@ -82,17 +101,26 @@ def _cudnn_packing_supported() -> bool:
     return device.platform == "gpu" and float(getattr(device, "compute_capability", "0")) >= 9.0
 
 
-def packed_layout(segment_ids):
-    """Per-row sample lengths (B, M) and start offsets (B, M + 1), -1 where a row has fewer
-    samples, as cuDNN's packed attention wants them (M = T, the most a row can hold).
+def slots_needed(segment_ids):
+    """(B,) slots each row needs in `packed_layout`: its highest segment id, plus one for trailing
+    padding."""
+    last = jnp.max(segment_ids, axis=1)
+    return last + jnp.any(segment_ids == 0, axis=1)
+
+
+def packed_layout(segment_ids, slots: int | None = None):
+    """Per-row sample lengths (B, M) and start offsets (B, M + 1), -1 in unused slots, as cuDNN's
+    packed attention wants them; M = `slots` (default: T, the most a row can hold). Every row must
+    fit (`slots_needed` <= M): a sample beyond the last slot would be dropped.
 
     Trailing padding (segment 0) becomes one more sample of its own, so every position gets a
     finite output: a garbage value there would turn into NaN gradients through the 0-weighted loss.
     """
     b, t = segment_ids.shape
+    slots = slots or t
     last = jnp.max(segment_ids, axis=1, keepdims=True)
     segments = jnp.where(segment_ids == 0, last + 1, segment_ids)
-    counts = jax.vmap(lambda s: jnp.bincount(s, length=t + 1)[1:])(segments)
+    counts = jax.vmap(lambda s: jnp.bincount(s, length=slots + 1)[1:])(segments)
     starts = jnp.cumsum(counts, axis=1) - counts
     present = counts > 0
     seqlens = jnp.where(present, counts, -1).astype(jnp.int32)
