@@ -84,6 +84,8 @@ class Decoder(nnx.Module):
         if not c.tie_word_embeddings:
             self.lm_head = nnx.Param(
                 normal(rngs.params(), (c.hidden_size, c.vocab_size), param_dtype), logical_axes=("embed", "vocab"))
+        # LoRA adapters (`jaxsft.models.lora.Adapters`), attached by `lora.attach` or a PEFT import.
+        self.lora = nnx.data(None)
 
     def __call__(self, input_ids, segment_ids=None, positions=None):
         """input_ids (B, T) -> float32 logits (B, T, vocab)."""
@@ -105,13 +107,16 @@ class Decoder(nnx.Module):
                             sliding_window=c.sliding_window, backend=backend)
             return out, None
 
-        def body(x, w):
+        def body(x, layer):
+            w, adapters = layer
             w = jax.tree.map(lambda a: a.astype(self.compute_dtype), w)
-            return decoder_layer(x, w, positions, inv_freq, c, attend)
+            adapt = None if adapters is None else self.lora.adapt(adapters, self.compute_dtype)
+            return decoder_layer(x, w, positions, inv_freq, c, attend, adapt)
 
         if REMAT[c.remat] is not None:
             body = jax.checkpoint(body, policy=REMAT[c.remat], prevent_cse=False)
-        x, _ = jax.lax.scan(body, x, self.layers.arrays())
+        adapters = None if self.lora is None else self.lora.layer_inputs()
+        x, _ = jax.lax.scan(body, x, (self.layers.arrays(), adapters))
         return rms_norm(x, self.final_norm[...], c.rms_norm_eps)
 
     def output_matrix(self):
@@ -124,13 +129,19 @@ class Decoder(nnx.Module):
         return out / self.config.logits_scaling
 
 
-def decoder_layer(x, w, positions, inv_freq, c: ModelConfig, attend):
+def decoder_layer(x, w, positions, inv_freq, c: ModelConfig, attend, adapt=None):
     """One pre-norm block. `attend(q, k, v) -> (out, aux)` is the attention (packed for training,
-    with a KV cache for generation); its aux comes back as the second result."""
+    with a KV cache for generation); its aux comes back as the second result. `adapt(name, x, y)`,
+    when given, adds LoRA adapters to the projection `name` (input x, output y)."""
+
+    def project(equation, x, name):
+        y = jnp.einsum(equation, x, w[name])
+        return y if adapt is None else adapt(name, x, y)
+
     h = rms_norm(x, w["attn_norm"], c.rms_norm_eps)
-    q = jnp.einsum("bte,enh->btnh", h, w["q"])
-    k = jnp.einsum("bte,ekh->btkh", h, w["k"])
-    v = jnp.einsum("bte,ekh->btkh", h, w["v"])
+    q = project("bte,enh->btnh", h, "q")
+    k = project("bte,ekh->btkh", h, "k")
+    v = project("bte,ekh->btkh", h, "v")
     if c.qkv_bias:
         q, k, v = q + w["q_bias"], k + w["k_bias"], v + w["v_bias"]
     if c.qk_norm:
@@ -139,13 +150,13 @@ def decoder_layer(x, w, positions, inv_freq, c: ModelConfig, attend):
     q = apply_rope(q, positions, inv_freq)
     k = apply_rope(k, positions, inv_freq)
     a, aux = attend(q, k, v)
-    out = jnp.einsum("btnh,nhe->bte", a, w["o"])
+    out = project("btnh,nhe->bte", a, "o")
     if c.o_bias:
         out = out + w["o_bias"]
     x = x + out * c.residual_multiplier
     h = rms_norm(x, w["mlp_norm"], c.rms_norm_eps)
-    mlp = jax.nn.silu(h @ w["gate"]) * (h @ w["up"])
-    return x + (mlp @ w["down"]) * c.residual_multiplier, aux
+    mlp = jax.nn.silu(project("bte,ef->btf", h, "gate")) * project("bte,ef->btf", h, "up")
+    return x + project("btf,fe->bte", mlp, "down") * c.residual_multiplier, aux
 
 
 def rms_norm(x, weight, eps):
