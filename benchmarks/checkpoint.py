@@ -82,7 +82,8 @@ def child(what: str, path: str, ckpt_dir: str) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from jaxsft.checkpoint import Checkpointer, load_converted
+    from jaxsft.checkpoint import Checkpointer
+    from jaxsft.models.converted import load_converted
     from jaxsft.models import load_model
     from jaxsft.sharding import make_mesh
 

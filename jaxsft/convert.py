@@ -17,11 +17,10 @@ import tempfile
 import time
 
 import jax.numpy as jnp
-from transformers import AutoTokenizer
 
-from jaxsft.checkpoint import save_converted
-from jaxsft.models import load_model
-from jaxsft.models.gguf import find_gguf, load_gguf_tokenizer
+from jaxsft.models import load_model, load_tokenizer
+from jaxsft.models.converted import save_converted
+from jaxsft.models.gguf import find_gguf
 from jaxsft.models.hf_io import local_dir, save_hf
 from jaxsft.sharding import make_mesh
 
@@ -35,11 +34,10 @@ def convert(source: str, out: str, dtype: str = "float32", hf: bool = False) -> 
     # Sharded over every device, so no device (and, with several hosts, no host) holds it whole.
     model = load_model(folder, dtype=jnp.dtype(dtype), mesh=make_mesh())
     if hf:
-        tokenizer = load_gguf_tokenizer(gguf) if gguf else AutoTokenizer.from_pretrained(folder)
-        save_hf(model, out, tokenizer=tokenizer, dtype=jnp.dtype(dtype))
+        save_hf(model, out, tokenizer=load_tokenizer(folder), dtype=jnp.dtype(dtype))
     elif gguf:
         with tempfile.TemporaryDirectory() as tokenizer_dir:
-            load_gguf_tokenizer(gguf).save_pretrained(tokenizer_dir)
+            load_tokenizer(gguf).save_pretrained(tokenizer_dir)
             save_converted(model, tokenizer_dir, out, extra_files=_files(tokenizer_dir))
     else:
         save_converted(model, folder, out, extra_files=_files(folder))

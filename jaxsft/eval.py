@@ -8,6 +8,7 @@ import os
 
 import jax
 
+from jaxsft import rundir
 from jaxsft.evals.gsm8k import evaluate_gsm8k, load_jsonl, write_results
 
 
@@ -21,7 +22,7 @@ def gsm8k_accuracy(config, model, tokenizer, step: int) -> dict:
                             subset=g.subset or None)
     result["step"] = step
     if jax.process_index() == 0:
-        write_results(result, os.path.join(config.train.output_dir, "eval", f"gsm8k_step{step}.json"))
+        write_results(result, rundir.join(config.train.output_dir, "eval", f"gsm8k_step{step}.json"))
     return result
 
 
@@ -45,16 +46,18 @@ def _verdict(record: dict, chars: int = 300) -> str:
 
 def main(argv=None):
     from jaxsft.cli import UsageError, parse_args
+    from jaxsft.models import load_tokenizer
+    from jaxsft.models.loading import model_for_run
     from jaxsft.sharding import make_mesh
-    from jaxsft.train.loop import init_model, load_tokenizer
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     config, _ = parse_args(argv)
     if not config.gsm8k.file:
         raise UsageError("gsm8k.file is empty: set --config.gsm8k.file=PATH/test.jsonl")
     mesh = make_mesh(**config.mesh)
+    model = model_for_run(config.model, mesh, seed=config.train.seed)  # loaded outside: Orbax needs a concrete mesh
     with jax.set_mesh(mesh):
-        result = gsm8k_accuracy(config, init_model(config, mesh), load_tokenizer(config), step=0)
+        result = gsm8k_accuracy(config, model, load_tokenizer(config.data.tokenizer or config.model.path), step=0)
     print(f"GSM8K accuracy {result['accuracy']:.3f} ({result['correct']}/{result['total']}), "
           f"written to {os.path.join(config.train.output_dir, 'eval')}")
 

@@ -2,9 +2,10 @@
 
 Writes a Hugging Face model folder (safetensors, config.json, tokenizer) from any jaxsft
 checkpoint: a converted model (`python -m jaxsft.convert`), a training run's checkpoint step
-(`RUN/checkpoints/8`), its checkpoint directory (the newest step) or the run directory itself.
-The model's config.json and tokenizer come from the checkpoint's own folder (converted) or from
-the run's `model.path` / `data.tokenizer` (training checkpoint).
+(`RUN/checkpoints/8`), its checkpoint directory (the newest step) or the run directory itself;
+local or gs://, and so is the output. A training checkpoint describes itself (the model's config
+and generation config in its record, the tokenizer beside its steps), so the model it was trained
+from is not needed.
 """
 
 from __future__ import annotations
@@ -12,41 +13,60 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 
 import jax.numpy as jnp
+from etils import epath
 
-from jaxsft.checkpoint import find_params, restore_params
-from jaxsft.models import ModelConfig
-from jaxsft.models.hf_io import local_dir, save_hf
+from jaxsft.checkpoint import TOKENIZER_DIR
+from jaxsft.models import ModelConfig, load_tokenizer
+from jaxsft.models.converted import MARKER, converted_config, join, restore_params
+from jaxsft.models.hf_io import save_hf
 from jaxsft.sharding import make_mesh
 
 
-def export(checkpoint: str, out: str, dtype: str = "bfloat16") -> None:
-    from transformers import AutoTokenizer
+def find_params(path: str) -> tuple[str, dict | None]:
+    """Where the params of `path` are, and the training record if it is a training checkpoint.
+    `path`: a converted model, a step directory (`.../checkpoints/8`), a checkpoint directory
+    (its newest step) or a run directory (its `checkpoints/`)."""
+    p = epath.Path(path)
+    if (p / MARKER).exists():
+        return join(path, "params"), None
+    if (p / "checkpoints").exists() and not (p / "params").exists():
+        return find_params(join(path, "checkpoints"))
+    if (p / "params").exists() and (p / "record").exists():
+        step_dir = str(path)
+    else:
+        steps = sorted(int(d.name) for d in p.iterdir() if d.name.isdigit() and (d / "record").exists()) \
+            if p.exists() else []
+        if not steps:
+            raise FileNotFoundError(
+                f"{path}: not a converted model ({MARKER}), a training checkpoint step, or a directory of them")
+        step_dir = join(path, str(steps[-1]))
+    record_file = epath.Path(join(step_dir, "record")) / "metadata"
+    return join(step_dir, "params"), json.loads(record_file.read_text()) if record_file.exists() else None
 
+
+def training_checkpoint_model(params_dir: str, record: dict) -> tuple[ModelConfig, str]:
+    """The model config and tokenizer folder of a training checkpoint, from the checkpoint itself."""
+    if "model_config" not in record:
+        raise ValueError(f"{params_dir}: this checkpoint predates self-describing checkpoints (no model "
+                         "config in its record); export it with the jaxsft version that wrote it")
+    config = ModelConfig.from_hf(record["model_config"], source=f"{params_dir}/../record")
+    config = config.replace(hf_generation_config=record.get("generation_config") or {})
+    step_dir = params_dir.rstrip("/").rsplit("/", 1)[0]
+    checkpoint_dir = step_dir.rstrip("/").rsplit("/", 1)[0]
+    return config, join(checkpoint_dir, TOKENIZER_DIR)
+
+
+def export(checkpoint: str, out: str, dtype: str = "bfloat16") -> None:
     params_dir, record = find_params(checkpoint)
     if record is None:  # a converted model: config.json and tokenizer beside the params
-        model_dir = tokenizer_dir = checkpoint
+        config, tokenizer_dir = converted_config(checkpoint), checkpoint
     else:
-        model = record.get("config", {}).get("model", {})
-        model_dir = model.get("path")
-        tokenizer_dir = record["config"].get("data", {}).get("tokenizer") or model_dir
-        if not model_dir or model_dir.endswith(".gguf"):
-            raise ValueError(f"{checkpoint}: its run's model.path ({model_dir!r}) has no config.json to "
-                             "describe the model; export needs the folder it was trained from")
-    folder = local_dir(model_dir)
-    config_path = os.path.join(folder, "config.json")
-    if not os.path.exists(config_path):
-        raise FileNotFoundError(f"{config_path} not found: the checkpoint's model folder is needed for its config")
-    config = ModelConfig.from_json_file(config_path)
-    gen_path = os.path.join(folder, "generation_config.json")
-    if os.path.exists(gen_path):
-        with open(gen_path) as f:
-            config = config.replace(hf_generation_config=json.load(f))
+        config, tokenizer_dir = training_checkpoint_model(params_dir, record)
     # Read in float32 and cast per tensor while writing; sharded over all devices.
     model = restore_params(params_dir, config, jnp.float32, jnp.float32, mesh=make_mesh())
-    save_hf(model, out, tokenizer=AutoTokenizer.from_pretrained(local_dir(tokenizer_dir)), dtype=jnp.dtype(dtype))
+    save_hf(model, out, tokenizer=load_tokenizer(tokenizer_dir), dtype=jnp.dtype(dtype))
 
 
 def main(argv=None):

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxsft.checkpoint import (Checkpointer, CheckpointCorrupt, CheckpointMismatch, flatten,
-                               truncate_jsonl)
+from jaxsft.checkpoint import Checkpointer, CheckpointCorrupt, CheckpointMismatch, flatten
+from jaxsft.rundir import truncate_jsonl
 from jaxsft.models import Decoder, ModelConfig
 from jaxsft.sharding import make_mesh, optimizer_shardings, param_shardings
 from jaxsft.train import default_config
@@ -286,10 +286,10 @@ def make_hf_qwen2(folder):
 
 @pytest.mark.slow
 def test_convert_once_then_start_from_it_and_export(tmp_path):
-    from jaxsft.checkpoint import is_converted, load_converted
     from jaxsft.convert import main as convert_main
-    from jaxsft.models import load_model
-    from jaxsft.train.loop import init_model, load_tokenizer
+    from jaxsft.models import load_model, load_tokenizer
+    from jaxsft.models.converted import is_converted, load_converted
+    from jaxsft.models.loading import model_for_run
 
     hf_dir = make_hf_qwen2(str(tmp_path / "hf"))
     conv = tmp_path / "converted"
@@ -302,9 +302,9 @@ def test_convert_once_then_start_from_it_and_export(tmp_path):
     config.model.path = str(conv)
     config.model.compute_dtype = "float32"
     mesh = make_mesh(data=2, fsdp=2, tensor=2)
-    model = init_model(config, mesh)  # the train loop's hook: no safetensors read
+    model = model_for_run(config.model, mesh)  # as a run loads it: no safetensors read
     np.testing.assert_allclose(np.asarray(model(ids)), reference, rtol=1e-5, atol=1e-5)
-    assert load_tokenizer(config)("hello")["input_ids"]
+    assert load_tokenizer(config.model.path)("hello")["input_ids"]
     # bfloat16 storage, cast back to the run's float32 on load.
     convert_main(["--from", hf_dir, "--to", str(tmp_path / "bf16"), "--dtype", "bfloat16"])
     small = load_converted(str(tmp_path / "bf16"), compute_dtype=jnp.float32)

@@ -22,10 +22,11 @@ def upload(local_dir, url):
 
 @pytest.mark.slow
 def test_model_data_and_checkpoints_on_gcs(tmp_path, gcs_bucket, monkeypatch):  # noqa: F811
-    from jaxsft.checkpoint import Checkpointer, is_converted
+    from jaxsft.checkpoint import Checkpointer
     from jaxsft.convert import main as convert_main
     from jaxsft.export import main as export_main
     from jaxsft.models import load_model
+    from jaxsft.models.converted import is_converted
     from jaxsft.train import run
 
     monkeypatch.setenv("JAXSFT_CACHE", str(tmp_path / "cache"))  # where gs:// model files are copied

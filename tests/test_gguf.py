@@ -101,7 +101,7 @@ def test_smollm2_logits_match_transformers_and_survive_export(smollm2, gsm8k_pro
 
 @pytest.mark.slow
 def test_convert_a_gguf_file_to_a_checkpoint_and_to_a_hf_folder(smollm2, gsm8k_prompts, tmp_path):
-    from jaxsft.checkpoint import load_converted
+    from jaxsft.models.converted import load_converted
     from jaxsft.convert import main as convert_main
 
     path, hf, model, tok = smollm2

@@ -28,11 +28,11 @@ from jaxsft.train.distributed import maybe_initialize_distributed
 maybe_initialize_distributed()
 from jaxsft.cli import parse_args
 from jaxsft.data import DataPipeline
-from jaxsft.train.loop import load_tokenizer
+from jaxsft.models import load_tokenizer
 
 config, _ = parse_args(sys.argv[1:])
 if os.environ.get("DUMP_ROWS"):
-    data = DataPipeline(config.data, load_tokenizer(config), num_batch_devices=jax.device_count(),
+    data = DataPipeline(config.data, load_tokenizer(config.data.tokenizer or config.model.path), num_batch_devices=jax.device_count(),
                         process_index=jax.process_index(), process_count=jax.process_count())
     steps = [next(data).microbatches for _ in range(2)]
     data.close()

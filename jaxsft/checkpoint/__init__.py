@@ -1,4 +1,4 @@
-"""Orbax checkpoints of a training run, and converted models that later runs start from.
+"""Orbax checkpoints of a training run.
 
 A training checkpoint (`Checkpointer`) holds params, optimizer state and a JSON record (step,
 data iterator state, RNG seeds, config, and a fingerprint of every array). Saves are
@@ -12,31 +12,27 @@ is used.
 Trees are stored as flat dicts keyed by readable paths ("layers.q", "1.0.mu.layers.q"), so a
 mismatch between a checkpoint and the run restoring it can be reported by name and shape.
 
-A converted model (`save_converted` / `load_converted`, made by `python -m jaxsft.convert`) is a
-folder with the params as an Orbax checkpoint in `params/`, the model's config.json and tokenizer
-files beside it, and the marker file `jaxsft_checkpoint.json`.
+The converted-model format (`python -m jaxsft.convert`) lives in `jaxsft.models.converted`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint.checkpoint_managers import AnyPreservationPolicy, BestN, LatestN
 
 from jaxsft.sharding import path_name
 
+# The run's tokenizer, saved once beside the steps, so that a checkpoint describes itself (the
+# record holds the model config): `python -m jaxsft.export` needs nothing else.
+TOKENIZER_DIR = "tokenizer"
+
 log = logging.getLogger("jaxsft.checkpoint")
-
-MARKER = "jaxsft_checkpoint.json"
-
 
 def flatten(tree) -> dict[str, jax.Array]:
     return {path_name(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
@@ -189,130 +185,3 @@ def _check_shapes(metadata, step, item, like):
             f"checkpoint step {step} ({item}) was saved by another model or optimizer and does not "
             "fit this run:\n  " + "\n  ".join(problems[:20]) + "\nPoint checkpoint.dir elsewhere, "
             "or set checkpoint.resume=False, to start this run afresh.")
-
-
-def truncate_jsonl(path: str, last_step: int) -> None:
-    """Drop lines of a metrics file logged after `last_step`, so that a resumed run continues the
-    file without duplicating the steps it repeats."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        lines = f.readlines()
-    kept = []
-    for line in lines:
-        try:
-            if json.loads(line)["step"] <= last_step:
-                kept.append(line)
-        except (ValueError, KeyError):  # a line cut short by the kill
-            pass
-    if len(kept) != len(lines):
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(kept)
-        os.replace(tmp, path)
-
-
-# --- converted models and reading params for export ---
-
-def is_converted(path) -> bool:
-    path = str(path)
-    try:
-        return bool(path) and (epath.Path(path) / MARKER).exists()
-    except Exception:
-        return False
-
-
-def save_converted(model, tokenizer_dir: str | None, out: str, extra_files=()) -> None:
-    """Write `model`'s params (an Orbax checkpoint in `out/params`), its config.json and the
-    tokenizer files of `tokenizer_dir`, then the marker file last (it means: complete)."""
-    from jaxsft.models.hf_io import hf_config_dict
-    from flax import nnx
-
-    out_path = epath.Path(out)
-    out_path.mkdir(parents=True, exist_ok=True)
-    params = flatten(nnx.state(model, nnx.Param))
-    dtype = next(iter(params.values())).dtype
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(out_path / "params", params, force=True)
-    if jax.process_index() != 0:
-        return
-    c = model.config
-    (out_path / "config.json").write_text(json.dumps(hf_config_dict(c, dtype), indent=2))
-    if c.hf_generation_config:
-        (out_path / "generation_config.json").write_text(json.dumps(dict(c.hf_generation_config), indent=2))
-    for f in extra_files:
-        (out_path / os.path.basename(f)).write_bytes(epath.Path(f).read_bytes())
-    (out_path / MARKER).write_text(json.dumps({"format": 1, "dtype": jnp.dtype(dtype).name}))
-
-
-def restore_params(item_dir: str, config, dtype, compute_dtype, mesh=None, rules=None):
-    """A Decoder for `config` whose params are read from an Orbax params item (a converted
-    model's `params/` or a training checkpoint's `STEP/params`), each shard straight onto its
-    device (any mesh), cast to `dtype`."""
-    from flax import nnx
-
-    from jaxsft.models import Decoder
-    from jaxsft.sharding import param_shardings
-
-    abstract_model = nnx.eval_shape(lambda: Decoder(config, param_dtype=dtype, compute_dtype=compute_dtype))
-    graphdef, state = nnx.split(abstract_model)
-    shardings = param_shardings(state, mesh, rules)
-    target = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s)
-              for (k, v), s in zip(flatten(state).items(), flatten(shardings).values())}
-    with ocp.StandardCheckpointer() as ckptr:
-        try:
-            stored = ckptr.metadata(item_dir)
-            stored = getattr(stored, "item_metadata", stored)
-        except Exception as e:
-            raise CheckpointCorrupt(f"{item_dir}: not a readable params checkpoint ({e})") from e
-        problems = [f"missing: {k} {tuple(v.shape)}" for k, v in target.items() if k not in stored]
-        problems += [f"{k}: checkpoint {tuple(stored[k].shape)}, config.json {tuple(v.shape)}"
-                     for k, v in target.items() if k in stored and tuple(stored[k].shape) != v.shape]
-        if problems:
-            raise CheckpointMismatch(f"{item_dir} does not match its model config:\n  " + "\n  ".join(problems[:20]))
-        # Orbax casts to the target dtype while reading.
-        flat = ckptr.restore(item_dir, {k: target[k] for k in stored if k in target})
-    return nnx.merge(graphdef, unflatten(state, flat))
-
-
-def load_converted(path: str, dtype=jnp.float32, compute_dtype=jnp.bfloat16, mesh=None, rules=None,
-                   **run_options):
-    """A converted model folder (local or gs://) -> a sharded Decoder; the same signature as
-    `jaxsft.models.load_model`."""
-    from jaxsft.models import ModelConfig
-    from jaxsft.models.hf_io import local_dir
-
-    folder = local_dir(path)  # config.json and tokenizer files only; params are read in place
-    config = ModelConfig.from_json_file(os.path.join(folder, "config.json"), **run_options)
-    gen_path = os.path.join(folder, "generation_config.json")
-    if os.path.exists(gen_path):
-        with open(gen_path) as f:
-            config = config.replace(hf_generation_config=json.load(f))
-    return restore_params(_join(path, "params"), config, dtype, compute_dtype, mesh, rules)
-
-
-def _join(path, name):
-    return str(path).rstrip("/") + "/" + name if str(path).startswith("gs://") else os.path.join(os.path.abspath(path), name)
-
-
-def find_params(path: str) -> tuple[str, dict | None]:
-    """Where the params of `path` are, and the training record if it is a training checkpoint.
-    `path`: a converted model, a step directory (`.../checkpoints/8`), a checkpoint directory
-    (its newest step) or a run directory (its `checkpoints/`)."""
-    p = epath.Path(path)
-    if (p / MARKER).exists():
-        return _join(path, "params"), None
-    if (p / "checkpoints").exists() and not (p / "params").exists():
-        return find_params(_join(path, "checkpoints"))
-    if (p / "params").exists() and (p / "record").exists():
-        step_dir = str(path)
-    else:
-        steps = sorted(int(d.name) for d in p.iterdir() if d.name.isdigit() and (d / "record").exists()) \
-            if p.exists() else []
-        if not steps:
-            raise FileNotFoundError(
-                f"{path}: not a converted model ({MARKER}), a training checkpoint step, or a directory of them")
-        step_dir = _join(path, str(steps[-1]))
-    record = json.loads(epath.Path(_join(step_dir, "record")).joinpath("metadata").read_text()) \
-        if (epath.Path(step_dir) / "record" / "metadata").exists() else None
-    return _join(step_dir, "params"), record

@@ -14,6 +14,7 @@ import re
 import time
 from decimal import Decimal, InvalidOperation
 
+from jaxsft import rundir
 from jaxsft.generation import generate
 
 # A number as written in text: optional sign and $, thousands commas, decimals.
@@ -106,8 +107,5 @@ def evaluate_gsm8k(model, tokenizer, examples: list[dict], *, k_shot: int = 0, s
 
 
 def write_results(result: dict, path: str | os.PathLike) -> None:
-    """The result as JSON (records included); the parent folder is created."""
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)
+    """The result as JSON (records included), local or gs://; the parent folder is created."""
+    rundir.write_json(os.fspath(path), result)

@@ -1,3 +1,4 @@
 from jaxsft.models.config import SUPPORTED_ARCHITECTURES, ConfigError, ModelConfig
 from jaxsft.models.decoder import Decoder
-from jaxsft.models.hf_io import CheckpointError, load_model, save_hf
+from jaxsft.models.hf_io import CheckpointError, save_hf
+from jaxsft.models.loading import load_model, load_model_config, load_tokenizer

@@ -185,11 +185,14 @@ def gguf_tensor_reader(reader, config: ModelConfig, path: str):
     return read
 
 
+def gguf_model_config(path: str, **run_options) -> ModelConfig:
+    return ModelConfig.from_hf(hf_config_from_gguf(_reader(path), path), source=path, **run_options)
+
+
 def load_gguf(path: str, dtype, compute_dtype, mesh=None, rules=None, **run_options):
-    """A Decoder from a .gguf file; called by `jaxsft.load_model` for .gguf paths."""
-    reader = _reader(path)
-    config = ModelConfig.from_hf(hf_config_from_gguf(reader, path), source=path, **run_options)
-    return build_model(config, gguf_tensor_reader(reader, config, path), dtype, compute_dtype, mesh, rules)
+    """A Decoder from a .gguf file; `jaxsft.models.loading.load_model` calls it for .gguf paths."""
+    config = gguf_model_config(path, **run_options)
+    return build_model(config, gguf_tensor_reader(_reader(path), config, path), dtype, compute_dtype, mesh, rules)
 
 
 def load_gguf_tokenizer(path: str | os.PathLike):

@@ -22,7 +22,7 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from jaxsft.models.config import ConfigError, ModelConfig
+from jaxsft.models.config import ModelConfig
 from jaxsft.models.decoder import Decoder, layer_shapes
 
 
@@ -165,28 +165,29 @@ def _tensor_files(folder: str) -> dict[str, str]:
         "not read; re-save the model with save_pretrained(safe_serialization=True))")
 
 
-def load_model(path: str | os.PathLike, dtype=jnp.float32, compute_dtype=jnp.bfloat16, mesh=None,
-               rules=None, **run_options) -> Decoder:
-    """Load a Hugging Face model folder (local or gs://) into a sharded Decoder.
-
-    dtype: parameter dtype; compute_dtype: matmul dtype; mesh/rules: where the parameters go
-    (default: the first device); run_options: ModelConfig run-time fields (remat, attention).
-    A .gguf file, or a folder holding one and no config.json, is read by `jaxsft.models.gguf`.
-    """
-    from jaxsft.models import gguf
-
-    gguf_file = gguf.find_gguf(path)
-    if gguf_file is not None:
-        return gguf.load_gguf(gguf_file, dtype, compute_dtype, mesh, rules, **run_options)
-    folder = local_dir(path)
+def hf_model_config(folder: str, **run_options) -> ModelConfig:
+    """The ModelConfig of a local Hugging Face folder (config.json and generation_config.json)."""
     config_path = os.path.join(folder, "config.json")
     if not os.path.exists(config_path):
-        raise CheckpointError(f"{path}: no config.json; is this a Hugging Face model folder?")
+        raise CheckpointError(f"{folder}: no config.json; is this a Hugging Face model folder?")
     config = ModelConfig.from_json_file(config_path, **run_options)
     gen_path = os.path.join(folder, "generation_config.json")
     if os.path.exists(gen_path):
         with open(gen_path) as f:
             config = config.replace(hf_generation_config=json.load(f))
+    return config
+
+
+def load_hf(path: str | os.PathLike, dtype=jnp.float32, compute_dtype=jnp.bfloat16, mesh=None,
+            rules=None, **run_options) -> Decoder:
+    """Load a Hugging Face model folder (local or gs://) into a sharded Decoder.
+
+    dtype: parameter dtype; compute_dtype: matmul dtype; mesh/rules: where the parameters go
+    (default: the first device); run_options: ModelConfig run-time fields (remat, attention).
+    Every kind of model source is dispatched by `jaxsft.models.loading.load_model`.
+    """
+    folder = local_dir(path)
+    config = hf_model_config(folder, **run_options)
     files = _tensor_files(folder)
     _check_tensors(folder, files, hf_tensors(config), config)
     handles = {f: safe_open(f, framework="numpy") for f in set(files.values())}
@@ -285,10 +286,11 @@ def hf_config_dict(c: ModelConfig, dtype) -> dict[str, Any]:
         "dtype": jnp.dtype(dtype).name,
     })
     hf.pop("torch_dtype", None)
-    rope = {"rope_type": "default", "rope_theta": c.rope_theta, **(c.rope_scaling or {})}
-    hf["rope_parameters"] = rope
-    hf.pop("rope_scaling", None)
-    hf.pop("rope_theta", None)
+    # Both spellings: transformers 5 reads `rope_parameters`; transformers 4.x, vLLM and llama.cpp's
+    # converter read `rope_theta` and `rope_scaling` (without them they silently use theta 10000).
+    hf["rope_parameters"] = {"rope_type": "default", "rope_theta": c.rope_theta, **(c.rope_scaling or {})}
+    hf["rope_theta"] = c.rope_theta
+    hf["rope_scaling"] = dict(c.rope_scaling) if c.rope_scaling else None
     return hf
 
 

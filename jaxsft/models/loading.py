@@ -1,0 +1,78 @@
+"""Every model source, one dispatcher: a model and the tokenizer that goes with it.
+
+A source (`model.path`, `--checkpoint`, `--from`) is one of:
+- a Hugging Face model folder, local or gs:// (`jaxsft.models.hf_io`);
+- a `.gguf` file, or a folder holding one and no config.json (`jaxsft.models.gguf`);
+- a converted jaxsft checkpoint made by `python -m jaxsft.convert` (`jaxsft.models.converted`).
+Train, eval, the data preview, export, convert and generate all load through here.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxsft.models import converted, gguf, hf_io
+from jaxsft.models.config import ModelConfig
+from jaxsft.models.decoder import Decoder
+from jaxsft.sharding import param_shardings
+
+
+def load_model(path, dtype=jnp.float32, compute_dtype=jnp.bfloat16, mesh=None, rules=None,
+               **run_options) -> Decoder:
+    """The model at `path` as a sharded Decoder (params straight onto their devices).
+
+    dtype: parameter dtype; compute_dtype: matmul dtype; mesh/rules: where the parameters go
+    (default: the first device); run_options: ModelConfig run-time fields (remat, attention).
+    """
+    path = str(path)
+    if converted.is_converted(path):
+        return converted.load_converted(path, dtype, compute_dtype, mesh, rules, **run_options)
+    gguf_file = gguf.find_gguf(path)
+    if gguf_file is not None:
+        return gguf.load_gguf(gguf_file, dtype, compute_dtype, mesh, rules, **run_options)
+    return hf_io.load_hf(path, dtype, compute_dtype, mesh, rules, **run_options)
+
+
+def load_model_config(path, **run_options) -> ModelConfig:
+    """The ModelConfig of the model at `path`, without reading its weights."""
+    path = str(path)
+    if converted.is_converted(path):
+        return converted.converted_config(path, **run_options)
+    gguf_file = gguf.find_gguf(path)
+    if gguf_file is not None:
+        return gguf.gguf_model_config(gguf_file, **run_options)
+    return hf_io.hf_model_config(hf_io.local_dir(path), **run_options)
+
+
+def load_tokenizer(path):
+    """The tokenizer stored with the model at `path` (any source above, or a tokenizer folder)."""
+    from transformers import AutoTokenizer
+
+    path = str(path)
+    gguf_file = None if converted.is_converted(path) else gguf.find_gguf(path)
+    if gguf_file is not None:
+        return gguf.load_gguf_tokenizer(gguf_file)
+    return AutoTokenizer.from_pretrained(hf_io.local_dir(path))
+
+
+def random_model(config: ModelConfig, dtype, compute_dtype, mesh=None, seed: int = 0) -> Decoder:
+    """A Decoder with random weights, created already sharded (never whole on one device)."""
+    def create():
+        return Decoder(config, param_dtype=dtype, compute_dtype=compute_dtype, rngs=nnx.Rngs(seed))
+
+    graphdef, state = nnx.split(nnx.eval_shape(create))
+    state = jax.jit(lambda: nnx.split(create())[1], out_shardings=param_shardings(state, mesh))()
+    return nnx.merge(graphdef, state)
+
+
+def model_for_run(model_section, mesh=None, seed: int = 0) -> Decoder:
+    """The model a run's `model` config section describes: pretrained weights from `path`, or
+    (init='random') `path`'s architecture with random weights."""
+    m = model_section
+    dtypes = dict(dtype=jnp.dtype(m.param_dtype), compute_dtype=jnp.dtype(m.compute_dtype))
+    run_options = dict(remat=m.remat, attention=m.attention)
+    if m.init == "pretrained":
+        return load_model(m.path, mesh=mesh, **dtypes, **run_options)
+    return random_model(load_model_config(m.path, **run_options), mesh=mesh, seed=seed, **dtypes)

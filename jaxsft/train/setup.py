@@ -1,0 +1,153 @@
+"""`setup(config) -> Run`: everything a run needs before its first step, in the order it is built.
+
+Nothing here runs a step or traces the model: `jaxsft.train.loop.train` does that, under the mesh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import tempfile
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxsft import memory, rundir
+from jaxsft import metrics as metrics_lib
+from jaxsft.checkpoint import TOKENIZER_DIR, Checkpointer
+from jaxsft.data import DataPipeline
+from jaxsft.models import ModelConfig, load_model_config, load_tokenizer
+from jaxsft.models.hf_io import hf_config_dict
+from jaxsft.models.loading import model_for_run
+from jaxsft.sharding import make_mesh, optimizer_shardings, param_shardings
+from jaxsft.train.config import validate
+from jaxsft.train.distributed import maybe_initialize_distributed
+from jaxsft.train.hooks import Hook, make_hooks
+from jaxsft.train.optimizer import make_optimizer
+from jaxsft.train.step import TrainStep, host_shardings, make_train_step
+
+log = logging.getLogger("jaxsft.train")
+
+@dataclasses.dataclass
+class Run:
+    """One training run: its config and everything built from it. `train` advances `params`,
+    `opt_state` and `step`; hooks read it."""
+    config: ml_collections.ConfigDict
+    mesh: jax.sharding.Mesh
+    tokenizer: Any
+    data: DataPipeline
+    model_config: ModelConfig
+    graphdef: Any
+    params: Any
+    opt_state: Any
+    fns: TrainStep
+    batch_sharding: NamedSharding
+    checkpointer: Checkpointer
+    logger: metrics_lib.MetricsLogger | None  # process 0 only
+    hooks: list[Hook]
+    eval_batches: list[dict]  # the held-out samples, packed once
+    resumed: bool  # from a checkpoint of this run
+    start: int  # the step the run continues from (0, or the restored checkpoint's)
+    end: int  # the step it stops at (stop_after_steps may end it before total_steps)
+    total_steps: int  # the schedule's length
+    history: dict[str, list[dict]] = dataclasses.field(default_factory=dict)  # eval name -> results
+    step_metrics: Any = None  # the loop's `StepMetrics`, while it runs
+
+    @property
+    def is_main(self) -> bool:
+        return jax.process_index() == 0
+
+    @property
+    def output_dir(self) -> str:
+        return self.config.train.output_dir
+
+    def model(self):
+        return nnx.merge(self.graphdef, self.params)
+
+
+def setup(config) -> Run:
+    validate(config)
+    maybe_initialize_distributed()
+    out = config.train.output_dir
+    is_main = jax.process_index() == 0
+    if is_main:
+        rundir.write_text(rundir.join(out, "config.json"), config.to_json(indent=2))
+
+    mesh = make_mesh(**config.mesh)
+    m = config.model
+    model_config = load_model_config(m.path, remat=m.remat, attention=m.attention)
+    fits, memory_report = memory.check(config, model_config)
+    if not fits:
+        raise ValueError(f"this run does not fit in memory:\n{memory_report}")
+
+    tokenizer = load_tokenizer(config.data.tokenizer or m.path)
+    data = DataPipeline(config.data, tokenizer, num_batch_devices=mesh.shape["data"] * mesh.shape["fsdp"],
+                        process_index=jax.process_index(), process_count=jax.process_count())
+    if is_main:
+        log.info("data: %s", json.dumps(data.summary))
+        rundir.write_json(rundir.join(out, "data_summary.json"), data.summary)
+    total_steps = config.train.num_steps or math.ceil(config.train.num_epochs * data.steps_per_epoch)
+
+    model = model_for_run(m, mesh, seed=config.train.seed)
+    model_config = model.config  # with what the weights' file adds (generation config)
+    graphdef, params = nnx.split(model, nnx.Param)
+    del model
+    tx, schedule = make_optimizer(config.optim, total_steps)
+    param_sharding = param_shardings(params, mesh)
+    opt_sharding = optimizer_shardings(tx, params, param_sharding, mesh)
+    offload = config.optim.offload_state
+    opt_state = jax.jit(tx.init, out_shardings=host_shardings(opt_sharding) if offload else opt_sharding)(params)
+    batch_sharding = NamedSharding(mesh, P(("data", "fsdp"), None))
+    fns = make_train_step(graphdef, tx, schedule, param_sharding, opt_sharding, batch_sharding,
+                          offload_optimizer=offload)
+
+    checkpoint_dir = rundir.absolute(config.checkpoint.dir or rundir.join(out, "checkpoints"))
+    checkpointer = Checkpointer(checkpoint_dir, keep=config.checkpoint.keep, keep_best=config.checkpoint.keep_best)
+    if is_main:
+        save_tokenizer(tokenizer, rundir.join(checkpoint_dir, TOKENIZER_DIR))
+    start = 0
+    restored = checkpointer.restore_latest(params, opt_state) if config.checkpoint.resume else None
+    if restored is not None:
+        params, opt_state, record = restored
+        data.set_state(record["data"])
+        start = record["step"]
+        log.info("resumed from step %d", start)
+
+    logger = metrics_lib.standard_logger(out, total_steps, config.train.progress, start) if is_main else None
+    # stop_after_steps ends the run early without changing its schedule (which spans total_steps).
+    end = max(min(total_steps, config.train.stop_after_steps or total_steps), start)
+    return Run(config=config, mesh=mesh, tokenizer=tokenizer, data=data, model_config=model_config,
+               graphdef=graphdef, params=params, opt_state=opt_state, fns=fns, batch_sharding=batch_sharding,
+               checkpointer=checkpointer, logger=logger, hooks=make_hooks(config),
+               eval_batches=data.eval_microbatches(), resumed=restored is not None, start=start, end=end,
+               total_steps=total_steps)
+
+
+def checkpoint_record(run: Run, step: int) -> dict:
+    """What a checkpoint stores besides the arrays: enough to resume the run exactly and to
+    export the model from the checkpoint alone (`python -m jaxsft.export`)."""
+    c = run.config
+    return {"step": step, "data": run.data.get_state(),
+            # No randomness is drawn during training: init and data order come from these seeds.
+            "rng": {"train.seed": c.train.seed, "data.seed": c.data.seed},
+            "config": c.to_dict(),
+            "model_config": hf_config_dict(run.model_config, jnp.dtype(c.model.param_dtype)),
+            "generation_config": dict(run.model_config.hf_generation_config)}
+
+
+def save_tokenizer(tokenizer, directory: str) -> None:
+    """The run's tokenizer files in `directory` (local or gs://), written once."""
+    from etils import epath
+
+    target = epath.Path(directory)
+    if (target / "tokenizer_config.json").exists():
+        return
+    with tempfile.TemporaryDirectory() as local:
+        tokenizer.save_pretrained(local)
+        rundir.copy_folder(local, directory)
