@@ -93,6 +93,27 @@ def test_export_round_trip(family, tmp_path):
     assert_logits_close(load_fp32(out)(jnp.asarray(IDS)), hf_logits(hf, IDS))
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_export_is_read_by_legacy_rope_keys_alone(family, tmp_path):
+    """transformers 4.x, vLLM and llama.cpp's converter read rope_theta / rope_scaling, not
+    transformers 5's rope_parameters: an export whose config.json has only the legacy keys gives
+    the same logits (llama: llama3 scaling and theta 5e5; qwen2: theta 1e6)."""
+    hf = make_hf_model(family)
+    hf.save_pretrained(tmp_path / "src")
+    model = load_fp32(tmp_path / "src")
+    out = tmp_path / "export"
+    jaxsft.save_hf(model, out, dtype=jnp.float32)
+    config = json.loads((out / "config.json").read_text())
+    del config["rope_parameters"]
+    (out / "config.json").write_text(json.dumps(config))
+    reloaded = tf.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert_logits_close(hf_logits(reloaded, IDS), np.asarray(model(jnp.asarray(IDS))))
+    assert config["rope_theta"] == {"llama": 500000.0, "qwen2": 1e6}[family]
+    assert config["rope_scaling"] == ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+                                      if family == "llama" else None)
+
+
 def test_bf16_sharded_export_loads_in_transformers(tmp_path):
     hf = make_hf_model("llama")
     hf.save_pretrained(tmp_path / "src")
@@ -104,7 +125,8 @@ def test_bf16_sharded_export_loads_in_transformers(tmp_path):
     assert len(files) > 2 and all((out / f).exists() for f in files)
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     assert (out / "generation_config.json").exists()
-    reloaded, info = tf.AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    # dtype='auto' (the default from transformers 5 on) takes the dtype config.json names.
+    reloaded, info = tf.AutoModelForCausalLM.from_pretrained(out, dtype="auto", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     assert reloaded.dtype == torch.bfloat16
     ref = hf_logits(hf, IDS)
