@@ -23,7 +23,7 @@ from transformers import AutoTokenizer  # noqa: E402
 
 from jaxsft.data import DataPipeline, default_data_config  # noqa: E402
 
-ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
+ASSETS = Path(__file__).resolve().parents[1] / "tests" / "assets"
 RESULT = Path(__file__).resolve().parent / "results" / "data_throughput_cpu.json"
 
 

@@ -26,7 +26,7 @@ from jaxsft.evals.gsm8k import build_prompt, load_jsonl
 from jaxsft.models.gguf import load_gguf_tokenizer, smollm2_path
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-GSM8K_TEST = os.path.join(HERE, "..", "..", "shared", "assets", "data", "gsm8k", "test.jsonl")
+GSM8K_TEST = os.path.join(HERE, "..", "tests", "assets", "data", "gsm8k", "test.jsonl")
 
 
 def time_jaxsft(model, prompts, new_tokens, repeats):

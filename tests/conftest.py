@@ -9,7 +9,8 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
+# Real data and tokenizers, inside the repository (provenance and licenses: assets/README.md).
+ASSETS = Path(__file__).resolve().parent / "assets"
 
 
 @pytest.fixture(scope="session")
