@@ -4,6 +4,7 @@ run with the last good checkpoint intact."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -116,6 +117,135 @@ def test_a_resumed_run_replaces_the_tensorboard_steps_logged_after_its_checkpoin
     again.log(1, {"loss": 7.0})
     again.close()
     assert visible_scalars(tmp_path / "tensorboard", "loss") == [(1, 7.0)]
+
+
+class Clock:
+    """Stands in for time.time in tqdm: each step takes 2 s."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_progress_bar_shows_eta_and_latest_figures_from_a_resumed_step(monkeypatch):
+    import io
+
+    clock = Clock()
+    monkeypatch.setattr("tqdm.std.time", clock)
+    out = io.StringIO()  # not a terminal: one line per logged step
+    bar = metrics.ConsoleSink(40, stream=out)
+    bar.write(20, {"eval_loss": 3.25})  # a run resumed from step 20 evaluates first
+    for step in (21, 22, 23):
+        clock.now += 2.0
+        bar.write(step, {"loss": 2.0 - step / 100, "tokens_per_s": 1500.0, "learning_rate": 1e-4,
+                         **({"alerts": ["loss_spike"]} if step == 22 else {})})
+    bar.close()
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 4 and "\r" not in out.getvalue()
+    assert lines[0].startswith(" 50%|") and "20/40 [00:00<?, ?step/s, eval_loss=3.25]" in lines[0]
+    # 2 s per step since the bar started at step 20: the 19 steps after step 21 take 38 s.
+    assert "21/40 [00:02<00:38,  2.00s/step, loss=1.79 eval_loss=3.25 learning_rate=0.0001 tokens_per_s=1500]" in lines[1]
+    assert lines[2].endswith("22/40 [00:04<00:36,  2.00s/step, loss=1.78 eval_loss=3.25 learning_rate=0.0001 "
+                             "tokens_per_s=1500 alerts=LOSS_SPIKE]")
+    assert "23/40 [00:06<00:34,  2.00s/step, loss=1.77 eval_loss=3.25 " in lines[3] and "alerts" not in lines[3]
+
+
+def test_progress_bar_on_a_terminal_rewrites_one_line(monkeypatch):
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    clock = Clock()
+    monkeypatch.setattr("tqdm.std.time", clock)
+    out = Terminal()
+    bar = metrics.ConsoleSink(3, stream=out)
+    bar.write(0, {"eval_loss": 4.0})  # before the first step: no bar yet, its figure is kept
+    assert out.getvalue() == ""
+    for step in (1, 2, 3):
+        clock.now += 1.0
+        bar.write(step, {"loss": 1.0 / step})
+    bar.close()
+    text = out.getvalue()
+    assert text.endswith("\n") and text.count("\n") == 1
+    last = text.rstrip("\n").split("\r")[-1]
+    assert last.startswith("100%|") and "3/3 [00:02<00:00" in last and "loss=0.3333 eval_loss=4]" in last
+
+
+def wandb_history(run_dir):
+    """The history rows of an offline W&B run, read by W&B's own reader of its .wandb log."""
+    r = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(run_dir)],
+                       capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    records = [json.loads(line) for line in r.stdout.splitlines()]
+    [run] = [x["run"] for x in records if x["type"] == "run"]
+    rows = [x["history"]["item"] for x in records if x["type"] == "history"]
+    return run, [{k: v for k, v in row.items() if not k.startswith("_")} for row in rows]
+
+
+def test_wandb_offline_run_is_read_back_and_a_resumed_run_continues_it(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    c = default_config()
+    c.metrics.wandb.update(project="jaxsft-test", name="tiny", mode="offline")
+    c.optim.learning_rate = 3e-4
+
+    def logger(resumed_from=0):
+        return metrics.standard_logger(str(tmp_path), 4, progress=False, resumed_from=resumed_from, config=c)
+
+    first = logger()
+    first.log_eval(0, {"eval_loss": 3.5})
+    for step in (1, 2, 3):  # killed after step 3 was logged, with its newest checkpoint at step 2
+        first.log(step, {"loss": 3.0 - step / 4, "grad_norm": 1.5, "alerts": ["loss_spike"]})
+    first.close()
+    resumed = logger(resumed_from=2)
+    for step in (3, 4):
+        resumed.log(step, {"loss": 10.0 * step})
+    resumed.log_eval(4, {"eval_loss": 2.25, "gsm8k_accuracy": 0.5})
+    resumed.close()
+
+    run_id = (tmp_path / "wandb_run_id").read_text()
+    runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    assert [p.name.endswith(f"-{run_id}") for p in runs] == [True, True]
+    run, rows = wandb_history(runs[0])
+    assert run["run_id"] == run_id and run["project"] == "jaxsft-test" and run["display_name"] == "tiny"
+    assert run["config"]["update"]["optim"]["learning_rate"] == 3e-4
+    assert rows == [{"step": 0, "eval_loss": 3.5}, *({"step": s, "loss": 3.0 - s / 4, "grad_norm": 1.5} for s in (1, 2, 3))]
+    run, rows = wandb_history(runs[1])
+    assert run["run_id"] == run_id and run["resume"] is True
+    assert rows == [{"step": 3, "loss": 30.0}, {"step": 4, "loss": 40.0},
+                    {"step": 4, "eval_loss": 2.25, "gsm8k_accuracy": 0.5}]
+    # A fresh start over the same directory is a new W&B run.
+    logger().close()
+    assert (tmp_path / "wandb_run_id").read_text() != run_id
+
+
+def test_ecosystem_config_is_documented_and_validated():
+    import jaxsft.train.config as module
+    c = default_config()
+    for key in ["compile_cache_dir", "push_to_hub", *(f"wandb.{k}" for k in c.metrics.wandb)]:
+        assert f"`{key}`" in module.__doc__, key
+    assert c.train.compile_cache_dir.endswith("/jaxsft/jax_compile") and c.metrics.wandb.mode == "online"
+    c.model.path = "x"
+    c.data.sources = [{"path": "train.jsonl"}]
+    c.train.export_hf, c.train.push_to_hub = True, "me/tiny-sft"
+    validate(c)
+    for key, value, message in [
+            ("metrics.wandb.mode", "cloud", "metrics.wandb.mode='cloud': choose one of online, offline, disabled"),
+            ("train.push_to_hub", "my model", "train.push_to_hub='my model': give a Hub repo id 'owner/name'"),
+            ("train.push_to_hub", "me/tiny-sft", "train.push_to_hub uploads the hf/ export: set train.export_hf=True")]:
+        bad = default_config()
+        bad.model.path = "x"
+        section, *parents, leaf = key.split(".")
+        node = bad[section]
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+        with pytest.raises(ValueError, match=re.escape(message)):
+            validate(bad)
 
 
 def test_health_config_is_documented_and_validated():

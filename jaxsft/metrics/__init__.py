@@ -1,5 +1,5 @@
 """Metrics: FLOP accounting for MFU, per-step metric functions, and sinks (metrics.jsonl,
-TensorBoard, console).
+TensorBoard, a tqdm progress bar, Weights & Biases).
 
 The train loop only calls `step_metrics(StepInfo)` and `MetricsLogger.log`. Extending either
 touches nothing else:
@@ -12,7 +12,6 @@ A config file is Python run before training, so it may register both (tests/test
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import sys
@@ -21,6 +20,10 @@ from typing import Any, Callable
 
 import jax
 import numpy as np
+from etils import epath
+from tqdm import tqdm
+
+from jaxsft import rundir
 
 # Dense bf16 peak FLOP/s per chip, matched against `device.device_kind` (first match wins).
 PEAK_FLOPS = (
@@ -110,7 +113,8 @@ def throughput_metrics(info):
             "microbatches": len(b.microbatches), "epoch": b.epoch, "step_time_s": info.step_time_s,
             "tokens_per_s": b.num_tokens / info.step_time_s}
     if info.peak_flops:
-        line["mfu"] = info.flops / info.step_time_s / (info.peak_flops * jax.device_count())
+        # `flops` counts this process's rows of the step, which its local devices computed.
+        line["mfu"] = info.flops / info.step_time_s / (info.peak_flops * jax.local_device_count())
     return line
 
 
@@ -121,11 +125,17 @@ def memory_metrics(info):
 
 
 class JsonlSink:
-    def __init__(self, path):
-        self.file = open(path, "a")
+    """One line per step in a JSONL file (local or gs://). A resumed run drops the lines a killed
+    run logged after `resumed_from` (its checkpoint), then appends."""
+
+    def __init__(self, path, resumed_from=0):
+        rundir.truncate_jsonl(path, resumed_from if resumed_from else -1)
+        self.file = rundir.JsonlFile(path)
 
     def write(self, step, metrics):
-        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.file.write({"step": step, **metrics})
+
+    def flush(self):
         self.file.flush()
 
     def close(self):
@@ -140,59 +150,98 @@ class TensorBoardSink:
         # The file name has whole seconds; the suffix keeps a run resumed within the same second
         # from overwriting the earlier file, and sorts after it as TensorBoard reads them.
         self.writer = SummaryWriter(logdir, purge_step=purge_step, filename_suffix=f".{time.time_ns()}")
+        # A gs:// events file is uploaded whole at every flush: at most every 30 s, and on `flush`.
+        self.flush_seconds = 30.0 if rundir.is_gcs(logdir) else 0.0
+        self.flushed_at = time.monotonic()
 
     def write(self, step, metrics):
         for k, v in metrics.items():
             if isinstance(v, (int, float)) and not isinstance(v, bool):
                 self.writer.add_scalar(k, v, step)
+        if time.monotonic() - self.flushed_at >= self.flush_seconds:
+            self.flush()
+
+    def flush(self):
         self.writer.flush()
+        self.flushed_at = time.monotonic()
 
     def close(self):
         self.writer.close()
 
 
-class ConsoleSink:
-    """One line that rewrites itself: progress, ETA and the latest figures."""
+class WandbSink:
+    """A Weights & Biases run (`metrics.wandb.*`). Lines are plotted against their `step` field,
+    so a resumed run may log again the steps a killed run logged after its checkpoint. The run id
+    is kept in `output_dir/wandb_run_id`: a resumed run continues the same W&B run (resume='allow'),
+    a fresh start over the same directory begins a new one. WANDB_MODE, when set, overrides `mode`
+    (as for any W&B program); 'offline' writes `output_dir/wandb/offline-run-*` for `wandb sync`."""
 
-    SHOWN = ("loss", "eval_loss", "grad_norm", "learning_rate", "tokens_per_s", "mfu", "alerts")
+    def __init__(self, settings, output_dir, run_config=None, resumed=False):
+        try:
+            import wandb
+        except ImportError:
+            raise ImportError("metrics.wandb.project is set but wandb is not installed: "
+                              "pip install 'jaxsft[wandb]'") from None
+        id_file = epath.Path(rundir.join(output_dir, "wandb_run_id"))
+        run_id = id_file.read_text().strip() if resumed and id_file.exists() else None  # None: W&B makes one
+        self.run = wandb.init(project=settings.project, entity=settings.entity or None, name=settings.name or None,
+                              mode=os.environ.get("WANDB_MODE") or settings.mode, id=run_id, resume="allow",
+                              # W&B's own files are local: under a gs:// run directory they go to ./wandb.
+                              dir=None if rundir.is_gcs(output_dir) else output_dir, config=run_config)
+        id_file.write_text(self.run.id)
+        self.run.define_metric("step")
+        self.run.define_metric("*", step_metric="step")
+
+    def write(self, step, metrics):
+        numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        self.run.log({"step": step, **numbers})
+
+    def close(self):
+        self.run.finish()
+
+
+class ConsoleSink:
+    """A tqdm progress bar: steps, ETA, and the latest figures (an eval's stay shown until the
+    next eval). The bar starts at the first trained step it is given (a resumed run's at its own
+    step), so neither compilation, an eval at step 0, nor the steps before a resume count in the
+    rate. A stream that is not a terminal (a log file) gets one line per logged step instead."""
+
+    SHOWN = ("loss", "eval_loss", "gsm8k_accuracy", "grad_norm", "learning_rate", "tokens_per_s", "mfu", "alerts")
 
     def __init__(self, total_steps, stream=sys.stderr):
         self.total = total_steps
         self.stream = stream
-        self.start = time.time()
-        self.first_step = None
         self.interactive = stream.isatty()
+        self.bar = None
+        self.latest = {}
 
     def write(self, step, metrics):
-        if self.first_step is None:
-            self.first_step, self.start = step, time.time()
-        done = step - self.first_step
-        rate = done / max(time.time() - self.start, 1e-9)
-        eta = (self.total - step) / rate if rate > 0 else math.nan
-        width = 24
-        filled = int(width * step / max(self.total, 1))
-        figures = " ".join(f"{k}={_fmt(metrics[k])}" for k in self.SHOWN if k in metrics)
-        line = f"[{'#' * filled}{'.' * (width - filled)}] {step}/{self.total} eta {_duration(eta)} {figures}"
-        end = "\r" if self.interactive and step < self.total else "\n"
-        self.stream.write(line + end)
-        self.stream.flush()
+        self.latest.pop("alerts", None)  # alerts belong to their step only
+        self.latest.update(metrics)
+        if self.bar is None and step > 0:
+            # Off a terminal tqdm never draws by itself (delay=inf): the lines are written below.
+            self.bar = tqdm(total=self.total, initial=step, unit="step", file=self.stream,
+                            dynamic_ncols=self.interactive, delay=0 if self.interactive else math.inf)
+        if self.bar is None:
+            return
+        self.bar.set_postfix_str(" ".join(f"{k}={_fmt(self.latest[k])}" for k in self.SHOWN if k in self.latest),
+                                 refresh=False)
+        self.bar.update(step - self.bar.n)
+        if self.interactive:
+            self.bar.refresh()
+        else:
+            self.stream.write(str(self.bar) + "\n")
+            self.stream.flush()
 
     def close(self):
-        pass
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _fmt(v):
     if isinstance(v, list):
         return ",".join(v).upper()
     return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-
-def _duration(seconds):
-    if not math.isfinite(seconds):
-        return "?"
-    m, s = divmod(int(seconds), 60)
-    h, m = divmod(m, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
 class MetricsLogger:
@@ -210,9 +259,18 @@ class MetricsLogger:
         for sink in self.eval_sinks:
             sink.write(step, metrics)
 
+    def flush(self):
+        """Make everything logged so far durable (before a checkpoint: a gs:// file is rewritten)."""
+        for sink in self._unique():
+            if hasattr(sink, "flush"):
+                sink.flush()
+
     def close(self):
-        for sink in {id(s): s for s in self.sinks + self.eval_sinks}.values():
+        for sink in self._unique():
             sink.close()
+
+    def _unique(self):
+        return {id(s): s for s in self.sinks + self.eval_sinks}.values()
 
 
 def device_memory_gib() -> float | None:
@@ -222,18 +280,21 @@ def device_memory_gib() -> float | None:
     return stats["peak_bytes_in_use"] / 2**30
 
 
-def standard_logger(output_dir, total_steps, progress=True, resumed_from=0) -> MetricsLogger:
-    """metrics.jsonl and eval.jsonl in the run directory, TensorBoard events, the console, and
-    every registered sink (which gets both train and eval metrics).
+def standard_logger(output_dir, total_steps, progress=True, resumed_from=0, config=None) -> MetricsLogger:
+    """metrics.jsonl and eval.jsonl in the run directory, TensorBoard events, the console, a W&B
+    run when `config.metrics.wandb.project` is set (`config`: the run config, also recorded in
+    W&B), and every registered sink (which gets both train and eval metrics).
 
-    `resumed_from`: the step the run continues from; TensorBoard then drops what an earlier run
-    logged after it, as the jsonl files are truncated (see `train.loop`)."""
-    tensorboard = TensorBoardSink(os.path.join(output_dir, "tensorboard"), purge_step=resumed_from + 1 if resumed_from else 0)
+    `output_dir` may be gs://. `resumed_from`: the step the run continues from; what an earlier
+    run logged after it is dropped from the jsonl files and hidden in TensorBoard."""
+    tensorboard = TensorBoardSink(rundir.join(output_dir, "tensorboard"), purge_step=resumed_from + 1 if resumed_from else 0)
     console = [ConsoleSink(total_steps)] if progress else []
+    wandb = ([WandbSink(config.metrics.wandb, output_dir, config.to_dict(), resumed=resumed_from > 0)]
+             if config is not None and config.metrics.wandb.project else [])
     extra = [s for s in (f(output_dir, total_steps, progress) for f in SINK_FACTORIES) if s is not None]
     return MetricsLogger(
-        [JsonlSink(os.path.join(output_dir, "metrics.jsonl")), tensorboard, *console, *extra],
-        [JsonlSink(os.path.join(output_dir, "eval.jsonl")), tensorboard, *console, *extra])
+        [JsonlSink(rundir.join(output_dir, "metrics.jsonl"), resumed_from), tensorboard, *console, *wandb, *extra],
+        [JsonlSink(rundir.join(output_dir, "eval.jsonl"), resumed_from), tensorboard, *console, *wandb, *extra])
 
 
 from jaxsft.metrics.health import HealthMonitor, TrainingDiverged, spikes  # noqa: E402,F401

@@ -6,7 +6,7 @@ Any field can be overridden on the command line: `--config.optim.learning_rate=2
 ## model
 | key | default | meaning |
 |---|---|---|
-| `path` | `''` | Hugging Face model folder, `.gguf` file or converted jaxsft checkpoint (`python -m jaxsft.convert`); local or `gs://`. |
+| `path` | `''` | Hugging Face model folder, `.gguf` file or converted jaxsft checkpoint (`python -m jaxsft.convert`); local or `gs://`; or a Hugging Face Hub id (`owner/name`, not an existing local path): downloaded once into the HF cache, read from there offline (`jaxsft/hub.py`). |
 | `init` | `'pretrained'` | `'pretrained'`: weights from `path`; `'random'`: `path`'s config.json with random weights (demos, benchmarks). |
 | `param_dtype` | `'float32'` | Master weights (and with them Adam's second moment): `float32` or `bfloat16`. |
 | `compute_dtype` | `'bfloat16'` | Matmul dtype. Softmax, norms and the loss always run in float32. |
@@ -45,6 +45,17 @@ The `data` section is documented in `jaxsft/data/config.py` (sources, batch size
 | `export_dtype` | `'bfloat16'` | Dtype of that export. |
 | `progress` | `True` | Console progress bar with ETA. |
 | `stop_after_steps` | `0` | Stop (checkpoint, evaluate) after this many steps while the schedule still spans the whole run, so the run can be continued later (sweeps stop runs at a rung this way); 0 = run to the end. |
+| `compile_cache_dir` | `'~/.cache/jaxsft/jax_compile'` | JAX's persistent compilation cache: a resumed run or sweep rung loads its compiled steps instead of compiling again. The default is `$XDG_CACHE_HOME/jaxsft/jax_compile` when that is set; `''` = off. |
+| `push_to_hub` | `''` | Hugging Face Hub repo id (`owner/name`) the `hf/` export is uploaded to at the end (needs `export_hf`; created if missing, with the account's default visibility; credentials from `HF_TOKEN` or `hf auth login`); `''` = off. |
+
+## metrics
+Where metrics go besides metrics.jsonl, eval.jsonl, TensorBoard and the progress bar.
+| key | default | meaning |
+|---|---|---|
+| `wandb.project` | `''` | Weights & Biases project; `''` = no W&B run. Needs `pip install 'jaxsft[wandb]'`. A resumed run continues the same W&B run (its id is kept in `output_dir/wandb_run_id`). |
+| `wandb.entity` | `''` | W&B user or team (`''` = your default entity). |
+| `wandb.name` | `''` | Display name of the run (`''` = a name W&B makes up). |
+| `wandb.mode` | `'online'` | `online`, `offline` (files under `output_dir/wandb` for a later `wandb sync`; needs no network or account) or `disabled`. The `WANDB_MODE` environment variable, when set, overrides it. |
 
 ## health
 Online checks of every step (`jaxsft/metrics/health.py`). Actions: `stop` (the run ends with an
@@ -93,12 +104,15 @@ from __future__ import annotations
 
 import ml_collections
 
+from jaxsft.compile_cache import default_compile_cache_dir
 from jaxsft.data import default_data_config, validate_data_config
+from jaxsft.hub import HUB_ID
 from jaxsft.metrics.health import ACTIONS
 from jaxsft.models.config import ATTENTION_BACKENDS, REMAT_POLICIES
 from jaxsft.train.optimizer import SCHEDULES
 
 DTYPES = ("float32", "bfloat16")
+WANDB_MODES = ("online", "offline", "disabled")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -111,7 +125,9 @@ def default_config() -> ml_collections.ConfigDict:
                    clip_norm=1.0, state_dtype="float32", offload_state=False)
     c.train = dict(output_dir="runs/run", num_steps=0, num_epochs=1.0, seed=0, log_every=1,
                    eval_every=0, eval_at_start=True, export_hf=False, export_dtype="bfloat16",
-                   progress=True, stop_after_steps=0)
+                   progress=True, stop_after_steps=0, compile_cache_dir=default_compile_cache_dir(),
+                   push_to_hub="")
+    c.metrics = dict(wandb=dict(project="", entity="", name="", mode="online"))
     c.health = dict(on_nan="stop", on_loss_spike="warn", on_grad_spike="warn", spike_window=20,
                     loss_spike_ratio=1.5, grad_spike_ratio=10.0)
     c.mesh = dict(data=1, fsdp=-1, tensor=1)
@@ -132,6 +148,7 @@ def validate(c) -> None:
         "optim.schedule": (c.optim.schedule, SCHEDULES),
         "optim.state_dtype": (c.optim.state_dtype, DTYPES),
         "train.export_dtype": (c.train.export_dtype, DTYPES),
+        "metrics.wandb.mode": (c.metrics.wandb.mode, WANDB_MODES),
         **{f"health.{k}": (c.health[k], ACTIONS) for k in ("on_nan", "on_loss_spike", "on_grad_spike")},
     }
     for key, (value, allowed) in choices.items():
@@ -152,6 +169,10 @@ def validate(c) -> None:
         raise ValueError(f"optim.warmup_fraction={c.optim.warmup_fraction} must be in [0, 1)")
     if c.optim.schedule == "constant" and (c.optim.warmup_steps or c.optim.warmup_fraction):
         raise ValueError("optim.schedule='constant' has no warmup; use 'warmup_constant'")
+    if c.train.push_to_hub and not HUB_ID.fullmatch(c.train.push_to_hub):
+        raise ValueError(f"train.push_to_hub={c.train.push_to_hub!r}: give a Hub repo id 'owner/name'")
+    if c.train.push_to_hub and not c.train.export_hf:
+        raise ValueError("train.push_to_hub uploads the hf/ export: set train.export_hf=True")
     if c.train.stop_after_steps < 0:
         raise ValueError(f"train.stop_after_steps={c.train.stop_after_steps} must be >= 0 (0 = off)")
     if c.train.num_steps < 0 or (c.train.num_steps == 0 and not c.train.num_epochs > 0):
