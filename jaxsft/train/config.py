@@ -71,6 +71,21 @@ gets an `alerts` list in metrics.jsonl and a warning on the console), `off`.
 | `loss_spike_ratio` | `1.5` | See `on_loss_spike`. |
 | `grad_spike_ratio` | `10.0` | See `on_grad_spike`. |
 
+## lora
+LoRA adapters on the decoder layers' projections (`jaxsft/models/lora.py`, `docs/lora.md`); only
+they are trained, the base weights stay as loaded. Adapters are exported as a Hugging Face PEFT
+folder (`output_dir/adapter`; with `train.export_hf` also the merged model in `output_dir/hf`).
+| key | default | meaning |
+|---|---|---|
+| `r` | `0` | Adapter rank; 0 = full fine-tuning. |
+| `alpha` | `16.0` | Scale numerator: adapters are scaled by alpha / r (alpha / sqrt(r) with `use_rslora`). |
+| `dropout` | `0.0` | Dropout on the adapters' input while training (masks drawn from `train.seed`, step and micro-batch). |
+| `target_modules` | `'all-linear'` | As PEFT's: `'all-linear'` (q/k/v/o/gate/up/down), a list of module names (`['q_proj', 'v_proj']`), or a regex string the whole module name must match (`'.*(q|v)_proj'`). |
+| `layers` | `[]` | Layer indices to adapt (PEFT's `layers_to_transform`, with a list of target names); empty = all. |
+| `use_rslora` | `False` | rsLoRA scaling alpha / sqrt(r). |
+| `lr_ratio` | `1.0` | LoRA+: B's learning rate (and decoupled weight decay) is this times A's (the paper: 16). |
+| `adapter_path` | `''` | Start from this PEFT adapter folder (its rank, alpha and targets replace the fields above). |
+
 ## mesh
 | key | default | meaning |
 |---|---|---|
@@ -109,6 +124,7 @@ from jaxsft.data import default_data_config, validate_data_config
 from jaxsft.hub import HUB_ID
 from jaxsft.metrics.health import ACTIONS
 from jaxsft.models.config import ATTENTION_BACKENDS, REMAT_POLICIES
+from jaxsft.models.lora import select_targets
 from jaxsft.train.optimizer import SCHEDULES
 
 DTYPES = ("float32", "bfloat16")
@@ -130,6 +146,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.metrics = dict(wandb=dict(project="", entity="", name="", mode="online"))
     c.health = dict(on_nan="stop", on_loss_spike="warn", on_grad_spike="warn", spike_window=20,
                     loss_spike_ratio=1.5, grad_spike_ratio=10.0)
+    c.lora = dict(r=0, alpha=16.0, dropout=0.0,
+                  target_modules=ml_collections.FieldReference("all-linear", field_type=object), layers=[],
+                  use_rslora=False, lr_ratio=1.0, adapter_path="")
     c.mesh = dict(data=1, fsdp=-1, tensor=1)
     c.checkpoint = dict(every_steps=0, keep=2, keep_best=0, dir="", resume=True)
     c.gsm8k = dict(file="", subset=0, k_shot=0, shots_file="", max_new_tokens=256, batch_size=32,
@@ -189,4 +208,11 @@ def validate(c) -> None:
     for key in ("max_new_tokens", "batch_size"):
         if g[key] < 1:
             raise ValueError(f"gsm8k.{key}={g[key]} must be >= 1")
+    lo = c.lora
+    if lo.r < 0 or not lo.alpha > 0 or not lo.lr_ratio > 0 or not 0 <= lo.dropout < 1:
+        raise ValueError(f"lora: r={lo.r} must be >= 0 (0 = off), alpha={lo.alpha} and lr_ratio={lo.lr_ratio} "
+                         f"> 0, dropout={lo.dropout} in [0, 1)")
+    if lo.r or lo.adapter_path:
+        select_targets(lo.target_modules if isinstance(lo.target_modules, str) else list(lo.target_modules),
+                       max([*lo.layers, 0]) + 1, tuple(lo.layers))  # the names; layer bounds need the model
     validate_data_config(c.data)

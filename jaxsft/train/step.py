@@ -13,6 +13,7 @@ micro-batch) and `update` (per step). All run on sharded global arrays; donated 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -40,24 +41,39 @@ def host_shardings(shardings):
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, param_sharding,
-                    opt_sharding, batch_sharding, offload_optimizer: bool = False) -> TrainStep:
+                    opt_sharding, batch_sharding, offload_optimizer: bool = False,
+                    frozen=None, frozen_sharding=None, dropout_seed: int | None = None) -> TrainStep:
     """param_sharding / opt_sharding: trees (or prefixes) of shardings of the params and the
     optimizer state on the device; batch_sharding: the sharding of every micro-batch array.
     With `offload_optimizer` the optimizer state is kept in host memory (`host_shardings`) and
     streamed to the device once per optimizer step, right before the update (moving it inside
-    `tx.update` would mix memory spaces in one computation, which XLA handles badly)."""
+    `tx.update` would mix memory spaces in one computation, which XLA handles badly).
+    With `frozen` (a LoRA run's base weights, `nnx.split(model, LoraParam, nnx.Param)`) params are
+    the adapters alone: the frozen state is an input of every function but never differentiated,
+    so no gradient of it is computed or stored. `dropout_seed`: LoRA dropout masks are drawn from
+    (seed, step, micro-batch); None = no dropout."""
     stored_opt_sharding = host_shardings(opt_sharding) if offload_optimizer else opt_sharding
 
-    def loss_sum(params, batch):
-        return token_loss_sum(nnx.merge(graphdef, params), batch)
+    def loss_sum(params, frozen, batch, dropout_key=None):
+        model = nnx.merge(graphdef, params, *(() if frozen is None else (frozen,)))
+        if dropout_key is not None:
+            model.lora.dropout_key = dropout_key
+        return token_loss_sum(model, batch)
 
-    def zero_accumulator(params):
-        return {"grads": jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params),
-                "loss_sum": jnp.zeros((), jnp.float32)}
+    def zero_accumulator(params, step=0):
+        acc = {"grads": jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params),
+               "loss_sum": jnp.zeros((), jnp.float32)}
+        if dropout_seed is not None:
+            acc["dropout_key"] = jax.random.fold_in(jax.random.key(dropout_seed), step)
+        return acc
 
-    def accumulate(acc, params, batch):
-        loss, grads = jax.value_and_grad(loss_sum)(params, batch)
-        return {"grads": jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc["grads"], grads),
+    def accumulate(frozen, acc, params, batch):
+        acc = dict(acc)
+        dropout_key = None
+        if dropout_seed is not None:
+            acc["dropout_key"], dropout_key = jax.random.split(acc["dropout_key"])
+        loss, grads = jax.value_and_grad(loss_sum)(params, frozen, batch, dropout_key)
+        return {**acc, "grads": jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc["grads"], grads),
                 "loss_sum": acc["loss_sum"] + loss}
 
     def update(params, opt_state, acc, num_loss_tokens, step):
@@ -73,21 +89,28 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, param_
                    "learning_rate": schedule(step)}
         return params, opt_state, metrics
 
-    def eval_loss(params, batch):
-        return loss_sum(params, batch), jnp.sum(batch["loss_mask"])
+    def eval_loss(frozen, params, batch):
+        return loss_sum(params, frozen, batch), jnp.sum(batch["loss_mask"])
 
     acc_sharding = {"grads": param_sharding, "loss_sum": None}
+    if dropout_seed is not None:
+        acc_sharding["dropout_key"] = None
     batch_shardings = {k: batch_sharding for k in BATCH_KEYS}
     return TrainStep(
         zero_accumulator=jax.jit(zero_accumulator, out_shardings=acc_sharding),
-        accumulate=jax.jit(accumulate, in_shardings=(acc_sharding, param_sharding, batch_shardings),
-                           out_shardings=acc_sharding, donate_argnums=0),
+        # The frozen weights are bound here, so the loop calls the same functions with or without LoRA.
+        accumulate=functools.partial(jax.jit(
+            accumulate, in_shardings=(frozen_sharding, acc_sharding, param_sharding, batch_shardings),
+            out_shardings=acc_sharding, donate_argnums=1), frozen),
         update=jax.jit(update, in_shardings=(param_sharding, stored_opt_sharding, acc_sharding, None, None),
                        out_shardings=(param_sharding, stored_opt_sharding, None), donate_argnums=(0, 1)),
-        eval_loss=jax.jit(eval_loss, in_shardings=(param_sharding, batch_shardings)),
+        eval_loss=functools.partial(
+            jax.jit(eval_loss, in_shardings=(frozen_sharding, param_sharding, batch_shardings)), frozen),
     )
 
 
 def compile_counts(step: TrainStep) -> dict[str, Any]:
     """How many times each function was compiled (for the compile-once test)."""
-    return {f.name: getattr(step, f.name)._cache_size() for f in dataclasses.fields(step)}
+    functions = {f.name: getattr(step, f.name) for f in dataclasses.fields(step)}
+    functions = {k: getattr(f, "func", f) for k, f in functions.items()}  # unwrap the frozen binding
+    return {k: f._cache_size() for k, f in functions.items()}
