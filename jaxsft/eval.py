@@ -9,6 +9,8 @@ import os
 import jax
 
 from jaxsft import rundir
+from jaxsft.data import set_chat_template
+from jaxsft.data.config import as_dict
 from jaxsft.evals.gsm8k import evaluate_gsm8k, load_jsonl, write_results
 
 
@@ -17,9 +19,11 @@ def gsm8k_accuracy(config, model, tokenizer, step: int) -> dict:
     `output_dir/eval/gsm8k_step{step}.json`."""
     g = config.gsm8k
     shots = load_jsonl(g.shots_file) if g.k_shot else None
+    set_chat_template(tokenizer, config.data.chat_template)  # prompted as training renders a user turn
     result = evaluate_gsm8k(model, tokenizer, load_jsonl(g.file), k_shot=g.k_shot, shots=shots,
                             max_new_tokens=g.max_new_tokens, batch_size=g.batch_size,
-                            subset=g.subset or None)
+                            subset=g.subset or None, system_prompt=config.data.system_prompt,
+                            template_kwargs=as_dict(config.data.chat_template_kwargs))
     result["step"] = step
     if jax.process_index() == 0:
         write_results(result, rundir.join(config.train.output_dir, "eval", f"gsm8k_step{step}.json"))

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from jaxsft.data import DataError, DataPipeline, TemplateMismatch, default_data_config, validate_data_config
+from jaxsft.data import DataError, DataPipeline, default_data_config, validate_data_config
 from jaxsft.data import tokenize as tokenize_module
 from jaxsft.data.config import SOURCE_DEFAULTS
 from jaxsft.data.formats import is_hub_name, read_source
@@ -150,17 +150,6 @@ def test_pad_equal_to_eos_does_not_hide_end_of_turn_labels(tokenizers, cache, gs
         assert targets[-1] == 128009 and loss[-1] == 1  # the reply's <|eot_id|> is the last label
 
 
-def test_template_breaking_prefix_property_fails_loudly(assets, tmp_path, gsm8k):
-    tok = AutoTokenizer.from_pretrained(assets / "tokenizers/qwen2.5-0.5b-instruct")
-    # Like templates that strip reasoning from earlier turns: only the final turn keeps its content.
-    tok.chat_template = (
-        "{% for m in messages %}<|im_start|>{{ m.role }}\n{% if loop.last %}{{ m.content }}{% endif %}<|im_end|>\n"
-        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-    )
-    with pytest.raises(TemplateMismatch, match="prefix"):
-        DataPipeline(make_cfg(tmp_path, [gsm8k]), tok)
-
-
 def test_raw_render_labels_completion_and_eos(tokenizers, tmp_path):
     tok = tokenizers["llama"]
     path = write_jsonl(tmp_path / "pc.jsonl", [{"prompt": "Say hi:", "completion": " hi there"}] * 3)
@@ -294,8 +283,10 @@ def test_a_shard_decodes_only_its_own_records(tmp_path):
 
 
 def test_each_process_reads_only_its_share_and_the_steps_match_one_process(tokenizers, cache, oasst):
-    cfg = make_cfg(cache, [oasst], global_batch_size=40, micro_batch_rows=2, max_seq_len=1024, prefetch=0)
+    cfg = make_cfg(cache, [oasst], global_batch_size=40, micro_batch_rows=2, max_seq_len=1024, prefetch=0,
+                   eval_fraction=0.1)
     whole = DataPipeline(cfg, tokenizers["qwen"], num_batch_devices=2)
+    assert whole.summary["eval_samples"] > 10
     whole_steps = [next(whole) for _ in range(4)]
     exchange, parts = thread_allgather(2), [None, None]
 
@@ -366,26 +357,36 @@ def test_phased_mode_runs_phases_in_order_with_replay(tokenizers, cache, gsm8k, 
     assert pipe.summary["steps_per_epoch"] == -(-pipe.samples_per_epoch // 64)
 
 
-def test_eval_fraction_holds_out_samples_seen_exactly_once(tokenizers, cache, oasst):
+def test_eval_fraction_holds_out_whole_records_seen_exactly_once(tokenizers, cache, oasst):
     pipe = DataPipeline(make_cfg(cache, [oasst], global_batch_size=32, eval_fraction=0.1, micro_batch_rows=2, max_seq_len=1024), tokenizers["qwen"])
-    assert pipe.summary["eval_samples"] == 56 and pipe.samples_per_epoch == 564 - 56
+    records = pipe._tables[0].records
+    held = set(records[pipe._eval_ids].tolist())
     train_ids = set(pipe._epoch_order(0).tolist())
-    assert not train_ids & set(pipe._eval_ids.tolist())
+    assert len(held) == 10  # 10 of the 100 conversation trees, with every path of each
+    assert not train_ids & set(pipe._eval_ids.tolist()) and not held & set(records[sorted(train_ids)].tolist())
+    assert pipe.summary["eval_samples"] == int(np.isin(records, sorted(held)).sum()) > 10
+    assert pipe.samples_per_epoch == 564 - pipe.summary["eval_samples"]
     batches = pipe.eval_microbatches()
     assert all(b["input_ids"].shape == (2, 1024) for b in batches)
     samples = unpacked_samples(batches)
-    assert len(samples) == 56 and len(set(samples)) == len(samples)
+    assert len(samples) == pipe.summary["eval_samples"]  # each once (paths cut at 1024 tokens may coincide)
     assert unpacked_samples(pipe.eval_microbatches()) == samples
     pipe.close()
 
 
-def test_the_held_out_records_do_not_depend_on_the_tokenizer_or_settings(tokenizers, cache, gsm8k):
-    held_out = []
-    for name, max_seq_len in (("qwen", 2048), ("llama", 2048), ("qwen", 1024)):
-        pipe = DataPipeline(make_cfg(cache, [gsm8k], name, eval_fraction=0.01, max_seq_len=max_seq_len), tokenizers[name])
-        held_out.append(pipe._tables[0].records[pipe._eval_ids].tolist())  # one sample per GSM8K record
-        pipe.close()
-    assert len(held_out[0]) == 75 and held_out[0] == held_out[1] == held_out[2]
+def test_the_held_out_records_do_not_depend_on_the_tokenizer_or_length(tokenizers, cache, gsm8k, oasst):
+    held_out = {}
+    for path, fraction in ((gsm8k, 0.01), (oasst, 0.1)):
+        for name, max_seq_len in (("qwen", 2048), ("llama", 2048), ("qwen", 512), ("llama", 512)):
+            cfg = make_cfg(cache, [path], name, eval_fraction=fraction, max_seq_len=max_seq_len, prefetch=0)
+            pipe = DataPipeline(cfg, tokenizers[name])
+            records = pipe._tables[0].records
+            held = sorted(set(records[pipe._eval_ids].tolist()))
+            assert not set(held) & set(records[pipe._epoch_order(0)].tolist())  # no record on both sides
+            held_out.setdefault(path, []).append(held)
+    assert len(held_out[gsm8k][0]) == 75 and len(held_out[oasst][0]) == 10
+    for runs in held_out.values():
+        assert all(run == runs[0] for run in runs)
 
 
 def test_eval_sources(tokenizers, cache, gsm8k, assets):
@@ -469,7 +470,7 @@ BAD_RECORDS = {
     "missing_field": ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant"}]}, "messages[1].content"),
     "unknown_role": ({"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "x"}]}, "messages[1].role"),
     "empty_content": ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}]}, "messages[1].content"),
-    "non_string_content": ({"messages": [{"role": "user", "content": ["hi"]}, {"role": "assistant", "content": "x"}]}, "messages[0].content"),
+    "non_string_content": ({"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "x"}]}, "messages[0].content"),
     "no_assistant_turn": ({"messages": [{"role": "user", "content": "hi"}]}, "messages"),
 }
 GOOD = {"messages": [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}]}

@@ -4,6 +4,7 @@ an on-disk token cache, padding-free packing, and a resumable, multi-host step i
 from jaxsft.data.config import default_data_config, validate_data_config
 from jaxsft.data.formats import DataError
 from jaxsft.data.pipeline import DataPipeline, Step
-from jaxsft.data.tokenize import TemplateMismatch
+from jaxsft.data.chat import prompt_tokens, set_chat_template
 
-__all__ = ["DataError", "DataPipeline", "Step", "TemplateMismatch", "default_data_config", "validate_data_config"]
+__all__ = ["DataError", "DataPipeline", "Step", "default_data_config", "prompt_tokens", "set_chat_template",
+           "validate_data_config"]

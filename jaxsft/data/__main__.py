@@ -35,13 +35,12 @@ def mark_labels(tokenizer, batch: dict[str, np.ndarray], row: int) -> str:
 
 
 def main() -> None:
-    from transformers import AutoTokenizer
+    from jaxsft.models import load_tokenizer  # as training loads it: HF folders, GGUF files, gs://
 
     config, _ = parse_args()
     if "data" not in config:
         raise UsageError("the config has no data section")
-    path = config.data.tokenizer or config.model.path
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = load_tokenizer(config.data.tokenizer or config.model.path)
     pipeline = DataPipeline(config.data, tokenizer)
     try:
         print(json.dumps(pipeline.summary, indent=1))

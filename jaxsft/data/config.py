@@ -6,8 +6,9 @@
 | `mode` | `'stacked'` | `'stacked'`: all sources shuffled together. `'phased'`: run `phases` in order. |
 | `phases` | `[]` | Phased mode: list of `{'sources': [...], 'epochs': 1.0, 'replay_fraction': 0.0}`. A phase's samples are its sources (each with its own weight/epochs) repeated `epochs` times; `replay_fraction` r in [0, 1) is the share of the phase's samples drawn from the sources of earlier phases. |
 | `eval_sources` | `[]` | Held-out sources (same dict shape as `sources`, weights/epochs ignored). |
-| `eval_fraction` | `0.0` | With no `eval_sources`: hold out this fraction of every training source (0 = no eval set); which samples depends only on `seed` and the source's path, so runs with other tokenizers, settings or process counts hold out the same records. |
+| `eval_fraction` | `0.0` | With no `eval_sources`: hold out this fraction of every training source's records (0 = no eval set). Whole records (an OASST tree with all its paths) are held out, chosen by `seed`, the source's path and its record count only, so runs with other tokenizers, lengths, settings or process counts hold out the same records. |
 | `tokenizer` | `''` | Tokenizer folder; `''` = the model path given by the caller. |
+| `chat_template` | `''` | A Jinja chat template, or the path of a file holding one, that replaces the tokenizer's (base models without one, ChatML on a new model); checked at start-up on a tiny conversation, and used by the GSM8K eval and the export too. `''` = the tokenizer's own. |
 | `chat_template_kwargs` | `{}` | Extra keyword arguments for `apply_chat_template`, e.g. `{'date_string': '26 Jul 2024'}`. |
 | `render` | `'chat_template'` | How non-chat formats become tokens: `'chat_template'` (user/assistant turns) or `'raw'` (bos + prompt + completion + eos, loss on completion + eos). |
 | `system_prompt` | `''` | System message added to non-chat formats when rendered with the chat template; `''` = none. |
@@ -26,7 +27,7 @@ Source dict keys (SOURCE_DEFAULTS):
 | key | default | meaning |
 |---|---|---|
 | `path` | required | Local or `gs://` JSONL/JSON/Parquet file or glob (`.gz` allowed), or a Hugging Face Hub dataset name. |
-| `format` | `'auto'` | `auto`, `chat` (`messages`), `alpaca`, `prompt_completion`, `gsm8k`, `oasst` (message trees), `columns`. |
+| `format` | `'auto'` | `auto`, `chat` (`messages`, optional `tools`; roles system/user/assistant/tool, assistant `tool_calls`, content a string or a list of text parts), `alpaca`, `prompt_completion`, `gsm8k`, `oasst` (message trees), `text` (a `text` field, bos + text + eos, every token a label: continued pre-training), `columns`. |
 | `columns` | `{}` | For `format='columns'`: maps `prompt`, `completion` (and optionally `system`), or `messages`, to the record's own column names. |
 | `weight` | `None` | Relative share of the mixture; the epoch has as many samples as all weighted sources together. |
 | `epochs` | `None` | Passes over this source per epoch (may be fractional). Neither set = 1 epoch. Do not mix weights and epochs within one source list. |
@@ -38,7 +39,7 @@ from __future__ import annotations
 
 import ml_collections
 
-FORMATS = ("auto", "chat", "alpaca", "prompt_completion", "gsm8k", "oasst", "columns")
+FORMATS = ("auto", "chat", "alpaca", "prompt_completion", "gsm8k", "oasst", "text", "columns")
 SOURCE_DEFAULTS = dict(path="", format="auto", columns={}, weight=None, epochs=None, split="train", subset="")
 PHASE_DEFAULTS = dict(sources=[], epochs=1.0, replay_fraction=0.0)
 CHOICES = dict(
@@ -59,6 +60,7 @@ def default_data_config() -> ml_collections.ConfigDict:
             eval_sources=[],
             eval_fraction=0.0,
             tokenizer="",
+            chat_template="",
             chat_template_kwargs={},
             render="chat_template",
             system_prompt="",
@@ -178,6 +180,6 @@ def validate_data_config(cfg) -> None:
         raise ValueError("data.eval_fraction and data.eval_sources are both set; use one")
     if not isinstance(cfg.chat_template_kwargs, dict) and not hasattr(cfg.chat_template_kwargs, "to_dict"):
         raise ValueError(f"data.chat_template_kwargs must be a dict, got {cfg.chat_template_kwargs!r}")
-    for key in ("tokenizer", "system_prompt", "cache_dir"):
+    for key in ("tokenizer", "chat_template", "system_prompt", "cache_dir"):
         if not isinstance(cfg[key], str):
             raise ValueError(f"data.{key} must be a string, got {cfg[key]!r}")

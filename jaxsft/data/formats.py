@@ -1,7 +1,9 @@
 """Reading records from files or the Hub, detecting their format, and turning them into conversations.
 
 Every record becomes one or more conversations: lists of `{'role', 'content'}` with roles
-system/user/assistant and at least one assistant turn. A malformed record raises `DataError`
+system/user/assistant/tool and at least one assistant turn (assistant messages may carry
+`tool_calls`; a content given as a list of text parts is joined with newlines), or a plain text
+(`format='text'`). A malformed record raises `DataError`
 naming the file, the line (or record/row) and the field; with `on_bad_record='skip'` it is
 counted by `DataError.reason` instead.
 """
@@ -20,7 +22,7 @@ from dataclasses import dataclass, field
 import fsspec
 import fsspec.implementations.local
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 OASST_ROLES = {"prompter": "user", "assistant": "assistant"}
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".jsonl.gz", ".json.gz", ".ndjson")
 
@@ -41,6 +43,8 @@ class Conversation:
     # For the raw render of single-turn formats; None for chat data.
     prompt_completion: tuple[str, str] | None = None
     record: int = 0  # the record's number in the source, counted across its files
+    tools: list | None = None  # tool definitions handed to the chat template
+    text: str | None = None  # format='text': a plain document, every token a label
 
 
 @dataclass
@@ -160,10 +164,12 @@ def detect_format(record: dict, where: str) -> str:
         return "prompt_completion"
     if {"question", "answer"} <= keys:
         return "gsm8k"
+    if "text" in keys:
+        return "text"
     raise DataError(
         where, None,
         f"cannot detect the format from keys {sorted(keys)}; set format to one of chat, alpaca, "
-        "prompt_completion, gsm8k, oasst, or format='columns' with a columns mapping",
+        "prompt_completion, gsm8k, oasst, text, or format='columns' with a columns mapping",
         "unknown_format",
     )
 
@@ -234,7 +240,12 @@ def to_conversations(record: dict, fmt: str, columns: dict, system_prompt: str, 
         system = _text(record, columns["system"], where, optional=True) if "system" in columns else ""
         return [single_turn(prompt, completion, system or system_prompt, where)]
     if fmt == "chat":
-        return [Conversation(check_messages(_get(record, "messages", where), where), where)]
+        tools = record.get("tools")
+        if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+            raise DataError(where, "tools", "expected a list of tool definitions (objects)", "bad_tools")
+        return [Conversation(check_messages(_get(record, "messages", where), where), where, tools=tools or None)]
+    if fmt == "text":
+        return [Conversation([], where, text=_text(record, "text", where))]
     if fmt == "alpaca":
         instruction = _text(record, "instruction", where)
         extra = _text(record, "input", where, optional=True)
@@ -268,9 +279,60 @@ def check_messages(messages, where: str) -> list[dict]:
         role = message["role"]
         if role not in ROLES:
             raise DataError(where, f"{name}.role", f"unknown role {role!r}; expected one of {ROLES}", "unknown_role")
-        out.append({"role": role, "content": _text(message, "content", where, f"{name}.content")})
+        checked = {"role": role}
+        if message.get("tool_calls"):
+            if role != "assistant":
+                raise DataError(where, f"{name}.tool_calls", "only assistant messages make tool calls", "bad_tool_call")
+            checked["tool_calls"] = check_tool_calls(message["tool_calls"], where, f"{name}.tool_calls")
+        checked["content"] = _content(message, where, name, optional="tool_calls" in checked)
+        for key in ("name", "tool_call_id"):  # which tool answered (templates may show it)
+            if message.get(key) is not None:
+                checked[key] = _text(message, key, where, f"{name}.{key}")
+        out.append(checked)
     if not any(m["role"] == "assistant" for m in out):
         raise DataError(where, "messages", "the conversation has no assistant turn", "no_assistant_turn")
+    return out
+
+
+def _content(message: dict, where: str, name: str, *, optional: bool) -> str:
+    """A message's text: a string, or a list of {'type': 'text', 'text': ...} parts joined with newlines."""
+    parts = message.get("content")
+    if not isinstance(parts, list):
+        return _text(message, "content", where, f"{name}.content", optional=optional)
+    texts = []
+    for j, part in enumerate(parts):
+        if not (isinstance(part, dict) and isinstance(part.get("text"), str)):
+            raise DataError(where, f"{name}.content[{j}]", "expected a string or a list of "
+                            "{'type': 'text', 'text': ...} parts", "non_string_content")
+        if part.get("type", "text") != "text":
+            raise DataError(where, f"{name}.content[{j}]", f"part type {part['type']!r}: only text is supported",
+                            "non_text_content")
+        texts.append(part["text"])
+    return _text({"content": "\n".join(texts)}, "content", where, f"{name}.content", optional=optional)
+
+
+def check_tool_calls(calls, where: str, name: str) -> list[dict]:
+    """OpenAI-style calls ({'type': 'function', 'function': {name, arguments}} or {name, arguments})
+    as templates expect them: arguments a dict (a JSON string is decoded)."""
+    if not isinstance(calls, list):
+        raise DataError(where, name, "expected a list of tool calls", "bad_tool_call")
+    out = []
+    for j, call in enumerate(calls):
+        function = call.get("function", call) if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+            raise DataError(where, f"{name}[{j}]", "expected {'function': {'name': ..., 'arguments': ...}}", "bad_tool_call")
+        arguments = function.get("arguments", {})
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments)
+            except json.JSONDecodeError as e:
+                raise DataError(where, f"{name}[{j}].arguments", f"bad JSON: {e}", "bad_tool_call") from e
+        if not isinstance(arguments, dict):
+            raise DataError(where, f"{name}[{j}].arguments", "expected an object", "bad_tool_call")
+        checked = {"type": "function", "function": {"name": function["name"], "arguments": arguments}}
+        if isinstance(call.get("id"), str):
+            checked["id"] = call["id"]
+        out.append(checked)
     return out
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxsft.data.chat import set_chat_template
 from jaxsft.data.config import as_dict, normalize_phases, normalize_sources, validate_data_config
 from jaxsft.data.packing import empty_batch, fill_row, first_fit_decreasing
 from jaxsft.data.tokenize import TokenizedSource, default_cache_dir, load_or_tokenize
@@ -91,6 +92,7 @@ class DataPipeline:
 
     `allgather(obj) -> [obj of process 0, 1, ...]` exchanges the sample lengths between processes;
     by default jax's collectives (all processes construct their pipelines together).
+    `data.chat_template`, when set, is installed on `tokenizer` (so generation and export use it too).
     """
 
     def __init__(self, cfg, tokenizer, *, num_batch_devices: int = 1, process_index: int = 0, process_count: int = 1,
@@ -104,6 +106,8 @@ class DataPipeline:
             )
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index {process_index} is outside [0, {process_count})")
+        if cfg.render == "chat_template":
+            set_chat_template(tokenizer, cfg.chat_template)
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.global_rows = global_rows
@@ -186,19 +190,21 @@ class DataPipeline:
                 f"lengths with {len(everyone)} process(es): start jax.distributed in every process first "
                 "(jaxsft.train.distributed) or pass allgather=")
 
-        packed, losses, overs, owners, local_indices, bases = [], [], [], [], [], [0]
+        packed, losses, overs, records, owners, local_indices, bases = [], [], [], [], [], [], [0]
         for t, table in enumerate(self._tables):
             shards = [every[t] for every in everyone]
             # Sample ids in record order, as one process would number them.
             order = np.argsort(np.concatenate([s["records"] for s in shards]), kind="stable")
             for out, key in ((packed, "length"), (losses, "loss"), (overs, "over")):
                 out.append(np.concatenate([s[key] for s in shards]).astype(np.int64)[order])
+            records.append(np.concatenate([s["records"] for s in shards])[order])
             owners.append(np.concatenate([np.full(len(s["records"]), p) for p, s in enumerate(shards)])[order])
             local_indices.append(np.concatenate([np.arange(len(s["records"])) for s in shards])[order])
             bases.append(bases[-1] + len(order))
             table.info = _merge_infos([s["info"] for s in shards])
         self._bases = np.array(bases)
         self._packed_len = np.concatenate(packed)
+        self._record = np.concatenate(records).astype(np.int64)
         self._loss_count = np.concatenate(losses)
         self._owner = np.concatenate(owners).astype(np.int64)
         self._local_index = np.concatenate(local_indices).astype(np.int64)
@@ -220,13 +226,17 @@ class DataPipeline:
         return np.setdiff1d(ids, holdout[table]) if table in holdout else ids
 
     def _holdout(self, tables: list[int]) -> dict[int, np.ndarray]:
+        """Per table, the held-out sample ids: all samples of a share of the source's records,
+        drawn from the seed, the path and the record count (not from what tokenization kept)."""
         if not self.cfg.eval_fraction:
             return {}
         out = {}
         for t in tables:
-            ids = self._pool(t, {})
+            count = self._tables[t].info["records"]
             rng = np.random.default_rng([self.cfg.seed, _seed_of(self._tables[t].info["path"])])
-            out[t] = np.sort(rng.permutation(ids)[: round(self.cfg.eval_fraction * len(ids))])
+            held = rng.permutation(count)[: round(self.cfg.eval_fraction * count)]
+            ids = self._pool(t, {})
+            out[t] = ids[np.isin(self._record[ids], held)]
         return out
 
     # --- the plan ---

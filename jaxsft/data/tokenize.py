@@ -1,12 +1,9 @@
 """Conversations to token ids and loss masks through the model's chat template, cached on disk.
 
-Real chat templates have no `{% generation %}` markers, so the assistant spans are found by
-rendering conversation prefixes: the text of turn i's reply starts where
-`render(messages[:i], add_generation_prompt=True)` ends and stops where
-`render(messages[:i + 1])` ends. Both must be prefixes of the whole rendering (checked; a
-template that rewrites earlier turns is refused). Tokens whose offsets start inside a span are
-labels, up to and including the span's last special token (the end-of-turn, e.g. `<|eot_id|>`,
-`<|im_end|>`), so what the template puts after it (Qwen's newline) is not.
+The assistant spans come from `jaxsft.data.chat.assistant_spans`; tokens whose offsets start
+inside a span are labels, up to and including the first special token after the reply's content
+(its end-of-turn marker). Plain-text records (`format='text'`) are bos + text + eos, every token
+a label.
 """
 
 from __future__ import annotations
@@ -22,18 +19,16 @@ from pathlib import Path
 import jinja2
 import numpy as np
 
+from jaxsft.data.chat import TemplateMismatch, assistant_spans, special_strings
+from jaxsft.data.chat import render as render_chat
 from jaxsft.data.formats import Conversation, DataError, fingerprint_source, read_source
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: spans located for templates that rewrite turns; tool calls; plain text
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "tokenizer_config.json",
     "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json",
 )
 ENCODE_CHUNK = 1024
-
-
-class TemplateMismatch(ValueError):
-    """The chat template breaks the prefix property that mask computation relies on."""
 
 
 @dataclass
@@ -79,46 +74,17 @@ def special_token_ids(tokenizer) -> np.ndarray:
     return np.array(sorted(ids), dtype=np.int64)
 
 
-def render_with_spans(tokenizer, messages: list[dict], loss_on: str, template_kwargs: dict):
-    """Returns the rendered conversation and the (start, end) character span of each labelled reply."""
-
-    def render(msgs, generation_prompt):
-        return tokenizer.apply_chat_template(
-            msgs, tokenize=False, add_generation_prompt=generation_prompt, **template_kwargs
-        )
-
-    full = render(messages, False)
-    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-    if loss_on == "last_assistant":
-        turns = turns[-1:]
-    spans = []
-    for i in turns:
-        before = render(messages[:i], True)
-        through = full if i == len(messages) - 1 else render(messages[: i + 1], False)
-        if not (through.startswith(before) and full.startswith(through)):
-            raise TemplateMismatch(
-                f"the chat template does not render conversation prefixes as prefixes of the whole "
-                f"conversation (assistant turn {i}), so loss masks cannot be derived from it. "
-                f"Prompt up to the reply: {before[-200:]!r}; conversation up to the reply's end: "
-                f"{through[-200:]!r}. Use a template that keeps earlier turns unchanged."
-            )
-        reply = through[len(before):]
-        if messages[i]["content"].strip() not in reply:
-            raise TemplateMismatch(
-                f"assistant turn {i}'s content is not inside its rendered span {reply[:200]!r}; "
-                "the template rewrites replies, so loss masks cannot be derived from it"
-            )
-        spans.append((len(before), len(through)))
-    return full, spans
-
-
-def span_mask(ids: np.ndarray, starts: np.ndarray, spans, special_ids: np.ndarray) -> np.ndarray:
+def span_mask(ids: np.ndarray, offsets: np.ndarray, spans, special_ids: np.ndarray) -> np.ndarray:
+    """1 on the tokens overlapping a span's [start, end), cut after the first special token
+    starting at or after its content_end (the end-of-turn marker). A token that straddles the
+    header and the reply (']-' after '[/INST]') is a label: it holds the reply's first character."""
     mask = np.zeros(len(ids), np.uint8)
-    for a, b in spans:
-        inside = np.nonzero((starts >= a) & (starts < b))[0]
-        special = inside[np.isin(ids[inside], special_ids)]
-        if len(special):
-            inside = inside[inside <= special[-1]]
+    starts, ends = offsets[:, 0], offsets[:, 1]
+    for start, content_end, end in spans:
+        inside = np.nonzero((ends > start) & (starts < end))[0]
+        marker = inside[(starts[inside] >= content_end) & np.isin(ids[inside], special_ids)]
+        if len(marker):
+            inside = inside[inside <= marker[0]]
         mask[inside] = 1
     return mask
 
@@ -128,34 +94,53 @@ def tokenize_conversations(conversations: list[Conversation], tokenizer, *, rend
     """Returns (token arrays, mask arrays, record numbers, Counter of skipped records by reason)."""
     skipped = collections.Counter()
     all_ids, all_masks, records = [], [], []
+    bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+    eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
     if render == "raw":
-        if tokenizer.eos_token_id is None:
+        if not eos:
             raise ValueError("data.render='raw' needs a tokenizer with an eos token")
-        bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
         for chunk in _chunks(conversations):
-            texts = [c.prompt_completion for c in chunk]
-            prompts = tokenizer([p for p, _ in texts], add_special_tokens=False)["input_ids"]
-            completions = tokenizer([c for _, c in texts], add_special_tokens=False)["input_ids"]
+            pairs = [c.prompt_completion or ("", c.text) for c in chunk]
+            prompts = tokenizer([p for p, _ in pairs], add_special_tokens=False)["input_ids"]
+            completions = tokenizer([c for _, c in pairs], add_special_tokens=False)["input_ids"]
             for conv, p, c in zip(chunk, prompts, completions):
-                all_ids.append(np.array(bos + p + c + [tokenizer.eos_token_id], np.int32))
-                all_masks.append(np.array([0] * (len(bos) + len(p)) + [1] * (len(c) + 1), np.uint8))
+                ids = bos + p + c + eos
+                unlabelled = 0 if conv.text is not None else len(bos) + len(p)  # plain text: all labels
+                all_ids.append(np.array(ids, np.int32))
+                all_masks.append(np.array([0] * unlabelled + [1] * (len(ids) - unlabelled), np.uint8))
                 records.append(conv.record)
         return all_ids, all_masks, records, skipped
 
     special_ids = special_token_ids(tokenizer)
+    specials = special_strings(tokenizer)
     for chunk in _chunks(conversations):
         rendered = []
         for conv in chunk:
+            if conv.text is not None:
+                rendered.append((conv, conv.text, None))
+                continue
             try:
-                rendered.append((conv, *render_with_spans(tokenizer, conv.messages, loss_on, template_kwargs)))
-            except jinja2.TemplateError as e:
+                full, spans = assistant_spans(
+                    lambda msgs, gen: render_chat(tokenizer, msgs, gen, template_kwargs, conv.tools),
+                    conv.messages, specials)
+            except (jinja2.TemplateError, TemplateMismatch) as e:
+                reason = "template_mismatch" if isinstance(e, TemplateMismatch) else "template_error"
                 if on_bad_record == "error":
-                    raise DataError(conv.where, "messages", f"the chat template refused it: {e}", "template_error") from e
-                skipped["template_error"] += 1
+                    problem = "the chat template refused it" if reason == "template_error" else "no loss mask"
+                    raise DataError(conv.where, "messages", f"{problem}: {e}", reason) from e
+                skipped[reason] += 1
+                continue
+            rendered.append((conv, full, spans[-1:] if loss_on == "last_assistant" else spans))
         encoded = tokenizer([text for _, text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
         for (conv, _, spans), ids, offsets in zip(rendered, encoded["input_ids"], encoded["offset_mapping"]):
+            if spans is None:  # plain text: every token is a label
+                ids = np.array(bos + ids + eos, np.int32)
+                all_ids.append(ids)
+                all_masks.append(np.ones(len(ids), np.uint8))
+                records.append(conv.record)
+                continue
             ids = np.array(ids, np.int32)
-            mask = span_mask(ids, np.array([o[0] for o in offsets], np.int64), spans, special_ids)
+            mask = span_mask(ids, np.array(offsets, np.int64).reshape(-1, 2), spans, special_ids)
             if not mask.any():
                 if on_bad_record == "error":
                     raise DataError(conv.where, "messages", "no assistant token survives tokenization", "no_loss_tokens")
@@ -195,7 +180,7 @@ def load_or_tokenize(source: dict, tokenizer, settings: dict, cache_dir: Path,
         return _load(folder)
 
     read = read_source(source, system_prompt=settings["system_prompt"], on_bad_record=settings["on_bad_record"], shard=shard)
-    if settings["render"] == "raw" and any(c.prompt_completion is None for c in read.conversations):
+    if settings["render"] == "raw" and any(c.prompt_completion is None and c.text is None for c in read.conversations):
         raise ValueError(f"data.render='raw' needs single-turn data; {source['path']} is {read.format}")
     ids, masks, records, skipped = tokenize_conversations(
         read.conversations, tokenizer, render=settings["render"], loss_on=settings["loss_on"],

@@ -15,6 +15,7 @@ import time
 from decimal import Decimal, InvalidOperation
 
 from jaxsft import rundir
+from jaxsft.data.chat import end_of_turn_id, prompt_tokens
 from jaxsft.generation import generate
 
 # A number as written in text: optional sign and $, thousands commas, decimals.
@@ -58,17 +59,27 @@ def build_messages(question: str, shots=(), system_prompt: str | None = None) ->
     return messages + [{"role": "user", "content": question}]
 
 
-def build_prompt(tokenizer, question: str, shots=(), system_prompt: str | None = None) -> list[int]:
-    """Token ids of the chat-templated conversation, ending with the assistant turn's header."""
-    text = tokenizer.apply_chat_template(
-        build_messages(question, shots, system_prompt), tokenize=False, add_generation_prompt=True)
-    # The template already wrote any special tokens it wants.
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+def build_prompt(tokenizer, question: str, shots=(), system_prompt: str | None = None,
+                 template_kwargs: dict | None = None) -> list[int]:
+    """Token ids of the chat-templated conversation, ending with the assistant turn's header:
+    exactly what training (`format='gsm8k'`, same system prompt and template kwargs) puts before
+    the reply."""
+    return prompt_tokens(tokenizer, build_messages(question, shots, system_prompt), template_kwargs or {})
+
+
+def stop_token_ids(model, tokenizer, template_kwargs: dict | None = None) -> list[int]:
+    """Every end token: the generation config's eos ids (an id or a list), the model's and the
+    tokenizer's eos, and the template's end-of-turn token (the last label of a training reply)."""
+    ids = set()
+    for value in (model.config.hf_generation_config.get("eos_token_id"), model.config.eos_token_id,
+                  tokenizer.eos_token_id, end_of_turn_id(tokenizer, template_kwargs or {})):
+        ids |= set() if value is None else {value} if isinstance(value, int) else set(value)
+    return sorted(ids)
 
 
 def evaluate_gsm8k(model, tokenizer, examples: list[dict], *, k_shot: int = 0, shots: list[dict] | None = None,
                    max_new_tokens: int = 256, batch_size: int = 32, subset: int | None = None,
-                   system_prompt: str | None = None) -> dict:
+                   system_prompt: str | None = None, template_kwargs: dict | None = None) -> dict:
     """Greedy exact-match accuracy on `examples` ({question, answer} dicts, e.g. the test split).
 
     k_shot > 0 takes the first k of `shots` (e.g. the train split) as worked examples in every
@@ -82,8 +93,8 @@ def evaluate_gsm8k(model, tokenizer, examples: list[dict], *, k_shot: int = 0, s
     else:
         shots = []
     examples = examples[:subset] if subset is not None else examples
-    prompts = [build_prompt(tokenizer, ex["question"], shots, system_prompt) for ex in examples]
-    eos = model.config.eos_token_id if tokenizer.eos_token_id is None else tokenizer.eos_token_id
+    prompts = [build_prompt(tokenizer, ex["question"], shots, system_prompt, template_kwargs) for ex in examples]
+    eos = stop_token_ids(model, tokenizer, template_kwargs)
     # Similar lengths in one batch waste less padding; records keep the input order.
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     outputs = [None] * len(prompts)
