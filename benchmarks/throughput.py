@@ -12,9 +12,14 @@ benchmarks/results/throughput_<device>.json with device, versions and settings.
 from __future__ import annotations
 
 import argparse
+import functools
+import glob
+import gzip
 import json
+import math
 import os
 import platform
+import re
 import time
 
 import jax
@@ -39,6 +44,8 @@ SHAPES = {  # Llama 3.2 1B / 3B and Llama 3.1 8B
                head_dim=128, vocab_size=128256, tie_word_embeddings=True),
     "8b": dict(hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32, num_kv_heads=8,
                head_dim=128, vocab_size=128256, tie_word_embeddings=False),
+    "test": dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+                 head_dim=16, vocab_size=512, tie_word_embeddings=True),
     "tiny": dict(hidden_size=256, intermediate_size=768, num_layers=4, num_heads=4, num_kv_heads=2,
                  head_dim=64, vocab_size=32000, tie_word_embeddings=True),
 }
@@ -64,7 +71,11 @@ def packed_microbatches(seq: int, rows: int, count: int, vocab: int):
     return batches
 
 
-def bench_jaxsft(shape, seq, rows, microbatches, steps, remat, offload):
+def bench_jaxsft(shape, seq, rows, microbatches, steps, remat, offload, profile_dir=None, profile_below=math.inf):
+    """One optimizer step of `microbatches` real packed micro-batches, compiled ahead of time (so
+    compile time and the compiler's memory figures are exact), then timed over `steps` steps; the
+    accumulate and update parts are also timed alone (to extrapolate to more micro-batches). With
+    `profile_dir`, a step slower than `profile_below` tokens/s is traced and summarized."""
     c = ModelConfig(architecture="LlamaForCausalLM", remat=remat, **shape)
     mesh = make_mesh()
     abstract = nnx.eval_shape(lambda: Decoder(c, rngs=nnx.Rngs(0)))
@@ -77,32 +88,130 @@ def bench_jaxsft(shape, seq, rows, microbatches, steps, remat, offload):
     opt_state = jax.jit(tx.init, out_shardings=host_shardings(opt_sharding) if offload else opt_sharding)(params)
     batch_sharding = NamedSharding(mesh, P(("data", "fsdp"), None))
     fns = make_train_step(graphdef, tx, schedule, shardings, opt_sharding, batch_sharding, offload_optimizer=offload)
-    batches = [jax.device_put(b, batch_sharding) for b in packed_microbatches(seq, rows * jax.device_count(),
-                                                                              microbatches, c.vocab_size)]
-    tokens = sum(int((np.asarray(b["segment_ids"]) > 0).sum()) for b in batches)
-    flops = metrics.step_flops(c, np.concatenate([metrics.segment_lengths(np.asarray(b["segment_ids"]))
-                                                  for b in batches]))
-    loss_tokens = jnp.int32(sum(int(b["loss_mask"].sum()) for b in batches))
+    host_batches = packed_microbatches(seq, rows * jax.device_count(), microbatches, c.vocab_size)
+    batches = [jax.device_put(b, batch_sharding) for b in host_batches]
+    tokens = sum(int((b["segment_ids"] > 0).sum()) for b in host_batches)
+    lengths = np.concatenate([metrics.segment_lengths(b["segment_ids"]) for b in host_batches])
+    flops = metrics.step_flops(c, lengths)
+    loss_tokens = jnp.int32(sum(int(b["loss_mask"].sum()) for b in host_batches))
+
+    t0 = time.perf_counter()
+    zero = compiled(fns.zero_accumulator, params)
+    acc = zero(params)
+    accumulate = compiled(fns.accumulate, acc, params, batches[0])
+    update = compiled(fns.update, params, opt_state, acc, loss_tokens, jnp.int32(0))
+    compile_s = time.perf_counter() - t0
 
     def step(params, opt_state, i):
-        acc = fns.zero_accumulator(params)
+        acc = zero(params)
         for b in batches:
-            acc = fns.accumulate(acc, params, b)
-        return fns.update(params, opt_state, acc, loss_tokens, jnp.int32(i))
+            acc = accumulate(acc, params, b)
+        return update(params, opt_state, acc, loss_tokens, jnp.int32(i))
 
     t0 = time.perf_counter()
     params, opt_state, m = step(params, opt_state, 0)
     jax.block_until_ready(m)
-    compile_s = time.perf_counter() - t0
+    first_step_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     for i in range(steps):
         params, opt_state, m = step(params, opt_state, i + 1)
     jax.block_until_ready(m)
     dt = (time.perf_counter() - t0) / steps
+    # The parts alone: the mean micro-batch (accumulate) and the update (with offload: the state's trips).
+    acc = jax.block_until_ready(zero(params))
+    t0 = time.perf_counter()
+    for b in batches:
+        acc = accumulate(acc, params, b)
+    jax.block_until_ready(acc)
+    accumulate_s = (time.perf_counter() - t0) / len(batches)
+    t0 = time.perf_counter()
+    params, opt_state, m = jax.block_until_ready(update(params, opt_state, acc, loss_tokens, jnp.int32(steps + 1)))
+    update_s = time.perf_counter() - t0
+    trace = None
+    if profile_dir and tokens / dt < profile_below:
+        with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
+            params, opt_state, m = jax.block_until_ready(step(params, opt_state, steps + 2))
+        trace = summarize_trace(profile_dir)
     peak = metrics.peak_flops_per_device()
-    return {"tokens_per_s": tokens / dt, "step_s": dt, "first_step_s": compile_s, "tokens_per_step": tokens,
-            "mfu": flops / dt / (peak * jax.device_count()) if peak else None,
-            "loss": float(m["loss"])}
+    return {"tokens_per_s": tokens / dt, "step_s": dt, "compile_s": compile_s, "first_step_s": first_step_s,
+            "accumulate_s": accumulate_s, "update_s": update_s, "tokens_per_step": tokens,
+            "samples_per_step": len(lengths), "microbatches": len(batches),
+            "mfu": flops / dt / (peak * jax.device_count()) if peak else None, "loss": float(m["loss"]),
+            "peak_device_bytes": peak_device_bytes(),
+            "compiled_peak_bytes": {"accumulate": compiled_peak(accumulate), "update": compiled_peak(update)},
+            **({"trace": trace} if trace else {})}
+
+
+def compiled(fn, *args):
+    """`fn` (a jitted function, or one with bound leading arguments) compiled ahead of time for
+    `args`, callable like `fn`."""
+    if isinstance(fn, functools.partial):
+        return functools.partial(compiled(fn.func, *fn.args, *args), *fn.args)
+    return fn.lower(*args).compile()
+
+
+def peak_device_bytes() -> int | None:
+    """The allocator's peak since the process started (None where the backend keeps no count: CPU)."""
+    stats = jax.devices()[0].memory_stats()
+    return stats.get("peak_bytes_in_use") if stats else None
+
+
+def compiled_peak(executable) -> int | None:
+    """The compiler's own peak device memory for one call (arguments, outputs and temporaries)."""
+    executable = getattr(executable, "func", executable)
+    analysis = executable.memory_analysis()
+    return getattr(analysis, "peak_memory_in_bytes", None) if analysis else None
+
+
+# Kernel-name patterns per category, first match wins (cuDNN, cuBLAS/CUTLASS and XLA's own names).
+TRACE_CATEGORIES = (
+    ("attention", re.compile(r"fmha|flash|cudnn|attention|sdpa", re.I)),
+    ("matmul", re.compile(r"gemm|cublas|cutlass|xmma|nvjet|matmul|dot", re.I)),
+    ("memcpy", re.compile(r"memcpy|memset|copy|transfer|h2d|d2h", re.I)),
+    ("reduce", re.compile(r"reduce|scatter|gather|sort", re.I)),
+    ("elementwise", re.compile(r"fusion|loop|input|convert|broadcast", re.I)),
+)
+
+
+def summarize_trace(profile_dir: str, top: int = 12) -> dict:
+    """Where one traced step's time went: device busy time by kernel category and the top kernels,
+    from the Perfetto trace jax.profiler writes. The 'device' is the GPU's streams, or on CPU the
+    XLA executor threads. `host_gap_s` = traced wall time the device was idle (host stalls)."""
+    path = max(glob.glob(os.path.join(profile_dir, "**", "perfetto_trace.json.gz"), recursive=True),
+               key=os.path.getmtime)
+    with gzip.open(path) as f:
+        trace = json.load(f)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    names = {(e["pid"], e.get("tid")): e["args"]["name"] for e in events
+             if e.get("ph") == "M" and e.get("name") in ("process_name", "thread_name")}
+    device_pids = {pid for (pid, tid), n in names.items() if tid is None and re.search(r"device:(GPU|TPU)", n)}
+
+    def on_device(e):
+        if device_pids:
+            return e["pid"] in device_pids
+        return names.get((e["pid"], e.get("tid")), "").startswith("tf_XLA")
+
+    spans = [e for e in events if e.get("ph") == "X" and "dur" in e]
+    kernels = [e for e in spans if on_device(e)]
+    if not kernels:
+        return {"error": "no device events in the trace"}
+    by_kernel: dict[str, float] = {}
+    for e in kernels:
+        by_kernel[e["name"]] = by_kernel.get(e["name"], 0.0) + e["dur"] * 1e-6
+    by_category: dict[str, float] = {}
+    for name, secs in by_kernel.items():
+        category = next((c for c, pattern in TRACE_CATEGORIES if pattern.search(name)), "other")
+        by_category[category] = by_category.get(category, 0.0) + secs
+    intervals = sorted((e["ts"], e["ts"] + e["dur"]) for e in kernels)
+    busy, end = 0.0, -math.inf
+    for a, b in intervals:  # union of the kernels' intervals (streams overlap)
+        busy += max(0.0, b - max(a, end))
+        end = max(end, b)
+    wall = (max(b for _, b in intervals) - intervals[0][0]) * 1e-6
+    return {"device_wall_s": wall, "device_busy_s": busy * 1e-6, "host_gap_s": wall - busy * 1e-6,
+            "kernel_s_by_category": {k: round(v, 4) for k, v in sorted(by_category.items(), key=lambda kv: -kv[1])},
+            "top_kernels_s": {k[:120]: round(v, 4) for k, v in sorted(by_kernel.items(), key=lambda kv: -kv[1])[:top]},
+            "source": path}
 
 
 def bench_torch(shape, seq, rows, microbatches, steps):
@@ -132,19 +241,27 @@ def bench_torch(shape, seq, rows, microbatches, steps):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    t0 = time.perf_counter()
     step()
     if cuda:
         torch.cuda.synchronize()
+    first_step_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     for _ in range(steps):
         step()
     if cuda:
         torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / steps
-    return {"tokens_per_s": rows * seq * microbatches / dt, "step_s": dt}
+    c = ModelConfig(architecture="LlamaForCausalLM", **shape)
+    flops = metrics.step_flops(c, np.full(rows * microbatches, seq))  # unpacked rows: whole-row attention
+    peak = metrics.peak_flops_per_device()
+    return {"tokens_per_s": rows * seq * microbatches / dt, "step_s": dt, "first_step_s": first_step_s,
+            "mfu": flops / dt / peak if peak and cuda else None,
+            "peak_device_bytes": torch.cuda.max_memory_allocated() if cuda else None}
 
 
 def main():
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave the GPU's memory to torch too
     on_cpu = jax.devices()[0].platform == "cpu"
     p = argparse.ArgumentParser()
     p.add_argument("--sizes", default="tiny" if on_cpu else "1b,3b,8b")
