@@ -129,7 +129,7 @@ def job_throughput(args) -> dict:
     on_gpu = jax.devices()[0].platform == "gpu"
     # Below target on the GPU (always in a dry run): trace one more step, record where its time goes.
     threshold = math.inf if args.dry_run else (target if on_gpu and target else 0)
-    result = bench_jaxsft(SHAPES[args.size], seq, 1, microbatches, steps, args.remat, offload=False,
+    result = bench_jaxsft(SHAPES[args.size], seq, 1, microbatches, steps, args.remat,
                           profile_dir=tempfile.mkdtemp(prefix="jaxsft_trace_"), profile_below=threshold)
     return {"target_tokens_per_s": target, **result}
 

@@ -1,6 +1,7 @@
 """Train-step tokens/s and MFU of jaxsft, beside a PyTorch + transformers reference step.
 
     python benchmarks/throughput.py                      # on a GPU: 1b, 3b, 8b at seq 4096
+    (8B with the optimizer state offloaded to host memory: benchmarks/gpu_check.py, through the CLI)
     python benchmarks/throughput.py --sizes tiny         # on CPU: a small shape, to check the script
 
 jaxsft runs real packed SFT rows (GSM8K from configs/assets through the data pipeline; ids folded
@@ -33,7 +34,7 @@ from jaxsft.models import Decoder, ModelConfig
 from jaxsft.sharding import make_mesh, optimizer_shardings, param_shardings
 from jaxsft.train import default_config
 from jaxsft.train.optimizer import make_optimizer
-from jaxsft.train.step import host_shardings, make_train_step
+from jaxsft.train.step import make_train_step
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ASSETS = os.path.join(HERE, "..", "configs", "assets")
@@ -71,7 +72,7 @@ def packed_microbatches(seq: int, rows: int, count: int, vocab: int):
     return batches
 
 
-def bench_jaxsft(shape, seq, rows, microbatches, steps, remat, offload, profile_dir=None, profile_below=math.inf):
+def bench_jaxsft(shape, seq, rows, microbatches, steps, remat, profile_dir=None, profile_below=math.inf):
     """One optimizer step of `microbatches` real packed micro-batches, compiled ahead of time (so
     compile time and the compiler's memory figures are exact), then timed over `steps` steps; the
     accumulate and update parts are also timed alone (to extrapolate to more micro-batches). With
@@ -85,9 +86,9 @@ def bench_jaxsft(shape, seq, rows, microbatches, steps, remat, offload, profile_
     optim = default_config().optim
     tx, schedule = make_optimizer(optim, 1000)
     opt_sharding = optimizer_shardings(tx, params, shardings, mesh)
-    opt_state = jax.jit(tx.init, out_shardings=host_shardings(opt_sharding) if offload else opt_sharding)(params)
+    opt_state = jax.jit(tx.init, out_shardings=opt_sharding)(params)
     batch_sharding = NamedSharding(mesh, P(("data", "fsdp"), None))
-    fns = make_train_step(graphdef, tx, schedule, shardings, opt_sharding, batch_sharding, offload_optimizer=offload)
+    fns = make_train_step(graphdef, tx, schedule, shardings, opt_sharding, batch_sharding)
     host_batches = packed_microbatches(seq, rows * jax.device_count(), microbatches, c.vocab_size)
     batches = [jax.device_put(b, batch_sharding) for b in host_batches]
     tokens = sum(int((b["segment_ids"] > 0).sum()) for b in host_batches)
@@ -117,7 +118,7 @@ def bench_jaxsft(shape, seq, rows, microbatches, steps, remat, offload, profile_
         params, opt_state, m = step(params, opt_state, i + 1)
     jax.block_until_ready(m)
     dt = (time.perf_counter() - t0) / steps
-    # The parts alone: the mean micro-batch (accumulate) and the update (with offload: the state's trips).
+    # The parts alone: the mean micro-batch (accumulate) and the update.
     acc = jax.block_until_ready(zero(params))
     t0 = time.perf_counter()
     for b in batches:
@@ -270,7 +271,6 @@ def main():
     p.add_argument("--microbatches", type=int, default=2 if on_cpu else 4)
     p.add_argument("--steps", type=int, default=2 if on_cpu else 5)
     p.add_argument("--remat", default="full", help="comma-separated remat policies to try")
-    p.add_argument("--offload", default="", help="sizes to run with optimizer-state offload")
     p.add_argument("--no-reference", action="store_true")
     args = p.parse_args()
 
@@ -281,7 +281,7 @@ def main():
         for remat in args.remat.split(","):
             try:
                 row[f"jaxsft_{remat}"] = bench_jaxsft(SHAPES[size], args.seq, args.rows, args.microbatches,
-                                                      args.steps, remat, size in args.offload.split(","))
+                                                      args.steps, remat)
             except Exception as e:  # out of memory at this size and policy: record it, go on
                 row[f"jaxsft_{remat}"] = {"error": str(e).splitlines()[0][:200]}
         if not args.no_reference:

@@ -61,8 +61,8 @@ def xla_attention(q, k, v, segment_ids, *, scale, sliding_window):
 
 # Segment slots per row given to cuDNN's packed attention. cuDNN schedules work and keeps float32
 # softmax statistics per slot ((rows x slots, heads, seq): 1.6 GB per layer call at 4096 slots, 24
-# heads), so one slot per token is wasteful; packed SFT rows hold far fewer samples (GSM8K at seq
-# 4096: ~20-27). Peers use 32. A row with more samples still gets one slot per token (exact, slower).
+# heads), so one slot per token is wasteful; packed SFT rows hold far fewer samples (GSM8K packed
+# at seq 4096 needs 10-23 slots a row, padding included). Peers use 32. A row with more samples still gets one slot per token (exact, slower).
 CUDNN_SEGMENT_SLOTS = 32
 
 
