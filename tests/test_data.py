@@ -589,3 +589,14 @@ def get_config():
     assert "<|im_start|>assistant\n[[" in rows and "<|im_end|>]]\n" in rows
     bad = subprocess.run(cmd + ["--config.data.loss_on=everything"], capture_output=True, text=True, env=env)
     assert bad.returncode == 1 and "error: data.loss_on is 'everything'" in bad.stderr
+
+
+def test_cli_loads_the_tokenizer_as_training_does_gguf_quickstart(tmp_path):
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "-m", "jaxsft.data", "--config", os.path.join(repo, "configs/smollm2_gsm8k.py"),
+           f"--config.data.cache_dir={tmp_path}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, check=True,
+                         cwd=repo).stdout
+    summary = json.loads(out[: out.index("\n}\n") + 2])
+    assert summary["records_read"] == 2000 and summary["eval_samples"] == 40  # 2% of the records held out
+    assert "<|im_start|>assistant\n[[" in out and "<|im_end|>]]" in out  # SmolLM2's ChatML, from the GGUF file

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -140,7 +141,8 @@ def tokenize_conversations(conversations: list[Conversation], tokenizer, *, rend
                 records.append(conv.record)
                 continue
             ids = np.array(ids, np.int32)
-            mask = span_mask(ids, np.array(offsets, np.int64).reshape(-1, 2), spans, special_ids)
+            offsets = np.fromiter(itertools.chain.from_iterable(offsets), np.int64, 2 * len(offsets)).reshape(-1, 2)
+            mask = span_mask(ids, offsets, spans, special_ids)
             if not mask.any():
                 if on_bad_record == "error":
                     raise DataError(conv.where, "messages", "no assistant token survives tokenization", "no_loss_tokens")
