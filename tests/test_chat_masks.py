@@ -18,11 +18,14 @@ APPEND_AT_END = (
     "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% else %}<|endoftext|>{% endif %}"
 )
-# Like Qwen3: earlier assistant turns lose their <think> block.
+# Like Qwen3: earlier assistant turns lose their <think> block, the last one has it re-spaced.
 DROP_EARLIER_REASONING = (
     "{% for m in messages %}<|im_start|>{{ m.role }}\n"
-    "{% if m.role == 'assistant' and not loop.last and '</think>' in m.content %}"
-    "{{ m.content.split('</think>')[-1].lstrip('\\n') }}{% else %}{{ m.content }}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if m.role == 'assistant' and '</think>' in m.content %}"
+    "{% set reasoning = m.content.split('</think>')[0].split('<think>')[-1] %}"
+    "{% set answer = m.content.split('</think>')[-1] %}"
+    "{% if loop.last %}{{ '<think>\\n' + reasoning.strip('\\n') + '\\n</think>\\n\\n' }}{% endif %}"
+    "{{ answer.lstrip('\\n') }}{% else %}{{ m.content }}{% endif %}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 # Like Mistral's: a system prompt (a default one if none is given) goes into the last user message.
@@ -46,12 +49,21 @@ def drop_reasoning(content):
     return content.split("</think>")[-1].lstrip("\n")
 
 
-# template, how an assistant turn's content shows in the whole rendering when it is not the last
+def respace_reasoning(content):
+    reasoning = content.split("</think>")[0].split("<think>")[-1]
+    return "<think>\n" + reasoning.strip("\n") + "\n</think>\n\n" + drop_reasoning(content)
+
+
+def as_is(content):
+    return content
+
+
+# template, how an assistant turn's content shows in the whole rendering when it is not the last, and when it is
 TEMPLATES = {
-    "append_at_end": (APPEND_AT_END, lambda c: c),
-    "drop_earlier_reasoning": (DROP_EARLIER_REASONING, drop_reasoning),
-    "system_in_last_user": (SYSTEM_IN_LAST_USER, lambda c: c),
-    "strip_earlier_turns": (STRIP_EARLIER_TURNS, str.strip),
+    "append_at_end": (APPEND_AT_END, as_is, as_is),
+    "drop_earlier_reasoning": (DROP_EARLIER_REASONING, drop_reasoning, respace_reasoning),
+    "system_in_last_user": (SYSTEM_IN_LAST_USER, as_is, as_is),
+    "strip_earlier_turns": (STRIP_EARLIER_TURNS, str.strip, as_is),
 }
 
 
@@ -93,13 +105,13 @@ def tokenize(tok, conversations, **kwargs):
 
 @pytest.mark.parametrize("name", sorted(TEMPLATES))
 def test_labels_are_each_reply_and_its_end_marker(name, qwen, multi_turn):
-    template, shown_when_earlier = TEMPLATES[name]
+    template, shown_when_earlier, shown_when_last = TEMPLATES[name]
     tok = qwen.__class__.from_pretrained(qwen.name_or_path)
     set_chat_template(tok, template)
     conversations = multi_turn
     if name == "drop_earlier_reasoning":
         conversations = [
-            type(c)([{**m, "content": f"<think>\nWhy reply {k}?\n</think>\n\n{m['content']}"} if m["role"] == "assistant"
+            type(c)([{**m, "content": f"<think>Why reply {k}?</think>{m['content']}"} if m["role"] == "assistant"
                      else m for k, m in enumerate(c.messages)], c.where)
             for c in multi_turn]
     if name == "strip_earlier_turns":  # whitespace for the template to strip
@@ -110,7 +122,7 @@ def test_labels_are_each_reply_and_its_end_marker(name, qwen, multi_turn):
     for conv, tokens, mask in zip(conversations, ids, masks):
         replies = [m["content"] for m in conv.messages if m["role"] == "assistant"]
         last = conv.messages[-1]["role"] == "assistant"
-        expected = [nfc((r if last and k == len(replies) - 1 else shown_when_earlier(r)) + "<|im_end|>")
+        expected = [nfc((shown_when_last(r) if last and k == len(replies) - 1 else shown_when_earlier(r)) + "<|im_end|>")
                     for k, r in enumerate(replies)]
         assert label_texts(tok, tokens, mask) == expected, conv.where
         turns += len(replies)

@@ -9,8 +9,9 @@ is located in three steps (see docs/data.md):
 
 1. The reply as the template renders it when it is the last turn: the text of
    `render(messages[:i + 1])` after its common prefix with `render(messages[:i], generation
-   prompt)`. It is cut where the reply's own content ends (its text, or its last tool call's
-   name); what follows is the end-of-turn marker.
+   prompt)`. It is cut where the reply's own content ends (found as its text, as the longest end
+   of it the template kept, or as its last tool call's name); what follows is the end-of-turn
+   marker.
 2. Where the reply starts in the whole rendering: where `render(messages[:i], generation
    prompt)` stops agreeing with it, or else right after the generation header (what follows
    the previous message's content in that prefix rendering), searched after the previous reply.
@@ -91,12 +92,12 @@ def assistant_spans(render_prefix, messages: list[dict], specials: tuple[str, ..
         through = full if i == len(messages) - 1 else render_prefix(messages[: i + 1], False)
         previous = messages[i - 1] if i else None
         reply = _reply(before, through, previous)
-        anchor, at = _anchor(message, reply)
-        if at < 0:
+        content_end = _content_end(message, reply)
+        if content_end < 0:
             raise TemplateMismatch(
-                f"assistant turn {i}: the template does not render its content {anchor[:80]!r} "
+                f"assistant turn {i}: the template does not render its content {message['content'][:80]!r} "
                 f"(rendered turn: {reply[:200]!r})")
-        text, tail = reply[: at + len(anchor)], reply[at + len(anchor):]
+        text, tail = reply[:content_end], reply[content_end:]
         span = None
         for start in _starts(before, full, previous, done):
             span = _match(full, start, text, tail, specials)
@@ -111,14 +112,27 @@ def assistant_spans(render_prefix, messages: list[dict], specials: tuple[str, ..
     return full, spans
 
 
-def _anchor(message: dict, reply: str) -> tuple[str, int]:
-    """What ends the reply's own content (its text, or its last tool call's name) and where it
-    ends in the rendered reply."""
+def _content_end(message: dict, reply: str) -> int:
+    """Where the reply's own content ends in the rendered reply (-1: not rendered): after the
+    content, or after its longest end that the template rendered as is (Qwen3 re-spaces the
+    <think> block before the answer), or after the last tool call's name."""
     if message.get("tool_calls"):
         name = message["tool_calls"][-1]["function"]["name"]
-        return name, reply.rfind(name)
+        at = reply.rfind(name)
+        return at + len(name) if at >= 0 else -1
     content = message["content"].strip()
-    return content, reply.find(content)
+    at = reply.find(content)
+    if at >= 0:
+        return at + len(content)
+    low, high = 0, len(content)  # the first k with content[k:] in reply (a shorter end is in it too)
+    while low < high:
+        mid = (low + high) // 2
+        if content[mid:] in reply:
+            high = mid
+        else:
+            low = mid + 1
+    end = content[low:].strip()
+    return reply.rfind(end) + len(end) if end else -1
 
 
 def _header(before: str, previous: dict | None) -> str:
