@@ -4,8 +4,8 @@ Writes a Hugging Face model folder (safetensors, config.json, tokenizer) from an
 checkpoint: a converted model (`python -m jaxsft.convert`), a training run's checkpoint step
 (`RUN/checkpoints/8`), its checkpoint directory (the newest step) or the run directory itself;
 local or gs://, and so is the output. A training checkpoint describes itself (the model's config
-and generation config in its record, the tokenizer beside its steps), so the model it was trained
-from is not needed.
+and generation config in its record, which also names the run's copy of the tokenizer,
+`RUN/tokenizer`), so the model it was trained from is not needed.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import logging
 import jax.numpy as jnp
 from etils import epath
 
-from jaxsft.checkpoint import TOKENIZER_DIR
 from jaxsft.models import ModelConfig, load_tokenizer
 from jaxsft.models.converted import MARKER, converted_config, join, restore_params
 from jaxsft.models.hf_io import save_hf
@@ -53,9 +52,7 @@ def training_checkpoint_model(params_dir: str, record: dict) -> tuple[ModelConfi
                          "config in its record); export it with the jaxsft version that wrote it")
     config = ModelConfig.from_hf(record["model_config"], source=f"{params_dir}/../record")
     config = config.replace(hf_generation_config=record.get("generation_config") or {})
-    step_dir = params_dir.rstrip("/").rsplit("/", 1)[0]
-    checkpoint_dir = step_dir.rstrip("/").rsplit("/", 1)[0]
-    return config, join(checkpoint_dir, TOKENIZER_DIR)
+    return config, record["tokenizer_dir"]
 
 
 def export(checkpoint: str, out: str, dtype: str = "bfloat16") -> None:

@@ -83,3 +83,103 @@ def test_a_model_folder_re_uploaded_to_the_same_path_is_not_read_stale(tmp_path,
     assert open(os.path.join(folder, "config.json")).read() == '{"version": 2}'
     assert os.stat(os.path.join(folder, "tokenizer.json")).st_mtime_ns == kept  # unchanged: not copied again
     assert sorted(os.listdir(folder)) == ["config.json", "tokenizer.json"]
+
+
+def _bucket_files(root: str) -> list[str]:
+    """Every object under `root` (gs://BUCKET/PREFIX), relative to it."""
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage
+
+    bucket, _, prefix = root.removeprefix("gs://").partition("/")
+    client = storage.Client(project="test", credentials=AnonymousCredentials())
+    return sorted(b.name[len(prefix) + 1:] for b in client.list_blobs(bucket, prefix=prefix + "/"))
+
+
+@pytest.mark.slow
+def test_a_gcs_run_directory_through_the_cli_killed_and_resumed(tmp_path, gcs_bucket):  # noqa: F811
+    """The TPU-pod quickstart's path: every file of the run in the bucket, none on the local disk;
+    a run SIGKILLed after a checkpoint and resumed with the same command ends as an uninterrupted one."""
+    import subprocess
+    import signal
+    import sys
+
+    from test_checkpoint import ASSETS, DETERMINISTIC, REPO, cli
+
+    root = f"gs://{gcs_bucket}/{tmp_path.name}"
+    test_file = tmp_path / "test.jsonl"
+    with open(os.path.join(ASSETS, "gsm8k", "test.jsonl")) as f:
+        test_file.write_text("".join(f.readlines()[:4]))
+    workdir = tmp_path / "cwd"  # the processes' working directory: nothing may land here
+    workdir.mkdir()
+    env = {**os.environ, "XLA_FLAGS": "", "JAXSFT_CACHE": str(tmp_path / "cache")}
+
+    def command(out):
+        args = cli(tmp_path, out, f"--config.data.eval_sources=[{{'path': '{test_file}', 'format': 'gsm8k'}}]",
+                   "--config.train.eval_every=2", "--config.train.export_hf=True",
+                   "--config.train.export_dtype=float32",
+                   f"--config.gsm8k.file={test_file}", "--config.gsm8k.subset=2",
+                   "--config.gsm8k.max_new_tokens=4", "--config.gsm8k.show=0")
+        args[args.index("configs/demo.py")] = os.path.join(REPO, "configs", "demo.py")
+        return args
+
+    r = subprocess.run(command(f"{root}/whole"), cwd=workdir, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    proc = subprocess.Popen(command(f"{root}/killed"), cwd=workdir, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (epath.Path(f"{root}/killed/checkpoints/2") / "record").exists():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before checkpoint 2"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (epath.Path(f"{root}/killed/checkpoints") / "4").exists(), "killed too late to test a resume"
+    r = subprocess.run(command(f"{root}/killed"), cwd=workdir, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    def lines(run, name):
+        return [json.loads(x) for x in (epath.Path(f"{root}/{run}") / name).read_text().splitlines()]
+
+    whole, killed = lines("whole", "metrics.jsonl"), lines("killed", "metrics.jsonl")
+    assert [x["step"] for x in killed] == [1, 2, 3, 4]
+    for x, y in zip(whole, killed):
+        assert {k: x[k] for k in DETERMINISTIC} == {k: y[k] for k in DETERMINISTIC}, (x, y)
+    assert lines("whole", "eval.jsonl") == lines("killed", "eval.jsonl")
+    evals = lines("killed", "eval.jsonl")
+    assert [x["step"] for x in evals] == [2, 4] and {"eval_loss", "gsm8k_accuracy"} <= evals[1].keys()
+
+    files = _bucket_files(f"{root}/killed")
+    for expected in ("config.json", "data_summary.json", "metrics.jsonl", "eval.jsonl",
+                     "eval/gsm8k_step4.json", "hf/model.safetensors", "hf/config.json", "hf/tokenizer_config.json",
+                     "checkpoints/4/record/metadata", "tokenizer/tokenizer_config.json"):
+        assert expected in files, (expected, files)
+    events = [f for f in files if f.startswith("tensorboard/events.out.tfevents")]
+    assert len(events) == 2, files  # the killed run's and the resumed run's
+    assert list(workdir.rglob("*")) == [] and not os.path.exists(os.path.join(REPO, "gs:"))
+
+    # Export and convert with gs:// on both sides, through their CLIs.
+    for args in (["jaxsft.export", "--checkpoint", f"{root}/killed", "--out", f"{root}/exported", "--dtype", "float32"],
+                 ["jaxsft.convert", "--from", f"{root}/killed/hf", "--to", f"{root}/converted"],
+                 ["jaxsft.convert", "--from", f"{root}/killed/hf", "--to", f"{root}/converted_hf", "--hf"]):
+        r = subprocess.run([sys.executable, "-m", *args], cwd=workdir, env=env, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-3000:]
+    assert list(workdir.rglob("*")) == []
+    assert {"model.safetensors", "config.json", "tokenizer_config.json"} <= set(_bucket_files(f"{root}/exported"))
+    assert "jaxsft_checkpoint.json" in _bucket_files(f"{root}/converted")
+
+    # transformers reads the gs:// export and gives the logits of the trained checkpoint.
+    import torch
+    import transformers as tf
+
+    from jaxsft.models import load_model
+
+    local = tmp_path / "exported_copy"
+    local.mkdir()
+    for name in _bucket_files(f"{root}/exported"):
+        (local / name).write_bytes((epath.Path(f"{root}/exported") / name).read_bytes())
+    hf = tf.AutoModelForCausalLM.from_pretrained(local, dtype=torch.float32)
+    ids = np.array([[1, 5, 9, 151000, 3]])
+    with torch.no_grad():
+        reference = hf(torch.tensor(ids)).logits.numpy()
+    for source in (f"{root}/converted", f"{root}/converted_hf"):
+        ours = np.asarray(load_model(source, compute_dtype=jnp.float32)(jnp.asarray(ids)))
+        assert np.abs(ours - reference).max() <= 1e-4 * np.abs(reference).max(), source

@@ -1,9 +1,10 @@
-"""What a run does between steps, each with an interval: evaluations and checkpoints.
+"""What a run does between steps, each at its interval: evaluations, then checkpoints (so a
+checkpoint keeps the held-out loss of its step).
 
 An eval is registered by name with `register_eval`: a factory that takes the run config and
 returns an `Eval` (or None when the config leaves it off). Every registered eval runs before the
 first step (`train.eval_at_start`), every `every` steps, and at the end; its result is kept in
-`run.history[name]` and its figures go to eval.jsonl and the metrics sinks. The held-out loss
+`run.history[name]` and its figures go to eval.jsonl (one line per step) and the metrics sinks. The held-out loss
 and GSM8K accuracy are two such evals; a user adds one the same way:
 
     @register_eval("my_eval")
@@ -17,6 +18,8 @@ import dataclasses
 from typing import TYPE_CHECKING, Callable
 
 import jax
+
+from jaxsft.train.offload import Offloaded
 
 if TYPE_CHECKING:
     from jaxsft.train.setup import Run
@@ -32,8 +35,8 @@ class Eval:
 
 @dataclasses.dataclass(frozen=True)
 class Hook:
-    """Something the loop calls after step `every`, `2 * every`, ... (never at the last step,
-    which `finish` handles after the final evaluation)."""
+    """Something the loop calls after step `every`, `2 * every`, ... once that step's evals ran
+    (never at the last step, which `finish` handles)."""
     name: str
     every: int
     call: Callable[["Run", int], None]
@@ -54,26 +57,19 @@ def make_evals(config) -> list[Eval]:
 
 
 def make_hooks(config) -> list[Hook]:
-    """Evaluations first, then the checkpoint, so a checkpoint keeps the eval loss of its step."""
-    hooks = [Hook(e.name, e.every, lambda run, step, e=e: run_eval(run, e, step))
-             for e in make_evals(config) if e.every]
-    if config.checkpoint.every_steps:
-        hooks.append(Hook("checkpoint", config.checkpoint.every_steps, save_checkpoint))
-    return hooks
+    return [Hook("checkpoint", config.checkpoint.every_steps, save_checkpoint)] if config.checkpoint.every_steps else []
 
 
-def run_eval(run: "Run", e: Eval, step: int) -> None:
-    result = {**e.run(run, step), "step": step}
-    run.history.setdefault(e.name, []).append(result)
-    figures = e.figures(result)
+def run_evals(run: "Run", evals: list[Eval], step: int) -> None:
+    """Runs `evals` at `step`; their figures make one line of eval.jsonl."""
+    figures = {}
+    for e in evals:
+        result = {**e.run(run, step), "step": step}
+        run.history.setdefault(e.name, []).append(result)
+        figures.update(e.figures(result))
     figures.pop("step", None)
     if figures and run.logger:
         run.logger.log_eval(step, figures)
-
-
-def run_all_evals(run: "Run", step: int) -> None:
-    for e in make_evals(run.config):
-        run_eval(run, e, step)
 
 
 def eval_loss_at(run: "Run", step: int) -> float | None:
@@ -92,7 +88,10 @@ def save_checkpoint(run: "Run", step: int) -> None:
     run.step_metrics.flush()
     if run.logger:
         run.logger.flush()
-    run.checkpointer.save(step, run.params, run.opt_state, checkpoint_record(run, step),
+    opt_state = run.opt_state
+    if isinstance(opt_state, Offloaded):  # its snapshot is written first; Orbax keeps the counters
+        opt_state = opt_state.save(run.checkpointer, step)
+    run.checkpointer.save(step, run.params, opt_state, checkpoint_record(run, step),
                           eval_loss=eval_loss_at(run, step))
 
 

@@ -9,13 +9,14 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from jaxsft import metrics as metrics_lib
 from jaxsft import rundir
 from jaxsft.eval import side_by_side
-from jaxsft.models import save_hf
+from jaxsft.models import peft_io, save_hf
 from jaxsft.train.distributed import exit_on_failure
-from jaxsft.train.hooks import run_all_evals, save_checkpoint, to_global
+from jaxsft.train.hooks import run_evals, save_checkpoint, to_global
 from jaxsft.train.setup import Run, setup
 
 
@@ -60,20 +61,22 @@ def train(run: Run) -> Run:
     run.step_metrics = StepMetrics(run)
     with jax.set_mesh(run.mesh), _close_on_divergence(run):
         if run.start == 0 and run.config.train.eval_at_start:
-            run_all_evals(run, 0)
+            run_evals(run, run.evals, 0)
         for step in range(run.start, run.end):
             batch = next(run.data)
-            acc = run.fns.zero_accumulator(run.params)
+            acc = run.fns.zero_accumulator(run.params, jnp.int32(step))
             for mb in batch.microbatches:
                 acc = run.fns.accumulate(acc, run.params, to_global(mb, run.batch_sharding))
             run.params, run.opt_state, device_metrics = run.fns.update(
                 run.params, run.opt_state, acc, jnp.int32(batch.num_loss_tokens), jnp.int32(step))
             run.step_metrics.push(step + 1, batch, device_metrics)
-            for hook in run.hooks:
-                if (step + 1) % hook.every == 0 and step + 1 < run.end:
-                    hook.call(run, step + 1)
+            if step + 1 < run.end:  # the last step's evals and checkpoint follow the loop
+                run_evals(run, [e for e in run.evals if e.every and (step + 1) % e.every == 0], step + 1)
+                for hook in run.hooks:
+                    if (step + 1) % hook.every == 0:
+                        hook.call(run, step + 1)
         run.step_metrics.flush()
-        run_all_evals(run, run.end)
+        run_evals(run, run.evals, run.end)
     return run
 
 
@@ -85,6 +88,9 @@ def finish(run: Run) -> dict:
     run.checkpointer.close()
     run.data.close()
     c = run.config
+    if run.frozen is not None:  # a LoRA run: its adapters as a Hugging Face PEFT folder
+        peft_io.save_adapter(nnx.merge(run.graphdef, run.params, run.frozen),
+                             rundir.join(run.output_dir, "adapter"), base_model_name_or_path=c.model.path)
     if c.train.export_hf:
         save_hf(run.model(), rundir.join(run.output_dir, "hf"), tokenizer=run.tokenizer,
                 dtype=jnp.dtype(c.train.export_dtype))

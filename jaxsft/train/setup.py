@@ -20,17 +20,19 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxsft import memory, rundir
 from jaxsft import metrics as metrics_lib
-from jaxsft.checkpoint import TOKENIZER_DIR, Checkpointer
+from jaxsft.checkpoint import Checkpointer, base_fingerprint
 from jaxsft.data import DataPipeline
 from jaxsft.models import ModelConfig, load_model_config, load_tokenizer
 from jaxsft.models.hf_io import hf_config_dict
+from jaxsft.models import lora, peft_io
 from jaxsft.models.loading import model_for_run
 from jaxsft.sharding import make_mesh, optimizer_shardings, param_shardings
 from jaxsft.train.config import validate
 from jaxsft.train.distributed import maybe_initialize_distributed
-from jaxsft.train.hooks import Hook, make_hooks
+from jaxsft.train.hooks import Eval, Hook, make_evals, make_hooks
 from jaxsft.train.optimizer import make_optimizer
-from jaxsft.train.step import TrainStep, host_shardings, make_train_step
+from jaxsft.train.offload import for_run as offloaded_state
+from jaxsft.train.step import TrainStep, make_train_step
 
 log = logging.getLogger("jaxsft.train")
 
@@ -50,6 +52,7 @@ class Run:
     batch_sharding: NamedSharding
     checkpointer: Checkpointer
     logger: metrics_lib.MetricsLogger | None  # process 0 only
+    evals: list[Eval]
     hooks: list[Hook]
     eval_batches: list[dict]  # the held-out samples, packed once
     resumed: bool  # from a checkpoint of this run
@@ -58,6 +61,7 @@ class Run:
     total_steps: int  # the schedule's length
     history: dict[str, list[dict]] = dataclasses.field(default_factory=dict)  # eval name -> results
     step_metrics: Any = None  # the loop's `StepMetrics`, while it runs
+    frozen: Any = None  # a LoRA run's base weights (its params are the adapters)
 
     @property
     def is_main(self) -> bool:
@@ -68,7 +72,10 @@ class Run:
         return self.config.train.output_dir
 
     def model(self):
-        return nnx.merge(self.graphdef, self.params)
+        """The trained model as evaluations and exports see it (a LoRA run's adapters merged)."""
+        if self.frozen is None:
+            return nnx.merge(self.graphdef, self.params)
+        return peft_io.merged(nnx.merge(self.graphdef, self.params, self.frozen))
 
 
 def setup(config) -> Run:
@@ -82,9 +89,9 @@ def setup(config) -> Run:
     mesh = make_mesh(**config.mesh)
     m = config.model
     model_config = load_model_config(m.path, remat=m.remat, attention=m.attention)
-    fits, memory_report = memory.check(config, model_config)
-    if not fits:
-        raise ValueError(f"this run does not fit in memory:\n{memory_report}")
+    plan = memory.plan(config, model_config, mesh)  # compiled on abstract shapes: no weight read yet
+    if not plan.fits:
+        raise ValueError(f"this run does not fit in memory:\n{plan.report}")
 
     tokenizer = load_tokenizer(config.data.tokenizer or m.path)
     data = DataPipeline(config.data, tokenizer, num_batch_devices=mesh.shape["data"] * mesh.shape["fsdp"],
@@ -96,23 +103,40 @@ def setup(config) -> Run:
 
     model = model_for_run(m, mesh, seed=config.train.seed)
     model_config = model.config  # with what the weights' file adds (generation config)
-    graphdef, params = nnx.split(model, nnx.Param)
+    frozen = None
+    if config.lora.r or config.lora.adapter_path:  # only the adapters train; the base is a frozen input
+        model = peft_io.add_adapters(model, config.lora, config.train.seed, mesh)
+        graphdef, params, frozen = nnx.split(model, lora.LoraParam, nnx.Param)
+    else:
+        graphdef, params = nnx.split(model, nnx.Param)
     del model
     tx, schedule = make_optimizer(config.optim, total_steps)
+    tx = lora.lora_plus(tx, config.lora.lr_ratio)
     param_sharding = param_shardings(params, mesh)
     opt_sharding = optimizer_shardings(tx, params, param_sharding, mesh)
-    offload = config.optim.offload_state
-    opt_state = jax.jit(tx.init, out_shardings=host_shardings(opt_sharding) if offload else opt_sharding)(params)
+    offload = None
+    if config.optim.offload == "none":
+        opt_state = jax.jit(tx.init, out_shardings=opt_sharding)(params)
+    else:  # master weights and moments in host memory or on disk; the devices keep compute params
+        offload = opt_state = offloaded_state(config, params, param_sharding, schedule,
+                                              model_config.num_layers, plan.group_layers)
     batch_sharding = NamedSharding(mesh, P(("data", "fsdp"), None))
     fns = make_train_step(graphdef, tx, schedule, param_sharding, opt_sharding, batch_sharding,
-                          offload_optimizer=offload)
+                          offload=offload, frozen=frozen,
+                          frozen_sharding=None if frozen is None else param_shardings(frozen, mesh),
+                          dropout_seed=config.train.seed if config.lora.dropout else None)
 
     checkpoint_dir = rundir.absolute(config.checkpoint.dir or rundir.join(out, "checkpoints"))
-    checkpointer = Checkpointer(checkpoint_dir, keep=config.checkpoint.keep, keep_best=config.checkpoint.keep_best)
+    checkpointer = Checkpointer(checkpoint_dir, keep=config.checkpoint.keep, keep_best=config.checkpoint.keep_best,
+                                base_model=None if frozen is None else base_fingerprint(frozen))
     if is_main:
-        save_tokenizer(tokenizer, rundir.join(checkpoint_dir, TOKENIZER_DIR))
+        save_tokenizer(tokenizer, tokenizer_dir(config))
     start = 0
-    restored = checkpointer.restore_latest(params, opt_state) if config.checkpoint.resume else None
+    if offload is None:
+        restored = checkpointer.restore_latest(params, opt_state) if config.checkpoint.resume else None
+    else:
+        params, record = offload.resume_or_init(checkpointer, params, config.checkpoint.resume)
+        restored = None if record is None else (params, offload, record)
     if restored is not None:
         params, opt_state, record = restored
         data.set_state(record["data"])
@@ -124,9 +148,9 @@ def setup(config) -> Run:
     end = max(min(total_steps, config.train.stop_after_steps or total_steps), start)
     return Run(config=config, mesh=mesh, tokenizer=tokenizer, data=data, model_config=model_config,
                graphdef=graphdef, params=params, opt_state=opt_state, fns=fns, batch_sharding=batch_sharding,
-               checkpointer=checkpointer, logger=logger, hooks=make_hooks(config),
+               checkpointer=checkpointer, logger=logger, evals=make_evals(config), hooks=make_hooks(config),
                eval_batches=data.eval_microbatches(), resumed=restored is not None, start=start, end=end,
-               total_steps=total_steps)
+               total_steps=total_steps, frozen=frozen)
 
 
 def checkpoint_record(run: Run, step: int) -> dict:
@@ -138,7 +162,14 @@ def checkpoint_record(run: Run, step: int) -> dict:
             "rng": {"train.seed": c.train.seed, "data.seed": c.data.seed},
             "config": c.to_dict(),
             "model_config": hf_config_dict(run.model_config, jnp.dtype(c.model.param_dtype)),
-            "generation_config": dict(run.model_config.hf_generation_config)}
+            "generation_config": dict(run.model_config.hf_generation_config),
+            "tokenizer_dir": tokenizer_dir(c)}
+
+
+def tokenizer_dir(config) -> str:
+    """Where a run keeps its tokenizer's files (checkpoint records point there). Not inside the
+    checkpoint directory: on GCS, Orbax takes unknown folders there for unfinished steps."""
+    return rundir.absolute(rundir.join(config.train.output_dir, "tokenizer"))
 
 
 def save_tokenizer(tokenizer, directory: str) -> None:
