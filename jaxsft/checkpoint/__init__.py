@@ -9,6 +9,10 @@ a kill at any moment leaves the previous steps intact; a step that is neverthele
 whose arrays do not match their fingerprints is set aside with a warning and the one before it
 is used.
 
+A LoRA run's checkpoint holds the adapters as its params (and their optimizer state) plus, in
+the record, a fingerprint of the frozen base weights (`base_fingerprint`): resuming onto another
+base model is refused.
+
 Trees are stored as flat dicts keyed by readable paths ("layers.q", "1.0.mu.layers.q"), so a
 mismatch between a checkpoint and the run restoring it can be reported by name and shape.
 
@@ -17,6 +21,8 @@ The converted-model format (`python -m jaxsft.convert`) lives in `jaxsft.models.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
 
@@ -27,10 +33,6 @@ from etils import epath
 from orbax.checkpoint.checkpoint_managers import AnyPreservationPolicy, BestN, LatestN
 
 from jaxsft.sharding import path_name
-
-# The run's tokenizer, saved once beside the steps, so that a checkpoint describes itself (the
-# record holds the model config): `python -m jaxsft.export` needs nothing else.
-TOKENIZER_DIR = "tokenizer"
 
 log = logging.getLogger("jaxsft.checkpoint")
 
@@ -78,12 +80,22 @@ def fingerprints(flat: dict) -> dict[str, int]:
     return {k: int(v) for k, v in jax.device_get({k: _bits_jit(v) for k, v in on_device.items()}).items()}
 
 
+def base_fingerprint(frozen) -> str:
+    """A digest of a LoRA run's frozen base weights: every array's name, shape, dtype and checksum."""
+    flat = flatten(frozen)
+    sums = fingerprints(flat)
+    described = {k: [list(v.shape), str(v.dtype), sums.get(k)] for k, v in flat.items()}
+    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:16]
+
+
 class Checkpointer:
     """Saves every step it is given, keeps the newest `keep` (plus, with `keep_best`, the
-    `keep_best` with the lowest eval loss), and restores the newest usable one."""
+    `keep_best` with the lowest eval loss), and restores the newest usable one. `base_model`:
+    the `base_fingerprint` of a LoRA run's base weights, recorded and checked on restore."""
 
-    def __init__(self, directory: str, keep: int = 2, keep_best: int = 0):
+    def __init__(self, directory: str, keep: int = 2, keep_best: int = 0, base_model: str | None = None):
         self.directory = str(directory)
+        self.base_model = base_model
         policies = [LatestN(keep)]
         if keep_best:
             policies.append(BestN(get_metric_fn=lambda m: m["eval_loss"], reverse=True, n=keep_best,
@@ -109,6 +121,8 @@ class Checkpointer:
         flat_params, flat_opt = flatten(params), flatten(opt_state)
         record = {**record, "fingerprints": {"params": fingerprints(flat_params),
                                              "opt_state": fingerprints(flat_opt)}}
+        if self.base_model is not None:
+            record["base_model"] = self.base_model
         self.manager.save(step, args=ocp.args.Composite(
             params=ocp.args.StandardSave(flat_params),
             opt_state=ocp.args.StandardSave(flat_opt),
@@ -134,6 +148,12 @@ class Checkpointer:
         record = restored["record"]
         if not isinstance(record, dict) or "step" not in record:
             raise CheckpointCorrupt("the record (step, data state, config) is missing or unreadable")
+        if record.get("base_model") != self.base_model:
+            raise CheckpointMismatch(
+                f"checkpoint step {step} was trained on another base model (fingerprint "
+                f"{record.get('base_model')}, this run's base: {self.base_model}); LoRA adapters only fit "
+                "the weights they were trained on. Point checkpoint.dir elsewhere, or set "
+                "checkpoint.resume=False, to start this run afresh.")
         for item in ("params", "opt_state"):
             saved = record.get("fingerprints", {}).get(item, {})
             now = fingerprints(restored[item])

@@ -22,8 +22,8 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from jaxsft.models.hf_io import CheckpointError, _gather, local_dir, save_hf
-from jaxsft.models.lora import (INPUT_AXES, Adapters, LoraSpec, Target, adapter_shapes, merged_layer_weights,
-                                module_name, peft_name, select_targets)
+from jaxsft.models.lora import (INPUT_AXES, Adapters, LoraSpec, Target, adapter_shapes, attach, make_spec,
+                                merged_layer_weights, module_name, peft_name, select_targets)
 from jaxsft.sharding import param_shardings
 
 PREFIX = "base_model.model."
@@ -133,6 +133,14 @@ def load_adapter(model, path, mesh=None, rules=None):
     nnx.replace_by_pure_dict(state, jax.tree.map(jax.device_put, arrays, shardings))
     model.lora = nnx.merge(graphdef, state)
     return model
+
+
+def add_adapters(model, lora_section, seed: int = 0, mesh=None):
+    """A run's adapters on `model`: read from `lora.adapter_path` (a PEFT folder), else fresh ones as
+    the `lora` config section describes them. Returns the model."""
+    if lora_section.adapter_path:
+        return load_adapter(model, lora_section.adapter_path, mesh)
+    return attach(model, make_spec(lora_section, model.config), seed, mesh)
 
 
 def adapter_config(spec: LoraSpec, num_layers: int, base_model_name_or_path: str = "") -> dict:

@@ -124,7 +124,7 @@ def setup(config) -> Run:
     fns = make_train_step(graphdef, tx, schedule, param_sharding, opt_sharding, batch_sharding,
                           offload=offload, frozen=frozen,
                           frozen_sharding=None if frozen is None else param_shardings(frozen, mesh),
-                          dropout_seed=config.train.seed if config.lora.dropout else None)
+                          dropout_seed=config.train.seed if frozen is not None and config.lora.dropout else None)
 
     checkpoint_dir = rundir.absolute(config.checkpoint.dir or rundir.join(out, "checkpoints"))
     checkpointer = Checkpointer(checkpoint_dir, keep=config.checkpoint.keep, keep_best=config.checkpoint.keep_best,
