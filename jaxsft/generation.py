@@ -4,13 +4,20 @@ Prompts are left-padded into one (batch, prompt_len) block, so every row's next 
 same cache column and one `dynamic_update_slice` writes the whole batch. Each row's RoPE positions
 start at its first real token and its padding columns are masked out of attention, so a padded row
 computes what it would alone. Batch size, prompt length and the number of new tokens are rounded
-up (powers of two; prompt lengths above 128 to multiples of 128): one compilation serves every
-call that falls in the same buckets.
+up (powers of two; prompt lengths above 32 to multiples of 32, since prefill is compute-bound and
+padding columns cost as much as real ones): one compilation serves every call in the same buckets.
+
+Decoding is weight-bound at these batch sizes, so each step reads every weight once and nothing
+else that is large: the layers are unrolled over per-layer weight slices and per-layer caches
+(a scan over the stacked weights copies each layer's slice, and the stacked cache's layer slice,
+at every step), and the weights are cast to the compute dtype once per call rather than per step.
+The host is consulted once per chunk of steps (to stop on stop strings), never per token.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -18,41 +25,91 @@ import numpy as np
 
 from jaxsft.models.decoder import Decoder, decoder_layer, rms_norm, rope_frequencies
 
+# Steps per device call: the host checks stop strings (and whether every row is done) in between.
+CHUNK = 32
+
+
+class Sampling(NamedTuple):
+    """Traced sampling settings: changing them does not recompile."""
+    temperature: jax.Array
+    top_k: jax.Array
+    top_p: jax.Array
+    min_p: jax.Array
+    repetition_penalty: jax.Array
+
 
 def generate(model: Decoder, prompts: list[list[int]], max_new_tokens: int, eos_token_id=None,
-             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> list[list[int]]:
+             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, *, top_k: int = 0,
+             min_p: float = 0.0, repetition_penalty: float = 1.0, stop_strings=(), tokenizer=None
+             ) -> list[list[int]]:
     """New tokens for each prompt (lists of token ids, any lengths).
 
     A row stops after its first end token, which is included in its output (as in the output of
     transformers' `generate`). `eos_token_id`: an id or a list of ids, default the model config's
     (None there too: every row runs to max_new_tokens). temperature 0 is greedy; otherwise
-    sampling from the top_p nucleus, reproducible for a given seed (and bucket sizes).
+    sampling, reproducible for a given seed (and bucket sizes). The settings act as transformers'
+    logits processors do, in its order: `repetition_penalty` (> 1 discourages every token already
+    in the prompt or the output; applies to greedy decoding too), temperature, `top_k` (0: off),
+    `top_p` (the nucleus), `min_p` (drop tokens below min_p times the top token's probability).
+    `stop_strings` (with the `tokenizer` that decodes the ids) end a row at the token that
+    completes one of them, that token included, as transformers' `stop_strings` do.
     Sharded parameters stay where they are: the computation follows their sharding.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt and no empty prompt")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens}: must be at least 1")
+    if temperature < 0 or top_k < 0 or not 0 < top_p <= 1 or not 0 <= min_p <= 1 or repetition_penalty <= 0:
+        raise ValueError(f"sampling settings out of range: temperature={temperature} (>= 0), top_k={top_k} "
+                         f"(>= 0), top_p={top_p} (0, 1], min_p={min_p} [0, 1], "
+                         f"repetition_penalty={repetition_penalty} (> 0)")
+    stop_strings = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings)
+    if stop_strings and tokenizer is None:
+        raise ValueError("stop_strings need the tokenizer= that decodes the generated ids")
     if eos_token_id is None:
         eos_token_id = model.config.eos_token_id
     eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
 
-    batch, prompt_len = _bucket(len(prompts)), _bucket(max(map(len, prompts)), least=8, coarsest=128)
+    batch, prompt_len = _bucket(len(prompts)), _bucket(max(map(len, prompts)), least=8, coarsest=32)
     ids = np.zeros((batch, prompt_len), np.int32)
     pad = np.full((batch,), prompt_len - 1, np.int32)  # filler rows: one token, finished at once
     for row, p in enumerate(prompts):
         ids[row, prompt_len - len(p):] = p
         pad[row] = prompt_len - len(p)
     live = np.arange(batch) < len(prompts)
-    out = _generate(model, ids, pad, live, np.int32(max_new_tokens), np.asarray(eos or [-1], np.int32),
-                    np.float32(temperature or 1.0), np.float32(top_p), jax.random.key(seed),
-                    greedy=temperature == 0, new_len=_bucket(max_new_tokens))
-    out = np.asarray(jax.device_get(out))
+    sampling = Sampling(*map(np.float32, (temperature or 1.0, top_k, top_p, min_p, repetition_penalty)))
+    static = dict(greedy=temperature == 0, penalize=repetition_penalty != 1.0)
+    eos_ids, key = np.asarray(eos or [-1], np.int32), jax.random.key(seed)
+
+    state = _prefill(model, ids, pad, live, eos_ids, sampling, key, new_len=_bucket(max_new_tokens), **static)
+    stopped_at = {}  # row -> output length where a stop string ends it
+    while True:
+        step, done, tokens = jax.device_get((state.step, state.done, state.tokens))
+        if stop_strings:
+            for row in np.flatnonzero(~done[:len(prompts)]):
+                end = _stop_string_end(tokens[row, :step].tolist(), stop_strings, tokenizer)
+                if end is not None:
+                    stopped_at[row] = end
+            if stopped_at:
+                done = done.copy()
+                done[list(stopped_at)] = True
+                state = state._replace(done=jnp.asarray(done))
+        if step >= max_new_tokens or done.all():
+            break
+        state = _decode(model, state, pad, np.int32(max_new_tokens), eos_ids, sampling, key, **static)
     results = []
-    for row in out[:len(prompts), :max_new_tokens].tolist():
-        ends = [i for i, t in enumerate(row) if t in eos]
-        results.append(row[:ends[0] + 1] if ends else row)
+    for row, out in enumerate(tokens[:len(prompts), :max_new_tokens].tolist()):
+        ends = [i for i, t in enumerate(out) if t in eos]
+        out = out[:ends[0] + 1] if ends else out
+        results.append(out[:stopped_at[row]] if row in stopped_at else out)
     return results
+
+
+def _stop_string_end(tokens: list[int], stop_strings: list[str], tokenizer) -> int | None:
+    """The length of the shortest prefix of `tokens` whose text contains a stop string, if any."""
+    if not any(s in tokenizer.decode(tokens) for s in stop_strings):
+        return None
+    return next(n for n in range(1, len(tokens) + 1) if any(s in tokenizer.decode(tokens[:n]) for s in stop_strings))
 
 
 def _bucket(n: int, least: int = 1, coarsest: int | None = None) -> int:
@@ -63,74 +120,86 @@ def _bucket(n: int, least: int = 1, coarsest: int | None = None) -> int:
     return max(least, 1 << (n - 1).bit_length())
 
 
-@functools.partial(jax.jit, static_argnames=("greedy", "new_len"))
-def _generate(model, ids, pad, live, max_new, eos, temperature, top_p, key, *, greedy, new_len):
+class State(NamedTuple):
+    step: jax.Array      # tokens produced so far (the next one goes to column `step` of `tokens`)
+    token: jax.Array     # (B,) the latest token
+    cache: list          # per layer (keys, values), each (B, prompt_len + new_len, K, H)
+    tokens: jax.Array    # (B, new_len) output, -1 after a row is done
+    done: jax.Array      # (B,)
+    seen: jax.Array      # (B, vocab) tokens in the prompt or output, for the repetition penalty
+
+
+@functools.partial(jax.jit, static_argnames=("new_len", "greedy", "penalize"))
+def _prefill(model, ids, pad, live, eos, sampling, key, *, new_len, greedy, penalize):
     c = model.config
     batch, prompt_len = ids.shape
-    cache_shape = (c.num_layers, batch, prompt_len + new_len, c.num_kv_heads, c.head_dim)
-    cache = (jnp.zeros(cache_shape, model.compute_dtype), jnp.zeros(cache_shape, model.compute_dtype))
-
-    def pick(logits, step):
-        if greedy:
-            return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        return _sample(logits / temperature, top_p, jax.random.fold_in(key, step))
-
-    logits, cache = _forward(model, ids, pad, 0, cache)
-    token = pick(logits, 0)
+    shape = (batch, prompt_len + new_len, c.num_kv_heads, c.head_dim)
+    cache = [(jnp.zeros(shape, model.compute_dtype), jnp.zeros(shape, model.compute_dtype))
+             for _ in range(c.num_layers)]
+    seen = jnp.zeros((batch, c.vocab_size if penalize else 1), jnp.bool_)
+    if penalize:
+        real = jnp.arange(prompt_len)[None, :] >= pad[:, None]
+        seen = seen.at[jnp.arange(batch)[:, None], ids].max(real)
+    logits, cache = _forward(model, _layer_weights(model), ids, pad, 0, cache)
+    token = _pick(logits, seen, sampling, key, jnp.int32(0), greedy=greedy, penalize=penalize)
     done = ~live | jnp.isin(token, eos)
     tokens = jnp.full((batch, new_len), -1, jnp.int32).at[:, 0].set(token)
+    return State(jnp.int32(1), token, cache, tokens, done, _see(seen, token, penalize))
 
-    def cond(state):
-        step, _, _, _, done = state
-        return (step < max_new) & ~jnp.all(done)
 
-    def body(state):
-        step, token, cache, tokens, done = state
+@functools.partial(jax.jit, static_argnames=("greedy", "penalize"), donate_argnames=("state",))
+def _decode(model, state, pad, max_new, eos, sampling, key, *, greedy, penalize):
+    """Up to CHUNK more steps, stopping early once every row is done."""
+    prompt_len = state.cache[0][0].shape[1] - state.tokens.shape[1]
+    layers = _layer_weights(model)
+    end = jnp.minimum(state.step + CHUNK, max_new)
+
+    def body(s):
         # The previous token sits at column prompt_len + step - 1.
-        logits, cache = _forward(model, token[:, None], pad, prompt_len + step - 1, cache)
-        token = pick(logits, step)
-        tokens = tokens.at[:, step].set(jnp.where(done, -1, token))
-        return step + 1, token, cache, tokens, done | jnp.isin(token, eos)
+        logits, cache = _forward(model, layers, s.token[:, None], pad, prompt_len + s.step - 1, s.cache)
+        token = _pick(logits, s.seen, sampling, key, s.step, greedy=greedy, penalize=penalize)
+        tokens = s.tokens.at[:, s.step].set(jnp.where(s.done, -1, token))
+        return State(s.step + 1, token, cache, tokens, s.done | jnp.isin(token, eos), _see(s.seen, token, penalize))
 
-    _, _, _, tokens, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), token, cache, tokens, done))
-    return tokens
+    return jax.lax.while_loop(lambda s: (s.step < end) & ~jnp.all(s.done), body, state)
 
 
-def _forward(model, ids, pad, start, cache):
+def _see(seen, token, penalize):
+    return seen.at[jnp.arange(token.shape[0]), token].set(True) if penalize else seen
+
+
+def _layer_weights(model):
+    """One dict of compute-dtype weights per layer, sliced and cast once per call."""
+    stacked = {name: w.astype(model.compute_dtype) for name, w in model.layers.arrays().items()}
+    return [{name: w[i] for name, w in stacked.items()} for i in range(model.config.num_layers)]
+
+
+def _forward(model, layers, ids, pad, start, cache):
     """Run ids (B, T) at cache columns [start, start + T); returns the last column's float32
-    logits (B, vocab) and the cache with this block's keys and values written in."""
+    logits (B, vocab) and the per-layer caches with this block's keys and values written in."""
     c = model.config
     dtype = model.compute_dtype
     t = ids.shape[1]
     columns = start + jnp.arange(t)
     positions = jnp.maximum(columns[None, :] - pad[:, None], 0)
-    key_columns = jnp.arange(cache[0].shape[2])
+    key_columns = jnp.arange(cache[0][0].shape[1])
     # (B, T, S): causal, and no padding column of that row.
     mask = (key_columns[None, None, :] <= columns[None, :, None]) & (key_columns[None, None, :] >= pad[:, None, None])
     if c.sliding_window is not None:
         mask &= key_columns[None, None, :] > columns[None, :, None] - c.sliding_window
     inv_freq = rope_frequencies(c)
     x = model.embed[...].astype(dtype)[ids] * c.embedding_multiplier
+    new_cache = []
+    for w, (k_cache, v_cache) in zip(layers, cache):
+        def attend(q, k, v, k_cache=k_cache, v_cache=v_cache):
+            k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(dtype), (0, start, 0, 0))
+            v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(dtype), (0, start, 0, 0))
+            return _cached_attention(q, k_cache, v_cache, mask, c.attention_scale), (k_cache, v_cache)
 
-    def layer(carry, w_and_index):
-        x, (k_cache, v_cache) = carry
-        w, i = w_and_index
-        w = jax.tree.map(lambda a: a.astype(dtype), w)
-
-        def attend(q, k, v):
-            # Update the whole stacked cache in place rather than scanning over per-layer slices,
-            # which would copy all of it every step.
-            kc = jax.lax.dynamic_update_slice(k_cache, k[None].astype(dtype), (i, 0, start, 0, 0))
-            vc = jax.lax.dynamic_update_slice(v_cache, v[None].astype(dtype), (i, 0, start, 0, 0))
-            return _cached_attention(q, kc[i], vc[i], mask, c.attention_scale), (kc, vc)
-
-        x, new_cache = decoder_layer(x, w, positions, inv_freq, c, attend)
-        return (x, new_cache), None
-
-    layers = model.layers.arrays()
-    (x, cache), _ = jax.lax.scan(layer, (x, cache), (layers, jnp.arange(c.num_layers)))
+        x, kv = decoder_layer(x, w, positions, inv_freq, c, attend)
+        new_cache.append(kv)
     hidden = rms_norm(x[:, -1:], model.final_norm[...], c.rms_norm_eps)
-    return model.logits(hidden)[:, 0], cache
+    return model.logits(hidden)[:, 0], new_cache
 
 
 def _cached_attention(q, k, v, mask, scale):
@@ -144,13 +213,33 @@ def _cached_attention(q, k, v, mask, scale):
     return jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, n, h)
 
 
-def _sample(logits, top_p, key):
-    """Sample from the smallest set of top tokens whose probability reaches top_p (at least one)."""
-    probs = jax.nn.softmax(logits, axis=-1)
-    order = jnp.argsort(-probs, axis=-1)
-    sorted_probs = jnp.take_along_axis(probs, order, axis=-1)
-    # Keep a token if the tokens ranked above it do not yet reach top_p.
-    keep = (jnp.cumsum(sorted_probs, axis=-1) - sorted_probs) < top_p
+def _pick(logits, seen, s: Sampling, key, step, *, greedy, penalize):
+    """The next token from float32 logits (B, vocab), as transformers' processors would pick it."""
+    if penalize:  # transformers' RepetitionPenaltyLogitsProcessor
+        penalized = jnp.where(logits < 0, logits * s.repetition_penalty, logits / s.repetition_penalty)
+        logits = jnp.where(seen, penalized, logits)
+    if greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return _sample(logits / s.temperature, s, jax.random.fold_in(key, step))
+
+
+def _sample(logits, s: Sampling, key):
+    return jax.random.categorical(key, _filtered(logits, s), axis=-1).astype(jnp.int32)
+
+
+def _filtered(logits, s: Sampling):
+    """Logits (B, vocab) after transformers' top-k, top-p and min-p warpers, in that order: dropped
+    tokens are -inf, and each filter keeps at least the top token."""
+    rows = jnp.arange(logits.shape[0])[:, None]
+    order = jnp.argsort(-logits, axis=-1)
+    ranked = logits[rows, order]
+    # top_k: drop tokens below the k-th largest logit (ties with it stay, as in transformers).
+    kth = ranked[:, jnp.clip(s.top_k.astype(jnp.int32) - 1, 0, None)][:, None]
+    ranked = jnp.where((s.top_k > 0) & (ranked < kth), -jnp.inf, ranked)
+    # top_p: keep a token if the tokens ranked above it do not yet reach top_p.
+    probs = jax.nn.softmax(ranked, axis=-1)
+    keep = (jnp.cumsum(probs, axis=-1) - probs) < s.top_p
+    # min_p: drop tokens less likely than min_p times the top token.
+    keep &= probs >= s.min_p * probs[:, :1]
     keep = keep.at[:, 0].set(True)
-    choice = jax.random.categorical(key, jnp.where(keep, jnp.log(sorted_probs), -jnp.inf), axis=-1)
-    return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+    return jnp.full_like(logits, -jnp.inf).at[rows, order].set(jnp.where(keep, ranked, -jnp.inf))

@@ -10,7 +10,7 @@ import torch
 import transformers as tf
 
 import jaxsft
-from jaxsft.generation import _generate
+from jaxsft.generation import Sampling, _decode, _filtered, _prefill
 from jaxsft.models.gguf import load_gguf_tokenizer, smollm2_path
 from jaxsft.sharding import make_mesh
 from tests.hf_models import make_hf_model
@@ -22,11 +22,11 @@ def load_fp32(path, **kw):
     return jaxsft.load_model(path, dtype=jnp.float32, compute_dtype=jnp.float32, remat="none", **kw)
 
 
-def hf_greedy(hf, prompt, max_new_tokens, eos_token_id):
+def hf_greedy(hf, prompt, max_new_tokens, eos_token_id, **kw):
     with torch.no_grad():
         out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                           max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos_token_id,
-                          pad_token_id=0)
+                          pad_token_id=0, **kw)
     return out[0, len(prompt):].tolist()
 
 
@@ -64,9 +64,9 @@ def test_batched_equals_one_by_one_and_stops_at_eos(tiny):
 def test_one_compilation_per_bucket(tiny):
     _, _, model, prompts = tiny
     jaxsft.generate(model, [prompts[3][:20]] * 3, 5)
-    before = _generate._cache_size()
+    before = _prefill._cache_size(), _decode._cache_size()
     jaxsft.generate(model, [prompts[3][:18], prompts[3][:25], [1]], 7)  # same buckets: 4 x 32, 8 new
-    assert _generate._cache_size() == before
+    assert (_prefill._cache_size(), _decode._cache_size()) == before
 
 
 def test_sampling_is_reproducible_and_top_p_tiny_is_greedy(tiny):
@@ -76,6 +76,52 @@ def test_sampling_is_reproducible_and_top_p_tiny_is_greedy(tiny):
     assert sample(1) == sample(1)
     assert sample(1) != sample(2)
     assert sample(1, top_p=1e-6) == jaxsft.generate(model, prompts, 16, eos_token_id=[])
+
+
+def test_repetition_penalty_greedy_equals_transformers(tiny):
+    hf, _, model, prompts = tiny
+    ours = jaxsft.generate(model, prompts, 20, eos_token_id=[], repetition_penalty=1.8)
+    assert ours == [hf_greedy(hf, p, 20, None, repetition_penalty=1.8) for p in prompts]
+    assert ours != jaxsft.generate(model, prompts, 20, eos_token_id=[])  # the penalty changed the output
+
+
+def test_top_k_one_and_min_p_one_are_greedy(tiny):
+    _, _, model, prompts = tiny
+    greedy = jaxsft.generate(model, prompts, 16, eos_token_id=[])
+    for kw in (dict(top_k=1), dict(min_p=1.0)):
+        assert jaxsft.generate(model, prompts, 16, eos_token_id=[], temperature=1.5, seed=3, **kw) == greedy
+
+
+@pytest.mark.parametrize("top_k,top_p,min_p", [(5, 1.0, 0.0), (0, 0.7, 0.0), (0, 1.0, 0.2), (40, 0.9, 0.05),
+                                               (3, 0.9, 0.6)])
+def test_filters_keep_what_transformers_warpers_keep(top_k, top_p, min_p):
+    logits = torch.randn(4, 300, generator=torch.Generator().manual_seed(top_k))
+    warpers = tf.LogitsProcessorList(
+        ([tf.TopKLogitsWarper(top_k)] if top_k else []) + ([tf.TopPLogitsWarper(top_p)] if top_p < 1 else [])
+        + ([tf.MinPLogitsWarper(min_p)] if min_p else []))
+    expected = warpers(None, logits.clone()).numpy()
+    settings = Sampling(*map(np.float32, (1.0, top_k, top_p, min_p, 1.0)))
+    ours = np.asarray(_filtered(jnp.asarray(logits.numpy()), settings))
+    assert (np.isfinite(ours) == np.isfinite(expected)).all()
+    assert 4 < np.isfinite(ours).sum() < 4 * 300  # some filtering, and not down to the top tokens alone
+    np.testing.assert_array_equal(ours[np.isfinite(ours)], expected[np.isfinite(expected)])
+
+
+def test_stop_strings_end_rows_like_transformers(tiny, assets):
+    hf, _, model, prompts = tiny
+    # Ids below 94 of the Qwen2 byte-level vocabulary are the printable ASCII characters.
+    tok = tf.AutoTokenizer.from_pretrained(assets / "tokenizers" / "qwen2.5-0.5b-instruct")
+    free = jaxsft.generate(model, prompts, 20, eos_token_id=[])
+    row, at = next((r, i) for r, out in enumerate(free) for i in range(4, 19)
+                   if out[i] < 94 and out[i + 1] < 94)
+    stop = tok.decode(free[row][at:at + 2])
+    ours = jaxsft.generate(model, prompts, 20, eos_token_id=[], stop_strings=[stop, "never appears"], tokenizer=tok)
+    assert ours == [hf_greedy(hf, p, 20, None, stop_strings=[stop, "never appears"], tokenizer=tok)
+                    for p in prompts]
+    assert len(ours[row]) <= at + 2 and stop in tok.decode(ours[row]) and stop not in tok.decode(ours[row][:-1])
+    assert any(len(out) == 20 for out in ours)  # rows without the string run on
+    with pytest.raises(ValueError, match="tokenizer"):
+        jaxsft.generate(model, prompts, 4, stop_strings=["x"])
 
 
 def test_sharded_params_generate_the_same(tiny):

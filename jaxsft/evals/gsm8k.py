@@ -2,8 +2,13 @@
 
 Prompts match the SFT data format (`format='gsm8k'`): the question is the user turn, the full
 solution ending in `#### N` the assistant turn. k-shot prompts put k training examples before the
-question as earlier user/assistant turns. The answer is the number after the last `####`, or
-else the last number in the output; two answers match when they are equal as numbers.
+question as earlier user/assistant turns.
+
+Scored as lm-evaluation-harness scores its `gsm8k` task, with both of its filters: `strict-match`
+takes the number on the first `#### N` line (so it also measures whether the GSM8K answer format
+was learned), `flexible-extract` the last number anywhere in the output. Unlike lm-eval, which
+compares strings after stripping `$`, commas and a final `.`, two answers match when they are
+equal as numbers ("18.00" is 18). `accuracy` is flexible-extract's (the primary metric).
 """
 
 from __future__ import annotations
@@ -18,18 +23,28 @@ from jaxsft import rundir
 from jaxsft.data.chat import end_of_turn_id, prompt_tokens
 from jaxsft.generation import generate
 
-# A number as written in text: optional sign and $, thousands commas, decimals.
-_NUMBER = re.compile(r"-?\$?\d(?:[\d,]*\d)?(?:\.\d+)?")
+# lm-evaluation-harness's gsm8k filters (lm_eval/tasks/gsm8k/gsm8k.yaml).
+STRICT_MATCH = re.compile(r"#### (\-?[0-9\.\,]+)")
+FLEXIBLE_EXTRACT = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
+PRIMARY_METRIC = "flexible-extract"
 
 
-def extract_answer(text: str) -> str | None:
-    """The final answer in `text` as a normalised number string, or None if it has no number."""
-    if "####" in text:
-        found = _NUMBER.findall(text.rsplit("####", 1)[1])
-        if found:
-            return normalize_number(found[0])
-    found = _NUMBER.findall(text)
-    return normalize_number(found[-1]) if found else None
+def strict_answer(text: str) -> str | None:
+    """strict-match: the number after the first `#### `, normalised; None without one."""
+    found = STRICT_MATCH.search(text)
+    return normalize_number(found.group(1)) if found else None
+
+
+def flexible_answer(text: str) -> str | None:
+    """flexible-extract: the last number in `text`, normalised; None without one (or when the
+    last match is not a number, e.g. an ellipsis, as lm-eval would count it wrong too)."""
+    found = FLEXIBLE_EXTRACT.findall(text)
+    return normalize_number(next(g for g in found[-1] if g)) if found else None
+
+
+def reference_answer(answer: str) -> str | None:
+    """A reference solution's final number: its `#### N` line, or else its last number."""
+    return strict_answer(answer) or flexible_answer(answer)
 
 
 def normalize_number(s: str) -> str | None:
@@ -80,11 +95,13 @@ def stop_token_ids(model, tokenizer, template_kwargs: dict | None = None) -> lis
 def evaluate_gsm8k(model, tokenizer, examples: list[dict], *, k_shot: int = 0, shots: list[dict] | None = None,
                    max_new_tokens: int = 256, batch_size: int = 32, subset: int | None = None,
                    system_prompt: str | None = None, template_kwargs: dict | None = None) -> dict:
-    """Greedy exact-match accuracy on `examples` ({question, answer} dicts, e.g. the test split).
+    """Greedy strict-match and flexible-extract accuracy on `examples` ({question, answer} dicts,
+    e.g. the test split).
 
     k_shot > 0 takes the first k of `shots` (e.g. the train split) as worked examples in every
     prompt; subset evaluates only the first `subset` examples. Returns accuracy, counts, the
-    settings and one record per example (prompt, output, extracted, expected, correct).
+    settings and one record per example (question, prompt, output, expected, both extractions
+    and verdicts; see `score`).
     """
     if k_shot:
         if shots is None or len(shots) < k_shot:
@@ -105,16 +122,36 @@ def evaluate_gsm8k(model, tokenizer, examples: list[dict], *, k_shot: int = 0, s
             outputs[i] = tokenizer.decode(tokens, skip_special_tokens=True)
             generated += len(tokens)
     seconds = time.perf_counter() - started
-    records = []
-    for ex, prompt, output in zip(examples, prompts, outputs):
-        extracted, expected = extract_answer(output), extract_answer(ex["answer"])
-        records.append({"question": ex["question"], "prompt": tokenizer.decode(prompt), "output": output,
-                        "extracted": extracted, "expected": expected, "correct": is_correct(extracted, expected)})
-    correct = sum(r["correct"] for r in records)
-    return {"accuracy": correct / len(records) if records else 0.0, "correct": correct, "total": len(records),
-            "k_shot": k_shot, "max_new_tokens": max_new_tokens,
-            # Includes compilation the first time a shape bucket is seen.
-            "generated_tokens": generated, "generation_s": seconds, "records": records}
+    records = [score(ex, output) | {"prompt": tokenizer.decode(prompt)}
+               for ex, prompt, output in zip(examples, prompts, outputs)]
+    return summarize(records) | {
+        "k_shot": k_shot, "max_new_tokens": max_new_tokens,
+        # Includes compilation the first time a shape bucket is seen.
+        "generated_tokens": generated, "generation_s": seconds, "records": records}
+
+
+def score(example: dict, output: str) -> dict:
+    """One output's record: both extractions and verdicts, and `extracted`/`correct` for the
+    primary metric (flexible-extract)."""
+    expected = reference_answer(example["answer"])
+    strict, flexible = strict_answer(output), flexible_answer(output)
+    flexible_correct = is_correct(flexible, expected)
+    return {"question": example["question"], "output": output, "expected": expected,
+            "strict_match": strict, "strict_match_correct": is_correct(strict, expected),
+            "flexible_extract": flexible, "flexible_extract_correct": flexible_correct,
+            "extracted": flexible, "correct": flexible_correct}
+
+
+def summarize(records: list[dict]) -> dict:
+    """Accuracy and counts per metric; `accuracy` and `correct` are the primary metric's."""
+    total = len(records)
+    counts = {m: sum(r[f"{m}_correct"] for r in records) for m in ("strict_match", "flexible_extract")}
+    result = {"total": total, "primary_metric": PRIMARY_METRIC}
+    for metric, correct in counts.items():
+        result[metric] = correct / total if total else 0.0
+        result[f"{metric}_correct"] = correct
+    primary = PRIMARY_METRIC.replace("-", "_")
+    return result | {"accuracy": result[primary], "correct": counts[primary]}
 
 
 def write_results(result: dict, path: str | os.PathLike) -> None:
