@@ -89,7 +89,8 @@ def setup(config) -> Run:
     mesh = make_mesh(**config.mesh)
     m = config.model
     model_config = load_model_config(m.path, remat=m.remat, attention=m.attention)
-    plan = memory.plan(config, model_config, mesh)  # compiled on abstract shapes: no weight read yet
+    with jax.set_mesh(mesh):  # whatever traces the model does so under the mesh (Pallas kernels need it)
+        plan = memory.plan(config, model_config, mesh)  # compiled on abstract shapes: no weight read yet
     if not plan.fits:
         raise ValueError(f"this run does not fit in memory:\n{plan.report}")
 
