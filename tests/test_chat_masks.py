@@ -161,6 +161,9 @@ def test_a_turn_whose_mask_cannot_be_derived_is_a_bad_record(qwen, tmp_path):
     cfg.on_bad_record = "skip"
     pipe = DataPipeline(cfg, tok)
     assert pipe.summary["skipped"] == {"template_mismatch": 1} and pipe.samples_per_epoch == 2
+    path.write_text(json.dumps(two_turns) + "\n")  # every record skipped: a clear error, not a crash
+    with pytest.raises(ValueError, match="has no usable sample left"):
+        DataPipeline(cfg, tok)
 
 
 def test_chat_template_override_is_validated_at_start_up(qwen, tmp_path):

@@ -80,7 +80,7 @@ def common_prefix_len(a: str, b: str) -> int:
 def assistant_spans(render_prefix, messages: list[dict], specials: tuple[str, ...]):
     """The whole rendering and one (start, content_end, end) character span per assistant turn.
 
-    `render_prefix(messages, generation_prompt) -> str`. Labels are the tokens starting in
+    `render_prefix(messages, generation_prompt) -> str`. Labels are the tokens overlapping
     [start, end) up to the first special token starting at or after content_end.
     """
     full = render_prefix(messages, False)
@@ -143,10 +143,16 @@ def _header(before: str, previous: dict | None) -> str:
 
 
 def _reply(before: str, through: str, previous: dict | None) -> str:
-    """The reply as rendered when it is the last turn: `through` after the prompt `before`, or,
-    where the template rendered the prompt's turns otherwise, after the last generation header."""
+    """The reply as rendered when it is the last turn: `through` after the prompt `before`, or
+    after their common prefix if that holds the whole previous message (Qwen3's prompt without
+    thinking ends in an empty <think> block), or else after the last generation header (the
+    template rendered the prompt's turns otherwise)."""
     if through.startswith(before):
         return through[len(before):]
+    agreed = common_prefix_len(before, through)
+    content = previous["content"].strip() if previous else ""
+    if not content or through.rfind(content) + len(content) <= agreed:
+        return through[agreed:]
     header = _header(before, previous)
     at = through.rfind(header) if header else -1
     return through[at + len(header):] if at >= 0 else ""

@@ -132,6 +132,8 @@ def tokenize_conversations(conversations: list[Conversation], tokenizer, *, rend
                 skipped[reason] += 1
                 continue
             rendered.append((conv, full, spans[-1:] if loss_on == "last_assistant" else spans))
+        if not rendered:  # every record of the chunk was skipped
+            continue
         encoded = tokenizer([text for _, text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
         for (conv, _, spans), ids, offsets in zip(rendered, encoded["input_ids"], encoded["offset_mapping"]):
             if spans is None:  # plain text: every token is a label
