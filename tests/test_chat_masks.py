@@ -18,15 +18,17 @@ APPEND_AT_END = (
     "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% else %}<|endoftext|>{% endif %}"
 )
-# Like Qwen3: earlier assistant turns lose their <think> block, the last one has it re-spaced.
+# Like Qwen3: earlier assistant turns lose their <think> block, the last one always has one
+# (re-spaced, empty if the reply has none); enable_thinking=False puts an empty one in the prompt.
 DROP_EARLIER_REASONING = (
     "{% for m in messages %}<|im_start|>{{ m.role }}\n"
-    "{% if m.role == 'assistant' and '</think>' in m.content %}"
-    "{% set reasoning = m.content.split('</think>')[0].split('<think>')[-1] %}"
+    "{% if m.role == 'assistant' %}"
+    "{% set reasoning = m.content.split('</think>')[0].split('<think>')[-1] if '</think>' in m.content else '' %}"
     "{% set answer = m.content.split('</think>')[-1] %}"
     "{% if loop.last %}{{ '<think>\\n' + reasoning.strip('\\n') + '\\n</think>\\n\\n' }}{% endif %}"
     "{{ answer.lstrip('\\n') }}{% else %}{{ m.content }}{% endif %}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
 )
 # Like Mistral's: a system prompt (a default one if none is given) goes into the last user message.
 SYSTEM_IN_LAST_USER = (
@@ -62,6 +64,8 @@ def as_is(content):
 TEMPLATES = {
     "append_at_end": (APPEND_AT_END, as_is, as_is),
     "drop_earlier_reasoning": (DROP_EARLIER_REASONING, drop_reasoning, respace_reasoning),
+    # No reasoning in the data, none asked for: the prompt holds the empty <think> block.
+    "no_thinking_prompt": (DROP_EARLIER_REASONING, as_is, as_is),
     "system_in_last_user": (SYSTEM_IN_LAST_USER, as_is, as_is),
     "strip_earlier_turns": (STRIP_EARLIER_TURNS, str.strip, as_is),
 }
@@ -116,7 +120,8 @@ def test_labels_are_each_reply_and_its_end_marker(name, qwen, multi_turn):
             for c in multi_turn]
     if name == "strip_earlier_turns":  # whitespace for the template to strip
         conversations = [type(c)([{**m, "content": f"  {m['content']} \n"} for m in c.messages], c.where) for c in multi_turn]
-    ids, masks, _, skipped = tokenize(tok, conversations)
+    kwargs = {"enable_thinking": False} if name == "no_thinking_prompt" else {}
+    ids, masks, _, skipped = tokenize(tok, conversations, template_kwargs=kwargs)
     assert not skipped and len(ids) == len(conversations)
     turns = 0
     for conv, tokens, mask in zip(conversations, ids, masks):
