@@ -32,6 +32,12 @@ def absolute(path) -> str:
     return str(path) if is_gcs(path) else os.path.abspath(path)
 
 
+def tokenizer_dir(output_dir) -> str:
+    """Where a run keeps its tokenizer's files (checkpoint records point there). Not inside the
+    checkpoint directory: on GCS, Orbax takes unknown folders there for unfinished steps."""
+    return absolute(join(output_dir, "tokenizer"))
+
+
 def write_text(path, text: str) -> None:
     p = epath.Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)

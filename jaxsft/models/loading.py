@@ -3,7 +3,8 @@
 A source (`model.path`, `--checkpoint`, `--from`) is one of:
 - a Hugging Face model folder, local or gs:// (`jaxsft.models.hf_io`);
 - a `.gguf` file, or a folder holding one and no config.json (`jaxsft.models.gguf`);
-- a converted jaxsft checkpoint made by `python -m jaxsft.convert` (`jaxsft.models.converted`).
+- a converted jaxsft checkpoint made by `python -m jaxsft.convert` (`jaxsft.models.converted`);
+- a Hugging Face Hub id (`owner/name`), downloaded once into the HF cache (`jaxsft.hub`).
 Train, eval, the data preview, export, convert and generate all load through here.
 """
 
@@ -13,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxsft.hub import resolve_model_path
 from jaxsft.models import converted, gguf, hf_io
 from jaxsft.models.config import ModelConfig
 from jaxsft.models.decoder import Decoder
@@ -26,7 +28,7 @@ def load_model(path, dtype=jnp.float32, compute_dtype=jnp.bfloat16, mesh=None, r
     dtype: parameter dtype; compute_dtype: matmul dtype; mesh/rules: where the parameters go
     (default: the first device); run_options: ModelConfig run-time fields (remat, attention).
     """
-    path = str(path)
+    path = resolve_model_path(str(path))
     if converted.is_converted(path):
         return converted.load_converted(path, dtype, compute_dtype, mesh, rules, **run_options)
     gguf_file = gguf.find_gguf(path)
@@ -37,7 +39,7 @@ def load_model(path, dtype=jnp.float32, compute_dtype=jnp.bfloat16, mesh=None, r
 
 def load_model_config(path, **run_options) -> ModelConfig:
     """The ModelConfig of the model at `path`, without reading its weights."""
-    path = str(path)
+    path = resolve_model_path(str(path))
     if converted.is_converted(path):
         return converted.converted_config(path, **run_options)
     gguf_file = gguf.find_gguf(path)
@@ -50,7 +52,7 @@ def load_tokenizer(path):
     """The tokenizer stored with the model at `path` (any source above, or a tokenizer folder)."""
     from transformers import AutoTokenizer
 
-    path = str(path)
+    path = resolve_model_path(str(path))
     gguf_file = None if converted.is_converted(path) else gguf.find_gguf(path)
     if gguf_file is not None:
         return gguf.load_gguf_tokenizer(gguf_file)

@@ -18,6 +18,10 @@ import dataclasses
 from typing import TYPE_CHECKING, Callable
 
 import jax
+import jax.numpy as jnp
+
+from jaxsft import rundir
+from jaxsft.models.hf_io import hf_config_dict
 
 from jaxsft.train.offload import Offloaded
 
@@ -80,9 +84,20 @@ def eval_loss_at(run: "Run", step: int) -> float | None:
     return None
 
 
-def save_checkpoint(run: "Run", step: int) -> None:
-    from jaxsft.train.setup import checkpoint_record
+def checkpoint_record(run: "Run", step: int) -> dict:
+    """What a checkpoint stores besides the arrays: enough to resume the run exactly and to
+    export the model from the checkpoint alone (`python -m jaxsft.export`)."""
+    c = run.config
+    return {"step": step, "data": run.data.get_state(),
+            # No randomness is drawn during training: init and data order come from these seeds.
+            "rng": {"train.seed": c.train.seed, "data.seed": c.data.seed},
+            "config": c.to_dict(),
+            "model_config": hf_config_dict(run.model_config, jnp.dtype(c.model.param_dtype)),
+            "generation_config": dict(run.model_config.hf_generation_config),
+            "tokenizer_dir": rundir.tokenizer_dir(c.train.output_dir)}
 
+
+def save_checkpoint(run: "Run", step: int) -> None:
     # The step's metrics line is logged (and a gs:// metrics file rewritten) before its
     # checkpoint exists, so a run resumed from it has every line.
     run.step_metrics.flush()

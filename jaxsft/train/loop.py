@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 
 import jax
@@ -14,10 +15,14 @@ from flax import nnx
 from jaxsft import metrics as metrics_lib
 from jaxsft import rundir
 from jaxsft.eval import side_by_side
+from jaxsft.hub import push_to_hub
 from jaxsft.models import peft_io, save_hf
+from jaxsft.models.hf_io import local_dir
 from jaxsft.train.distributed import exit_on_failure
 from jaxsft.train.hooks import run_evals, save_checkpoint, to_global
 from jaxsft.train.setup import Run, setup
+
+log = logging.getLogger("jaxsft.train")
 
 
 class StepMetrics:
@@ -92,8 +97,10 @@ def finish(run: Run) -> dict:
         peft_io.save_adapter(nnx.merge(run.graphdef, run.params, run.frozen),
                              rundir.join(run.output_dir, "adapter"), base_model_name_or_path=c.model.path)
     if c.train.export_hf:
-        save_hf(run.model(), rundir.join(run.output_dir, "hf"), tokenizer=run.tokenizer,
-                dtype=jnp.dtype(c.train.export_dtype))
+        export_dir = rundir.join(run.output_dir, "hf")
+        save_hf(run.model(), export_dir, tokenizer=run.tokenizer, dtype=jnp.dtype(c.train.export_dtype))
+        if c.train.push_to_hub and run.is_main:
+            log.info("pushed %s to %s", export_dir, push_to_hub(local_dir(export_dir), c.train.push_to_hub))
     if run.logger:
         run.logger.close()
     gsm8k = run.history.get("gsm8k", [])

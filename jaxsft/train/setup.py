@@ -13,7 +13,6 @@ import tempfile
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -21,9 +20,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from jaxsft import memory, rundir
 from jaxsft import metrics as metrics_lib
 from jaxsft.checkpoint import Checkpointer, base_fingerprint
+from jaxsft.compile_cache import enable_compile_cache
 from jaxsft.data import DataPipeline
 from jaxsft.models import ModelConfig, load_model_config, load_tokenizer
-from jaxsft.models.hf_io import hf_config_dict
 from jaxsft.models import lora, peft_io
 from jaxsft.models.loading import model_for_run
 from jaxsft.sharding import make_mesh, optimizer_shardings, param_shardings
@@ -81,6 +80,7 @@ class Run:
 def setup(config) -> Run:
     validate(config)
     maybe_initialize_distributed()
+    enable_compile_cache(config.train.compile_cache_dir)
     out = config.train.output_dir
     is_main = jax.process_index() == 0
     if is_main:
@@ -131,7 +131,7 @@ def setup(config) -> Run:
     checkpointer = Checkpointer(checkpoint_dir, keep=config.checkpoint.keep, keep_best=config.checkpoint.keep_best,
                                 base_model=None if frozen is None else base_fingerprint(frozen))
     if is_main:
-        save_tokenizer(tokenizer, tokenizer_dir(config))
+        save_tokenizer(tokenizer, rundir.tokenizer_dir(out))
     start = 0
     if offload is None:
         restored = checkpointer.restore_latest(params, opt_state) if config.checkpoint.resume else None
@@ -144,7 +144,7 @@ def setup(config) -> Run:
         start = record["step"]
         log.info("resumed from step %d", start)
 
-    logger = metrics_lib.standard_logger(out, total_steps, config.train.progress, start) if is_main else None
+    logger = metrics_lib.standard_logger(out, total_steps, config.train.progress, start, config) if is_main else None
     # stop_after_steps ends the run early without changing its schedule (which spans total_steps).
     end = max(min(total_steps, config.train.stop_after_steps or total_steps), start)
     return Run(config=config, mesh=mesh, tokenizer=tokenizer, data=data, model_config=model_config,
@@ -152,25 +152,6 @@ def setup(config) -> Run:
                checkpointer=checkpointer, logger=logger, evals=make_evals(config), hooks=make_hooks(config),
                eval_batches=data.eval_microbatches(), resumed=restored is not None, start=start, end=end,
                total_steps=total_steps, frozen=frozen)
-
-
-def checkpoint_record(run: Run, step: int) -> dict:
-    """What a checkpoint stores besides the arrays: enough to resume the run exactly and to
-    export the model from the checkpoint alone (`python -m jaxsft.export`)."""
-    c = run.config
-    return {"step": step, "data": run.data.get_state(),
-            # No randomness is drawn during training: init and data order come from these seeds.
-            "rng": {"train.seed": c.train.seed, "data.seed": c.data.seed},
-            "config": c.to_dict(),
-            "model_config": hf_config_dict(run.model_config, jnp.dtype(c.model.param_dtype)),
-            "generation_config": dict(run.model_config.hf_generation_config),
-            "tokenizer_dir": tokenizer_dir(c)}
-
-
-def tokenizer_dir(config) -> str:
-    """Where a run keeps its tokenizer's files (checkpoint records point there). Not inside the
-    checkpoint directory: on GCS, Orbax takes unknown folders there for unfinished steps."""
-    return rundir.absolute(rundir.join(config.train.output_dir, "tokenizer"))
 
 
 def save_tokenizer(tokenizer, directory: str) -> None:
