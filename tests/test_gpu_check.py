@@ -30,12 +30,12 @@ def test_gpu_plan_fits_the_device_budget():
 def test_dry_run_produces_every_stage(tmp_path):
     out = tmp_path / "gpu_check.json"
     proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--dry-run", "--out", str(out)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=900, env={**os.environ, "XLA_FLAGS": ""})
+                          capture_output=True, text=True, timeout=1500, env={**os.environ, "XLA_FLAGS": ""})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())
     stages = report["stages"]
-    failed = {f"{s}/{j}": r.get("output_tail", r) for s, jobs in stages.items() for j, r in jobs.items()
-              if r["status"] != "ok"}
+    failed = {f"{s}/{j}": (r["status"], r.get("output_tail")) for s, jobs in stages.items()
+              for j, r in jobs.items() if r["status"] != "ok"}
     assert not failed, failed
     assert report["dry_run"] and report["device"] == "cpu"
     assert set(report["caps_s"]) == {f"{s}/{j}" for s, jobs in stages.items() for j in jobs}
@@ -62,7 +62,7 @@ def test_dry_run_produces_every_stage(tmp_path):
     assert abs(offload["loss"] - math.log(128256)) < 0.5
 
     smol = stages["smollm2"]["cli_200_steps"]
-    assert smol["steps"] == 3 and smol["tokens_per_s"] > 0
+    assert smol["steps"] == 2 and smol["tokens_per_s"] > 0
     assert 0.2 < smol["first_loss"] < 3.0  # the pretrained model: far below ln(49152) = 10.8
 
     for name in report["caps_s"]:
