@@ -1,10 +1,13 @@
 """LoRA against Hugging Face PEFT: import, export, merge and gradients agree with PEFT + torch."""
 
 import json
+import subprocess
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+import orbax.checkpoint as ocp
 import pytest
 import torch
 import transformers
@@ -14,7 +17,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
 
 import jaxsft
-from jaxsft.checkpoint import flatten
+from jaxsft.checkpoint import Checkpointer, CheckpointMismatch, base_fingerprint, flatten
 from jaxsft.models import Decoder, ModelConfig, lora, peft_io
 from jaxsft.sharding import make_mesh, optimizer_shardings, param_shardings
 from jaxsft.train import default_config
@@ -239,3 +242,53 @@ def test_unsupported_peft_variants_are_refused_by_name(tmp_path):
             peft_io.spec_from_peft_config({**cfg, **extra}, num_layers=2)
     with pytest.raises(jaxsft.CheckpointError, match="match no module"):
         peft_io.spec_from_peft_config({**cfg, "target_modules": ["lm_head"]}, num_layers=2)
+
+
+@pytest.mark.slow
+def test_lora_run_resumes_exactly(tmp_path):
+    """Through the CLI (one device): checkpoints hold adapters only, a stopped run continued from its
+    checkpoint repeats the uninterrupted run's losses (dropout and LoRA+ on), and the run writes a
+    PEFT adapter folder and a merged Hugging Face export."""
+    from tests.test_checkpoint import ENV, REPO, cli, metrics
+
+    lora_flags = ("--config.lora.r=4", "--config.lora.alpha=8", "--config.lora.dropout=0.1",
+                  "--config.lora.lr_ratio=4", "--config.optim.learning_rate=1e-2")
+
+    def train(out, *extra):
+        r = subprocess.run(cli(tmp_path, out, *lora_flags, *extra), cwd=REPO, env=ENV, capture_output=True,
+                           text=True)
+        assert r.returncode == 0, r.stderr[-3000:]
+
+    whole, parted = tmp_path / "whole", tmp_path / "parted"
+    train(whole, "--config.train.export_hf=True")
+    config = json.loads((whole / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["target_modules"] == [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert (whole / "hf" / "model.safetensors").exists()
+
+    train(parted, "--config.train.stop_after_steps=2")
+    with ocp.StandardCheckpointer() as ckpt:
+        saved = ckpt.metadata(str(parted / "checkpoints" / "2" / "params"))
+        saved = getattr(saved, "item_metadata", saved)
+    assert sorted(saved) and all(k.startswith("lora.") for k in saved), sorted(saved)
+    train(parted)
+    np.testing.assert_allclose([m["loss"] for m in metrics(parted)], [m["loss"] for m in metrics(whole)], rtol=1e-6)
+
+
+def test_checkpoint_of_another_base_model_is_refused(tmp_path):
+    c = ModelConfig(architecture="LlamaForCausalLM", vocab_size=16, hidden_size=8, intermediate_size=16,
+                    num_layers=2, num_heads=2, num_kv_heads=1, head_dim=4)
+    mesh = make_mesh(devices=jax.devices()[:1])
+    bases = {}
+    for seed in (0, 1):
+        model = lora.attach(Decoder(c, rngs=nnx.Rngs(seed)), lora.make_spec(lora_config(), c), mesh=mesh)
+        _, params, bases[seed] = nnx.split(model, lora.LoraParam, nnx.Param)
+    opt_state = optax.adam(1e-3).init(params)
+    ckpt = Checkpointer(str(tmp_path), base_model=base_fingerprint(bases[0]))
+    ckpt.save(1, params, opt_state, {"step": 1, "data": {}})
+    ckpt.close()
+    same = Checkpointer(str(tmp_path), base_model=base_fingerprint(bases[0]))
+    assert same.restore(1, params, opt_state)[2]["step"] == 1
+    assert base_fingerprint(bases[1]) != base_fingerprint(bases[0])
+    with pytest.raises(CheckpointMismatch, match="another base model"):
+        Checkpointer(str(tmp_path), base_model=base_fingerprint(bases[1])).restore(1, params, opt_state)
