@@ -1,34 +1,40 @@
-"""Peak memory estimate of a run, per device and per host, before anything is compiled.
+"""The memory plan of a run, from the compiled programs themselves, before any weight is read.
 
-`python -m jaxsft.memory --config configs/NAME.py [--device-gib 80] [--host-gib 128]` prints the breakdown and
-whether it fits; `jaxsft.train` runs the same check and refuses a run that cannot fit, with the
-same message, instead of failing deep inside XLA.
+`python -m jaxsft.memory --config configs/NAME.py [--device-gib 80] [--host-gib 128] [--devices N]`
+prints the plan and whether it fits (exit 0) or not (exit 1, with the cheapest change that fits);
+`jaxsft.train` makes the same plan first and refuses a run that cannot fit.
 
-The arithmetic (per device; N = parameters, S = devices that shard them, fsdp x tensor):
-  params       N * bytes(param_dtype) / S
-  grads        N * 4 / S                          (the float32 accumulator)
-  optimizer    N * (bytes(state_dtype) + bytes(param_dtype)) / S   (Adam mu + nu; on the host
-               instead when optim.offload_state is set, plus one moment set streamed through)
-  layer copy   2 * layer_params * bytes(compute) / tensor   (one layer gathered, double-buffered)
-  activations  tokens per device x bytes(compute) x per-token-per-layer widths of the remat policy
-  logits       rows x loss chunk x vocab x 4 bytes x 3 (chunked loss: forward, softmax, gradient)
+The train step's functions are lowered on abstract inputs (`jax.ShapeDtypeStruct`s with the run's
+shardings) and compiled; XLA's `memory_analysis()` gives each program's argument, output, alias
+(donated) and temporary bytes per device. The peak per device is the largest of
+  accumulate: its arguments (params, accumulator, micro-batch) + temporaries + new outputs
+             + what stays resident but is not an argument (the optimizer state with offload='none');
+  update:    the same for the update (offload='none': params, optimizer state, accumulator);
+             offloaded: one group's update (params, accumulator, the group's state) + the two
+             groups in flight beside it (the next one read, the previous one being written back).
+Host bytes: the offloaded state (offload='host': all of it, this host's shards; 'disk': the groups in
+flight). Disk bytes: the whole state, in the `disk` tier's store.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import sys
 
 import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxsft.models import ModelConfig
-from jaxsft.models.hf_io import local_dir
-from jaxsft.train.loss import loss_chunk
 
 GiB = 2**30
-# What XLA needs beyond the estimate (fragmentation, workspace, collectives' buffers).
+# What XLA needs beyond the plan (fragmentation, collectives' buffers, the runtime).
 HEADROOM = 0.9
+HOST_FRACTION = 0.8  # of the host's memory the offloaded state may take
+GROUP_BUDGET = 4 * GiB  # per device, for the groups of state in flight when the device size is unknown
 
 
 def parameter_count(c: ModelConfig) -> tuple[int, int]:
@@ -40,84 +46,204 @@ def parameter_count(c: ModelConfig) -> tuple[int, int]:
     return c.num_layers * layer + c.vocab_size * e + e + head, layer
 
 
-def activation_width(c: ModelConfig, remat: str) -> int:
-    """Values kept per token per layer for the backward pass, in compute-dtype elements."""
-    e, f, n, k, h = c.hidden_size, c.intermediate_size, c.num_heads, c.num_kv_heads, c.head_dim
-    if remat == "full":
-        return e  # the layer input only
-    dots = (n + 2 * k) * h + e + 2 * f + e  # q, k, v, attention out, gate, up, down
-    if remat in ("dots", "dots_no_batch"):
-        return e + dots
-    return e + dots + 2 * e + 3 * f + n * h  # plus norms, activations, attention output
-
-
 @dataclasses.dataclass
-class Estimate:
-    device: dict[str, float]  # bytes per device by part
-    host: dict[str, float]  # bytes per host by part
+class Plan:
+    programs: dict[str, dict[str, int]]  # program -> its memory analysis (bytes per device)
+    device_peak: int  # bytes per device
+    peak_program: str
+    host: int  # bytes per host
+    disk: int  # bytes per host
+    group_layers: int  # layers per streamed group (offloaded tiers)
+    device_bytes: float | None = None
+    host_bytes: float | None = None
+    advice: str = ""
 
     @property
-    def device_total(self) -> float:
-        return sum(self.device.values())
+    def device_fits(self) -> bool:
+        return not self.device_bytes or self.device_peak <= HEADROOM * self.device_bytes
 
     @property
-    def host_total(self) -> float:
-        return sum(self.host.values())
+    def host_fits(self) -> bool:
+        return not self.host_bytes or self.host <= HOST_FRACTION * self.host_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.device_fits and self.host_fits
+
+    @property
+    def report(self) -> str:
+        lines = ["compiled memory plan, bytes per device:"]
+        for name, stats in self.programs.items():
+            lines.append(f"  {name:12s} peak {stats['peak'] / GiB:8.2f} GiB  (arguments {stats['argument'] / GiB:.2f}, "
+                         f"temporaries {stats['temp'] / GiB:.2f}, resident besides {stats['resident'] / GiB:.2f})")
+        lines.append(f"peak per device {self.device_peak / GiB:.2f} GiB ({self.peak_program})")
+        if self.host:
+            lines.append(f"host memory for the offloaded state {self.host / GiB:.2f} GiB per host")
+        if self.disk:
+            lines.append(f"disk for the offloaded state {self.disk / GiB:.2f} GiB per host "
+                         f"(groups of {self.group_layers} layers)")
+        if self.device_bytes:
+            budget = HEADROOM * self.device_bytes
+            lines.append(f"device memory {self.device_bytes / GiB:.1f} GiB: " + (
+                "fits" if self.device_fits else
+                f"does NOT fit ({self.device_peak / GiB:.1f} > {budget / GiB:.1f} GiB usable)"))
+        if self.host_bytes and self.host:
+            lines.append(f"host memory {self.host_bytes / GiB:.1f} GiB: " + (
+                "fits" if self.host_fits else
+                f"does NOT fit ({self.host / GiB:.1f} > {HOST_FRACTION * self.host_bytes / GiB:.1f} GiB usable)"))
+        if self.advice:
+            lines.append(self.advice)
+        return "\n".join(lines)
 
 
-def estimate(config, model_config: ModelConfig, num_devices: int, devices_per_host: int) -> Estimate:
-    size = {"float32": 4, "bfloat16": 2}
-    fsdp, tensor, data = config.mesh.fsdp, config.mesh.tensor, config.mesh.data
-    if fsdp == -1:
-        fsdp = num_devices // (tensor * data)
-    shards = fsdp * tensor
-    n, layer = parameter_count(model_config)
-    p, s, cmp = size[config.model.param_dtype], size[config.optim.state_dtype], size[config.model.compute_dtype]
-    rows, t = config.data.micro_batch_rows, config.data.max_seq_len
-    tokens = rows * t
-    optimizer = n * (s + p) / shards
-    offload = config.optim.offload_state
-    device = {
-        "params": n * p / shards,
-        "grads": n * 4 / shards,
-        "optimizer": optimizer if not offload else optimizer / 2,
-        "layer_copy": 2 * layer * cmp / tensor,
-        "activations": model_config.num_layers * tokens * activation_width(model_config, config.model.remat) * cmp,
-        "logits": rows * loss_chunk(rows, t, model_config.vocab_size, 1) * model_config.vocab_size * 4 * 3 / tensor,
-    }
-    host = {"optimizer": optimizer * devices_per_host} if offload else {}
-    return Estimate(device, host)
+_analyses = {}  # lowered program text -> its memory analysis (the advisor compiles variants)
 
 
-def report(est: Estimate, device_bytes: float | None, host_bytes: float | None) -> tuple[bool, str]:
-    lines = ["per device:"]
-    lines += [f"  {k:12s} {v / GiB:8.2f} GiB" for k, v in est.device.items()]
-    lines.append(f"  {'total':12s} {est.device_total / GiB:8.2f} GiB")
-    if est.host:
-        lines.append(f"per host: optimizer state {est.host_total / GiB:.2f} GiB (offloaded)")
-    device_fits = host_fits = True
-    if device_bytes:
-        budget = HEADROOM * device_bytes
-        device_fits = est.device_total <= budget
-        lines.append(f"device memory {device_bytes / GiB:.1f} GiB: " + (
-            "fits" if device_fits else
-            f"does NOT fit ({est.device_total / GiB:.1f} > {budget / GiB:.1f} GiB usable)"))
-    if host_bytes and est.host_total > 0.8 * host_bytes:
-        host_fits = False
-        lines.append(f"host memory {host_bytes / GiB:.1f} GiB: offloaded state does NOT fit; "
-                     "to fit, use more hosts (mesh.fsdp) or optim.state_dtype='bfloat16'")
-    if not device_fits:
-        biggest = max(est.device, key=est.device.get)
-        advice = {
-            "activations": "set model.remat='full' or lower data.micro_batch_rows",
-            "optimizer": "set optim.offload_state=True, or use more devices (mesh.fsdp)",
-            "params": "use more devices (mesh.fsdp) or model.param_dtype='bfloat16'",
-            "grads": "use more devices (mesh.fsdp)",
-            "logits": "lower data.micro_batch_rows or use mesh.tensor > 1",
-            "layer_copy": "use mesh.tensor > 1",
-        }[biggest]
-        lines.append(f"largest part: {biggest}; to fit, {advice}")
-    return device_fits and host_fits, "\n".join(lines)
+def _stats(lowered, resident: int = 0) -> dict[str, int]:
+    text = lowered.as_text()
+    if text not in _analyses:
+        _analyses[text] = lowered.compile().memory_analysis()
+    m = _analyses[text]
+    new_outputs = max(m.output_size_in_bytes - m.alias_size_in_bytes, 0)
+    return {"argument": m.argument_size_in_bytes, "output": m.output_size_in_bytes,
+            "alias": m.alias_size_in_bytes, "temp": m.temp_size_in_bytes, "resident": resident,
+            "peak": m.argument_size_in_bytes + new_outputs + m.temp_size_in_bytes + resident}
+
+
+def device_bytes_of(tree) -> int:
+    """Bytes per device of a tree of ShapeDtypeStructs / arrays with shardings (the largest shard
+    set any one device holds)."""
+    total = 0
+    for x in jax.tree.leaves(tree):
+        shard = x.sharding.shard_shape(x.shape)
+        total += math.prod(shard) * jnp.dtype(x.dtype).itemsize
+    return total
+
+
+def _abstract(tree, shardings):
+    """`tree`'s leaves as ShapeDtypeStructs with the matching leaves of `shardings` (a tree of the
+    same paths, whatever its containers)."""
+    from jaxsft.checkpoint import flatten, unflatten
+
+    flat = flatten(shardings)
+    return unflatten(tree, {k: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=flat[k]) for k, x in flatten(tree).items()})
+
+
+def plan(config, model_config: ModelConfig, mesh=None, device_bytes=None, host_bytes=None,
+         advise: bool = True) -> Plan:
+    """The run's memory plan on `mesh` (default: the config's mesh over all devices)."""
+    from jaxsft.models import Decoder
+    from jaxsft.sharding import make_mesh, optimizer_shardings, param_shardings
+    from jaxsft.train.offload import Offloaded, group_layers_that_fit
+    from jaxsft.train.optimizer import make_optimizer
+    from jaxsft.train.step import make_train_step
+
+    mesh = mesh or make_mesh(**config.mesh)
+    device_bytes = device_bytes or device_memory_bytes()
+    host_bytes = host_bytes or host_memory_bytes()
+    m, tier = config.model, config.optim.offload
+    model_config = model_config.replace(remat=m.remat)
+    param_dtype, compute_dtype = jnp.dtype(m.param_dtype), jnp.dtype(m.compute_dtype)
+    abstract_model = nnx.eval_shape(lambda: Decoder(model_config, param_dtype=param_dtype,
+                                                    compute_dtype=compute_dtype))
+    graphdef, masters = nnx.split(abstract_model, nnx.Param)
+    param_sharding = param_shardings(masters, mesh)
+    tx, schedule = make_optimizer(config.optim, 1000)
+    opt_sharding = optimizer_shardings(tx, masters, param_sharding, mesh)
+    batch_sharding = NamedSharding(mesh, P(("data", "fsdp"), None))
+    masters = _abstract(masters, param_sharding)
+    acc = {"grads": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32, sharding=x.sharding), masters),
+           "loss_sum": jax.ShapeDtypeStruct((), jnp.float32)}
+    rows = config.data.micro_batch_rows * mesh.shape["data"] * mesh.shape["fsdp"]
+    batch = {k: jax.ShapeDtypeStruct((rows, config.data.max_seq_len), jnp.float32 if k == "loss_mask" else jnp.int32,
+                                     sharding=batch_sharding)
+             for k in ("input_ids", "targets", "loss_mask", "segment_ids", "positions")}
+    scalar = jax.ShapeDtypeStruct((), jnp.int32)
+    _, layer = parameter_count(model_config)
+    shards = mesh.shape["fsdp"] * mesh.shape["tensor"]
+    state_bytes_per_param = param_dtype.itemsize + jnp.dtype(config.optim.state_dtype).itemsize + 4
+    group_layers = 1
+
+    programs = {}
+    if tier == "none":
+        opt_state = _abstract(jax.eval_shape(tx.init, masters), opt_sharding)
+        fns = make_train_step(graphdef, tx, schedule, param_sharding, opt_sharding, batch_sharding)
+        params = masters
+        programs["accumulate"] = _stats(_lower(fns.accumulate, acc, params, batch),
+                                        resident=device_bytes_of(opt_state))
+        programs["update"] = _stats(fns.update.lower(params, opt_state, acc, scalar, scalar))
+        host = disk = 0
+    else:
+        spare = (HEADROOM * device_bytes if device_bytes else GROUP_BUDGET)
+        group_layers = group_layers_that_fit(model_config.num_layers, layer * state_bytes_per_param / shards,
+                                             min(spare / 4, GROUP_BUDGET) if device_bytes else GROUP_BUDGET)
+        offload = Offloaded("host", "", masters, param_sharding, config.optim, schedule, compute_dtype,
+                            model_config.num_layers, group_layers)
+        params = offload.abstract_params()
+        fns = make_train_step(graphdef, tx, schedule, param_sharding, opt_sharding, batch_sharding, offload=offload)
+        programs["accumulate"] = _stats(_lower(fns.accumulate, acc, params, batch))
+        first = {group.start is not None: i for i, group in reversed(list(enumerate(offload.groups)))}
+        trees = {kind: _abstract(offload.like[i], offload.tree_shardings(i)) for kind, i in first.items()}
+        sizes = {kind: device_bytes_of(tree) for kind, tree in trees.items()}
+        scale = {"denominator": jax.ShapeDtypeStruct((), jnp.float32),
+                 "grad_norm": jax.ShapeDtypeStruct((), jnp.float32)}
+        for kind, i in first.items():
+            lowered = offload._update[kind].lower(params, acc, trees[kind], scale, scalar, offload.groups[i].size)
+            # Beside a layer group: the previous one (being written back) and the next one (read
+            # ahead; the other parameters' group follows the last). Beside that group: the last layer group.
+            beside = sizes[True] + max(sizes.values()) if kind else sizes[True]
+            programs["update_layers" if kind else "update_rest"] = _stats(lowered, resident=beside)
+        state = sum(device_bytes_of(_abstract(offload.like[i], offload.tree_shardings(i)))
+                    for i in range(len(offload.groups)))
+        local = min(shards, jax.local_device_count())  # devices of this host holding distinct shards
+        per_host = state * local
+        in_flight = 3 * max(sizes.values()) * local
+        host, disk = (per_host, 0) if tier == "host" else (in_flight, per_host)
+
+    peak_program = max(programs, key=lambda k: programs[k]["peak"])
+    result = Plan(programs, programs[peak_program]["peak"], peak_program, host, disk, group_layers,
+                  device_bytes, host_bytes)
+    if advise and not result.fits:
+        result.advice = advice(config, model_config, mesh, device_bytes, host_bytes)
+    return result
+
+
+def _lower(fn, *args):
+    """Lowers a TrainStep function (a jitted function, or one with the frozen weights bound)."""
+    return getattr(fn, "func", fn).lower(*getattr(fn, "args", ()), *args)
+
+
+# The changes the advisor tries, cheapest first. Every one trains like the original run (the same
+# arithmetic, or LoRA); float32 master weights are never traded away (bf16 masters round away
+# AdamW's updates at the recipe's learning rates).
+def candidates(config):
+    rows = config.data.micro_batch_rows
+    tries = []
+    if config.optim.offload == "none":
+        tries.append(("optim.offload='host' (master weights and moments in host memory)", {"optim.offload": "host"}))
+    if config.model.remat != "full":
+        tries.append(("model.remat='full'", {"model.remat": "full"}))
+    r = rows // 2
+    while r >= 1:
+        tries.append((f"data.micro_batch_rows={r}", {"data.micro_batch_rows": r}))
+        r //= 2
+    if config.optim.offload != "disk":
+        tries.append(("optim.offload='disk' (master weights and moments on local disk)", {"optim.offload": "disk"}))
+    both = {"optim.offload": "disk", "model.remat": "full", "data.micro_batch_rows": 1}
+    tries.append(("optim.offload='disk', model.remat='full', data.micro_batch_rows=1", both))
+    return tries
+
+
+def advice(config, model_config, mesh, device_bytes, host_bytes) -> str:
+    for text, changes in candidates(config):
+        changed = config.copy_and_resolve_references()
+        for key, value in changes.items():
+            section, name = key.split(".")
+            changed[section][name] = value
+        if plan(changed, model_config, mesh, device_bytes, host_bytes, advise=False).fits:
+            return f"to fit, set {text}"
+    return ("no single change fits: use more devices (mesh.fsdp), or train LoRA adapters (lora.r=16) "
+            "instead of all weights")
 
 
 def device_memory_bytes() -> float | None:
@@ -132,20 +258,21 @@ def host_memory_bytes() -> float | None:
         return None
 
 
-def check(config, model_config: ModelConfig, device_bytes=None, host_bytes=None) -> tuple[bool, str]:
-    est = estimate(config, model_config, jax.device_count(), jax.local_device_count())
-    return report(est, device_bytes or device_memory_bytes(), host_bytes or host_memory_bytes())
-
-
 def main(argv=None):
     from jaxsft.cli import parse_args
-    config, extra = parse_args(argv, extra_flags=("device-gib", "host-gib"))
-    model_config = ModelConfig.from_json_file(os.path.join(local_dir(config.model.path), "config.json"))
+    from jaxsft.models import load_model_config
+    from jaxsft.sharding import make_mesh
+
+    config, extra = parse_args(argv, extra_flags=("device-gib", "host-gib", "devices"))
+    model_config = load_model_config(config.model.path, remat=config.model.remat, attention=config.model.attention)
+    devices = jax.devices()[:int(extra["devices"])] if "devices" in extra else None
+    mesh = make_mesh(**config.mesh, devices=devices)
     device_bytes = float(extra["device-gib"]) * GiB if "device-gib" in extra else None
     host_bytes = float(extra["host-gib"]) * GiB if "host-gib" in extra else None
-    fits, text = check(config, model_config, device_bytes, host_bytes)
-    print(text)
-    sys.exit(0 if fits else 1)
+    with jax.set_mesh(mesh):  # the model is traced under its mesh, as in training
+        result = plan(config, model_config, mesh, device_bytes, host_bytes)
+    print(result.report)
+    sys.exit(0 if result.fits else 1)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from jaxsft.models import Decoder, ModelConfig
 from jaxsft.sharding import make_mesh, optimizer_shardings, param_shardings
 from jaxsft.train import default_config
 from jaxsft.train.optimizer import decay_mask, make_optimizer, make_schedule
-from jaxsft.train.step import compile_counts, host_shardings, make_train_step
+from jaxsft.train.step import compile_counts, make_train_step
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = ModelConfig(architecture="LlamaForCausalLM", vocab_size=97, hidden_size=32, intermediate_size=64,
@@ -53,18 +53,16 @@ def optim_config(**changes):
     return optim
 
 
-def setup(mesh, param_dtype=jnp.float32, offload=False):
+def setup(mesh, param_dtype=jnp.float32):
     model = Decoder(CONFIG, param_dtype=param_dtype, compute_dtype=jnp.float32, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model, nnx.Param)
     shardings = param_shardings(params, mesh)
     params = jax.device_put(params, shardings)
     tx, schedule = make_optimizer(optim_config(), total_steps=10)
     opt_sharding = optimizer_shardings(tx, params, shardings, mesh)
-    stored = host_shardings(opt_sharding) if offload else opt_sharding
-    opt_state = jax.jit(tx.init, out_shardings=stored)(params)
+    opt_state = jax.jit(tx.init, out_shardings=opt_sharding)(params)
     batch_sharding = NamedSharding(mesh, P(("data", "fsdp"), None))
-    fns = make_train_step(graphdef, tx, schedule, shardings, opt_sharding, batch_sharding,
-                          offload_optimizer=offload)
+    fns = make_train_step(graphdef, tx, schedule, shardings, opt_sharding, batch_sharding)
     return fns, params, opt_state, batch_sharding
 
 

@@ -29,7 +29,8 @@ The `data` section is documented in `jaxsft/data/config.py` (sources, batch size
 | `weight_decay` | `0.0` | Decoupled weight decay; never applied to norms and biases. |
 | `clip_norm` | `1.0` | Global gradient-norm clipping (0 = off). Metrics report the norm before clipping. |
 | `state_dtype` | `'float32'` | Dtype of Adam's first moment (`bfloat16` saves memory). |
-| `offload_state` | `False` | Keep the optimizer state in pinned host memory and stream it to the device once per step (full fine-tuning of 8B on one 80 GB GPU). |
+| `offload` | `'none'` | Where the float32 master weights and Adam moments live: `none` (on the devices), `host` (pinned host memory) or `disk` (a TensorStore store in `offload_dir`). With `host`/`disk` the devices hold only compute-dtype params and the gradient accumulator, and the update streams the state through in layer groups (`docs/memory.md`; full fine-tuning of 8B on one 80 GB GPU). |
+| `offload_dir` | `''` | Local directory of the `disk` tier's live state (fast local disk; `''` = `output_dir/offload`). |
 
 ## train
 | key | default | meaning |
@@ -128,6 +129,7 @@ from jaxsft.models.lora import select_targets
 from jaxsft.train.optimizer import SCHEDULES
 
 DTYPES = ("float32", "bfloat16")
+OFFLOAD_TIERS = ("none", "host", "disk")
 WANDB_MODES = ("online", "offline", "disabled")
 
 
@@ -138,7 +140,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.data = default_data_config()
     c.optim = dict(learning_rate=2e-5, schedule="constant", warmup_steps=0, warmup_fraction=0.0,
                    final_lr_fraction=0.0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
-                   clip_norm=1.0, state_dtype="float32", offload_state=False)
+                   clip_norm=1.0, state_dtype="float32", offload="none", offload_dir="")
     c.train = dict(output_dir="runs/run", num_steps=0, num_epochs=1.0, seed=0, log_every=1,
                    eval_every=0, eval_at_start=True, export_hf=False, export_dtype="bfloat16",
                    progress=True, stop_after_steps=0, compile_cache_dir=default_compile_cache_dir(),
@@ -158,6 +160,15 @@ def default_config() -> ml_collections.ConfigDict:
 
 def validate(c) -> None:
     """Raises ValueError naming the first bad key and what is allowed."""
+    if "offload_state" in c.optim:
+        raise ValueError("optim.offload_state was replaced by optim.offload = 'none', 'host' or 'disk' "
+                         "(offload_state=True is offload='host')")
+    if c.optim.offload != "none" and (c.lora.r or c.lora.adapter_path):
+        raise ValueError("optim.offload moves full fine-tuning's master weights and moments; LoRA's are small: "
+                         "set optim.offload='none'")
+    if c.optim.offload == "disk" and not c.optim.offload_dir and c.train.output_dir.startswith("gs://"):
+        raise ValueError("optim.offload='disk' keeps its live state on local disk: set optim.offload_dir "
+                         "(train.output_dir is gs://)")
     choices = {
         "model.init": (c.model.init, ("pretrained", "random")),
         "model.param_dtype": (c.model.param_dtype, DTYPES),
@@ -166,6 +177,7 @@ def validate(c) -> None:
         "model.attention": (c.model.attention, ATTENTION_BACKENDS),
         "optim.schedule": (c.optim.schedule, SCHEDULES),
         "optim.state_dtype": (c.optim.state_dtype, DTYPES),
+        "optim.offload": (c.optim.offload, OFFLOAD_TIERS),
         "train.export_dtype": (c.train.export_dtype, DTYPES),
         "metrics.wandb.mode": (c.metrics.wandb.mode, WANDB_MODES),
         **{f"health.{k}": (c.health[k], ACTIONS) for k in ("on_nan", "on_loss_spike", "on_grad_spike")},

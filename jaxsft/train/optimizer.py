@@ -42,13 +42,15 @@ def decay_mask(params):
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
+def adamw(optim, schedule) -> optax.GradientTransformation:
+    """The elementwise part: applied to any subset of the parameters alone, it gives the same
+    numbers (the offloaded update streams it layer group by layer group)."""
+    return optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
+                       weight_decay=optim.weight_decay, mask=decay_mask, mu_dtype=optim.state_dtype)
+
+
 def make_optimizer(optim, total_steps: int):
-    """Returns (optax transformation, schedule)."""
+    """Returns (optax transformation, schedule): global-norm clipping, then `adamw`."""
     schedule = make_schedule(optim, total_steps)
-    tx = optax.chain(
-        optax.clip_by_global_norm(optim.clip_norm) if optim.clip_norm else optax.identity(),
-        optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
-                    weight_decay=optim.weight_decay, mask=decay_mask,
-                    mu_dtype=optim.state_dtype),
-    )
-    return tx, schedule
+    clip = optax.clip_by_global_norm(optim.clip_norm) if optim.clip_norm else optax.identity()
+    return optax.chain(clip, adamw(optim, schedule)), schedule

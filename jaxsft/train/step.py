@@ -35,25 +35,19 @@ class TrainStep:
     eval_loss: Callable
 
 
-def host_shardings(shardings):
-    """The same layouts in pinned host memory (where offloaded optimizer state lives)."""
-    return jax.tree.map(lambda s: s.with_memory_kind("pinned_host"), shardings)
-
-
 def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, param_sharding,
-                    opt_sharding, batch_sharding, offload_optimizer: bool = False,
+                    opt_sharding, batch_sharding, offload=None,
                     frozen=None, frozen_sharding=None, dropout_seed: int | None = None) -> TrainStep:
     """param_sharding / opt_sharding: trees (or prefixes) of shardings of the params and the
     optimizer state on the device; batch_sharding: the sharding of every micro-batch array.
-    With `offload_optimizer` the optimizer state is kept in host memory (`host_shardings`) and
-    streamed to the device once per optimizer step, right before the update (moving it inside
-    `tx.update` would mix memory spaces in one computation, which XLA handles badly).
+    With `offload` (a `jaxsft.train.offload.Offloaded`: optim.offload 'host' or 'disk') params are
+    the devices' compute-dtype copy, the master weights and optimizer state live in host memory or
+    on disk, and `update` is `offload.update`, which streams them (its opt_state is `offload`).
+    The gradient accumulator is donated to `update`: one float32 gradient tree is alive at a time.
     With `frozen` (a LoRA run's base weights, `nnx.split(model, LoraParam, nnx.Param)`) params are
     the adapters alone: the frozen state is an input of every function but never differentiated,
     so no gradient of it is computed or stored. `dropout_seed`: LoRA dropout masks are drawn from
     (seed, step, micro-batch); None = no dropout."""
-    stored_opt_sharding = host_shardings(opt_sharding) if offload_optimizer else opt_sharding
-
     def loss_sum(params, frozen, batch, dropout_key=None):
         model = nnx.merge(graphdef, params, *(() if frozen is None else (frozen,)))
         if dropout_key is not None:
@@ -80,8 +74,6 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, param_
         denominator = jnp.maximum(num_loss_tokens, 1).astype(jnp.float32)
         grads = jax.tree.map(lambda g: g / denominator, acc["grads"])
         grad_norm = optax.global_norm(grads)  # before clipping
-        if offload_optimizer:
-            opt_state = jax.device_put(opt_state, opt_sharding)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = jax.tree.map(lambda p, u: (p + u).astype(p.dtype), params, updates)
         metrics = {"loss": acc["loss_sum"] / denominator, "grad_norm": grad_norm,
@@ -102,8 +94,9 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, param_
         accumulate=functools.partial(jax.jit(
             accumulate, in_shardings=(frozen_sharding, acc_sharding, param_sharding, batch_shardings),
             out_shardings=acc_sharding, donate_argnums=1), frozen),
-        update=jax.jit(update, in_shardings=(param_sharding, stored_opt_sharding, acc_sharding, None, None),
-                       out_shardings=(param_sharding, stored_opt_sharding, None), donate_argnums=(0, 1)),
+        update=offload.update if offload else jax.jit(
+            update, in_shardings=(param_sharding, opt_sharding, acc_sharding, None, None),
+            out_shardings=(param_sharding, opt_sharding, None), donate_argnums=(0, 1, 2)),
         eval_loss=functools.partial(
             jax.jit(eval_loss, in_shardings=(frozen_sharding, param_sharding, batch_shardings)), frozen),
     )
@@ -113,4 +106,4 @@ def compile_counts(step: TrainStep) -> dict[str, Any]:
     """How many times each function was compiled (for the compile-once test)."""
     functions = {f.name: getattr(step, f.name) for f in dataclasses.fields(step)}
     functions = {k: getattr(f, "func", f) for k, f in functions.items()}  # unwrap the frozen binding
-    return {k: f._cache_size() for k, f in functions.items()}
+    return {k: f._cache_size() for k, f in functions.items() if hasattr(f, "_cache_size")}

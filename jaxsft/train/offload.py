@@ -1,0 +1,424 @@
+"""Memory tiers of the optimizer: float32 master weights and Adam moments in pinned host memory
+(`optim.offload='host'`) or in a TensorStore zarr3 store on local disk (`'disk'`).
+
+The devices hold only the compute-dtype parameters and the float32 gradient accumulator. The
+update runs in two parts:
+1. `prepare`, one jitted call on the devices: the accumulated gradients are divided by the step's
+   loss-token count and clipped by their global norm, in place (the accumulator is donated).
+2. Per group (a slice of the stacked `layers` axis, and one group of the other parameters): the
+   group's master weights and moments come to the devices, `adamw` (the elementwise part of the
+   optimizer) updates them, the new weights are cast into the device params and the new state goes
+   back. Group i+1 is read while group i updates and group i-1 is written back, so no more than
+   three groups of state are in flight, and in `disk` mode host memory never holds the whole state.
+
+The elementwise part gives the same bits on any subset of the parameters as on all of them, so
+`none`, `host` and `disk` train bitwise alike (tests/test_offload.py).
+
+Checkpoints (`save` / `restore`): a snapshot directory with one zarr3 array per master weight and
+moment, in the full (layers, ...) shape whatever the group size, and `meta.json` (the step and the
+optimizer's counters) written last: a snapshot without it is incomplete. Both tiers write and read
+the same format, so a `host` run resumes in `disk` mode and back.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import functools
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tensorstore as ts
+from etils import epath
+from jax.experimental import multihost_utils
+
+from jaxsft.checkpoint import flatten, unflatten
+from jaxsft.sharding import optimizer_shardings
+from jaxsft.train.optimizer import adamw
+
+META = "meta.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+    names: tuple[str, ...]  # flat parameter names ("layers.q", "embed")
+    start: int | None  # first layer of a layer group; None for the other parameters
+    size: int  # layers in a layer group
+
+
+def make_groups(names, num_layers: int, group_layers: int) -> list[Group]:
+    layered = tuple(n for n in names if n.startswith("layers."))
+    rest = tuple(n for n in names if not n.startswith("layers."))
+    groups = [Group(layered, s, group_layers) for s in range(0, num_layers, group_layers)]
+    return groups + ([Group(rest, None, 0)] if rest else [])
+
+
+def group_layers_that_fit(num_layers: int, layer_state_bytes: float, budget_bytes: float) -> int:
+    """The largest divisor of num_layers whose group state, three groups in flight, fits the budget."""
+    fitting = [d for d in range(1, num_layers + 1)
+               if num_layers % d == 0 and 3 * d * layer_state_bytes <= budget_bytes]
+    return max(fitting, default=1)
+
+
+def _kvstore(path: str):
+    return path if "://" in path else {"driver": "file", "path": os.path.abspath(path)}
+
+
+def _key(index) -> tuple:
+    return tuple((s.start, s.stop) for s in index)
+
+
+class HostStore:
+    """Group state as arrays in pinned host memory, with the device arrays' layouts."""
+
+    def __init__(self):
+        self.groups: dict[int, dict[str, jax.Array]] = {}
+
+    def write(self, i: int, arrays: dict, group: Group):
+        stored = self.groups[i] = {k: jax.device_put(v, v.sharding.with_memory_kind("pinned_host"))
+                                   for k, v in arrays.items()}
+        return _Waiter(lambda: jax.block_until_ready(stored))
+
+    def read(self, i: int, group: Group, shardings: dict):
+        arrays = {k: jax.device_put(v, shardings[k]) for k, v in self.groups[i].items()}
+        return lambda: arrays
+
+    def close(self):
+        self.groups.clear()
+
+
+class _Waiter:
+    def __init__(self, wait):
+        self.wait = wait
+
+    def result(self):
+        return self.wait()
+
+
+class DiskStore:
+    """Group state in zarr3 arrays of the full (layers, ...) shape, chunked one layer by one
+    device shard, so that any group size reads and writes whole chunks and every process writes
+    only its own shards. Reads are TensorStore futures; writes run on one background thread."""
+
+    def __init__(self, directory: str, specs: dict[str, tuple], create: bool, shared: bool = False):
+        """specs: {key: (full shape, dtype, chunk shape)}. A `shared` directory (a checkpoint's)
+        is created by process 0 for all; otherwise each process has its own (local disk)."""
+        self.directory = str(directory)
+        self.shared = shared
+        context = ts.Context({"file_io_concurrency": {"limit": 64}})
+        if create and shared and jax.process_count() > 1:
+            if jax.process_index() == 0:
+                DiskStore(directory, specs, create=True).close()
+            multihost_utils.sync_global_devices(f"offload store {directory}")
+            create = False
+        opened = {}
+        for key, (shape, dtype, chunk) in specs.items():
+            spec = {"driver": "zarr3", "kvstore": _kvstore(os.path.join(self.directory, key))}
+            if create:
+                spec["metadata"] = {"shape": list(shape), "data_type": jnp.dtype(dtype).name,
+                                    "chunk_grid": {"name": "regular",
+                                                   "configuration": {"chunk_shape": list(chunk)}}}
+                opened[key] = ts.open(spec, create=True, delete_existing=True, context=context)
+            else:
+                opened[key] = ts.open(spec, open=True, context=context)
+        self.arrays = {k: f.result() for k, f in opened.items()}
+        self.writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="offload-write")
+
+    def _region(self, key, index, group: Group):
+        if group.start is None:
+            return self.arrays[key][index]
+        first = index[0]
+        rows = slice(group.start + (first.start or 0),
+                     group.start + (group.size if first.stop is None else first.stop))
+        return self.arrays[key][(rows, *index[1:])]
+
+    def read(self, i: int, group: Group, shardings: dict):
+        pending = {}
+        for key, sharding in shardings.items():
+            shape = self.group_shape(key, group)
+            for index in sharding.addressable_devices_indices_map(shape).values():
+                if _key(index) not in pending.setdefault(key, {}):
+                    pending[key][_key(index)] = self._region(key, index, group).read()
+
+        def arrays():
+            out = {}
+            for key, sharding in shardings.items():
+                data = {k: f.result() for k, f in pending[key].items()}
+                out[key] = jax.make_array_from_callback(
+                    self.group_shape(key, group), sharding, lambda index: data[_key(index)])
+            return out
+        return arrays
+
+    def group_shape(self, key, group: Group) -> tuple:
+        shape = tuple(self.arrays[key].shape)
+        return shape if group.start is None else (group.size, *shape[1:])
+
+    def write(self, i: int, arrays: dict, group: Group):
+        def write_all():
+            futures = [self._region(key, shard.index, group).write(np.asarray(shard.data))
+                       for key, value in arrays.items() for shard in value.addressable_shards
+                       if shard.replica_id == 0]
+            for f in futures:
+                f.result()
+        return self.writer.submit(write_all)
+
+    def close(self):
+        self.writer.shutdown(wait=True)
+
+
+def for_run(config, masters, param_sharding, schedule, num_layers: int, group_layers: int) -> Offloaded:
+    """The `optim.offload` tier of a run ('host' or 'disk'); the disk tier's live store is
+    `optim.offload_dir` (default `output_dir/offload`)."""
+    directory = config.optim.offload_dir or os.path.join(config.train.output_dir, "offload")
+    return Offloaded(config.optim.offload, directory, masters, param_sharding, config.optim, schedule,
+                     config.model.compute_dtype, num_layers, group_layers)
+
+
+def snapshot_dir(checkpoint_dir: str, step: int) -> str:
+    """Where the offloaded state of checkpoint `step` is kept: beside Orbax's step directories."""
+    return f"{str(checkpoint_dir).rstrip('/')}/offload/{step}"
+
+
+class Offloaded:
+    """The master weights and optimizer state of a run in the `host` or `disk` tier, and the
+    streamed update. `params` passed to `update` are the devices' compute-dtype params."""
+
+    def __init__(self, tier: str, directory: str, masters, param_sharding, optim, schedule,
+                 compute_dtype, num_layers: int, group_layers: int):
+        """masters: a tree of arrays or ShapeDtypeStructs (the master weights: dtype, shape,
+        sharding); param_sharding: the device shardings of that tree; directory: the `disk`
+        tier's live store."""
+        if tier not in ("host", "disk"):
+            raise ValueError(f"optim.offload={tier!r}: Offloaded holds the 'host' or 'disk' tier")
+        self.tier, self.schedule = tier, schedule
+        self.clip_norm, self.adamw = optim.clip_norm, adamw(optim, schedule)
+        self.structure = jax.tree.map(lambda x: 0, masters)
+        self.masters_like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), masters)
+        master_flat = flatten(masters)
+        shardings = flatten(param_sharding)
+        mesh = next(iter(shardings.values())).mesh
+        while num_layers % group_layers:
+            group_layers -= 1
+        self.group_layers = group_layers
+        self.groups = make_groups(list(master_flat), num_layers, group_layers)
+        self.compute_sharding = param_sharding
+        self.compute_dtype = jnp.dtype(compute_dtype)
+        # One abstract group tree per kind of group (layer groups share shapes): {"master", "state"}.
+        self.like, self.shardings = [], []
+        full_specs = {}
+        for group in self.groups:
+            def piece(name):
+                x = master_flat[name]
+                shape = x.shape if group.start is None else (group.size, *x.shape[1:])
+                return jax.ShapeDtypeStruct(shape, x.dtype, sharding=shardings[name])
+            master = {n: piece(n) for n in group.names}
+            master_shardings = {n: shardings[n] for n in group.names}
+            state = jax.eval_shape(self.adamw.init, master)
+            state_shardings = optimizer_shardings(self.adamw, master, master_shardings, mesh)
+            like = {"master": master, "state": state}
+            self.like.append(like)
+            self.shardings.append(flatten({"master": master_shardings, "state": state_shardings}))
+            for key, x in flatten(like).items():
+                if x.ndim:
+                    full = x.shape if group.start is None else (num_layers, *x.shape[1:])
+                    shard = self.shardings[-1][key].shard_shape(x.shape)
+                    chunk = shard if group.start is None else (1, *shard[1:])
+                    full_specs[key] = (full, x.dtype, chunk)
+        self.full_specs = full_specs
+        self.store = HostStore() if tier == "host" else DiskStore(directory, full_specs, create=True)
+        self.small: list[dict] = [{} for _ in self.groups]  # the optimizer's counters, per group
+
+        acc_sharding = {"grads": param_sharding, "loss_sum": None}
+        self._prepare = jax.jit(self._prepare_fn, in_shardings=(acc_sharding, None, None))
+        self._update = {}
+        for i, group in enumerate(self.groups):
+            kind = group.start is not None
+            if kind not in self._update:
+                tree_sharding = self.tree_shardings(i)
+                self._update[kind] = jax.jit(
+                    self._group_fn, static_argnums=5,
+                    in_shardings=(param_sharding, acc_sharding, tree_sharding, None, None),
+                    out_shardings=(param_sharding, tree_sharding, None), donate_argnums=(0, 2))
+        self._place = {layered: jax.jit(functools.partial(self._place_fn, layered=layered),
+                                        out_shardings=param_sharding, donate_argnums=0)
+                       for layered in (False, True)}
+        self._zeros = jax.jit(lambda: jax.tree.map(
+            lambda x: jnp.zeros(x.shape, self.compute_dtype), self.masters_like), out_shardings=param_sharding)
+        self._cast = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(self.compute_dtype), p),
+                             out_shardings=param_sharding)
+
+    # --- the math ---
+
+    def _prepare_fn(self, acc, num_loss_tokens, step):
+        denominator = jnp.maximum(num_loss_tokens, 1).astype(jnp.float32)
+        grad_norm = optax.global_norm(jax.tree.map(lambda g: g / denominator, acc["grads"]))
+        return {"denominator": denominator, "grad_norm": grad_norm}, {
+            "loss": acc["loss_sum"] / denominator, "grad_norm": grad_norm, "learning_rate": self.schedule(step)}
+
+    def _group_fn(self, params, acc, tree, scale, start, size):
+        layered = size > 0
+        grads, master = flatten(acc["grads"]), tree["master"]
+
+        def gradient(x):
+            # The same operations, in the same order, as `none`'s update: divide, then clip as
+            # optax.clip_by_global_norm does (XLA then compiles the same arithmetic for them).
+            g = (jax.lax.dynamic_slice_in_dim(x, start, size) if layered else x) / scale["denominator"]
+            if not self.clip_norm:
+                return g
+            norm = scale["grad_norm"]
+            return jax.lax.select(jnp.squeeze(norm < self.clip_norm), g, (g / norm.astype(g.dtype)) * self.clip_norm)
+        updates, state = self.adamw.update({k: gradient(grads[k]) for k in master}, tree["state"], master)
+        master = {k: (p + updates[k]).astype(p.dtype) for k, p in master.items()}
+        squares = jnp.stack([sum(jnp.sum(jnp.square(u.astype(jnp.float32))) for u in updates.values()),
+                             sum(jnp.sum(jnp.square(p.astype(jnp.float32))) for p in master.values())])
+        return self._place_fn(params, master, start, layered), {"master": master, "state": state}, squares
+
+    def _place_fn(self, params, master, start, layered):
+        flat = flatten(params)
+        for k, p in master.items():
+            new = p.astype(self.compute_dtype)
+            flat[k] = jax.lax.dynamic_update_slice_in_dim(flat[k], new, start, 0) if layered else new
+        return unflatten(params, flat)
+
+    # --- the streamed update ---
+
+    def update(self, params, opt_state, acc, num_loss_tokens, step):
+        """TrainStep.update for offloaded state: returns (params, self, metrics)."""
+        scale, metrics = self._prepare(acc, num_loss_tokens, step)
+        squares = []
+        next_read = self._read(0)
+        writes = []
+        for i, group in enumerate(self.groups):
+            arrays = next_read()
+            if i + 1 < len(self.groups):
+                next_read = self._read(i + 1)
+            tree = unflatten(self.like[i], {**arrays, **self.small[i]})
+            params, tree, sq = self._update[group.start is not None](
+                params, acc, tree, scale, jnp.int32(group.start or 0), group.size)
+            squares.append(sq)
+            writes.append(self._write(i, tree))
+            if len(writes) > 1:
+                writes.pop(0).result()  # group i-1 is written back before group i+2 is read
+        for w in writes:
+            w.result()
+        total = sum(squares)
+        metrics = {**metrics, "update_norm": jnp.sqrt(total[0]), "param_norm": jnp.sqrt(total[1])}
+        return params, self, metrics
+
+    def tree_shardings(self, i: int):
+        """The device shardings of group i's {"master", "state"} tree."""
+        return unflatten(self.like[i], self.shardings[i])
+
+    def _read(self, i: int):
+        group = self.groups[i]
+        big = {k: s for k, s in self.shardings[i].items() if k not in self.small[i]}
+        return self.store.read(i, group, big)
+
+    def _write(self, i: int, tree):
+        flat = flatten(tree)
+        self.small[i] = {k: v for k, v in flat.items() if v.ndim == 0}
+        return self.store.write(i, {k: v for k, v in flat.items() if v.ndim}, self.groups[i])
+
+    # --- state in and out ---
+
+    def init(self, masters):
+        """Store `masters` (device arrays) and fresh optimizer state; returns the compute params."""
+        flat = flatten(masters)
+        for i, group in enumerate(self.groups):
+            master = {n: flat[n] if group.start is None else flat[n][group.start:group.start + group.size]
+                      for n in group.names}
+            state_sharding = unflatten(self.like[i]["state"], {
+                k.removeprefix("state."): s for k, s in self.shardings[i].items() if k.startswith("state.")})
+            state = jax.jit(self.adamw.init, out_shardings=state_sharding)(master)
+            self._write(i, {"master": master, "state": state}).result()
+        return self._cast(masters)
+
+    def masters(self):
+        """The master weights as one tree of device arrays (for tests and exports)."""
+        flat = {}
+        for i, group in enumerate(self.groups):
+            arrays = self._read(i)()
+            for n in group.names:
+                flat.setdefault(n, []).append(arrays["master." + n])
+        return unflatten(self.structure, {n: v[0] if len(v) == 1 else jnp.concatenate(v) for n, v in flat.items()})
+
+    def state_arrays(self) -> dict:
+        """Every stored array (masters and moments), full-shaped, on the host (for tests)."""
+        parts = {}
+        for i in range(len(self.groups)):
+            arrays = self._read(i)()
+            for k, v in {**arrays, **self.small[i]}.items():
+                parts.setdefault(k, []).append(np.asarray(jax.device_get(v)))
+        return {k: v[0] if v[0].ndim == 0 else np.concatenate(v) for k, v in parts.items()}
+
+    def resume_or_init(self, checkpointer, masters, resume: bool):
+        """The run's starting state: the newest usable checkpoint's (with `resume`) or `masters`
+        (device arrays, then dropped). Returns (compute params, the checkpoint's record or None)."""
+        restored = checkpointer.restore_latest(self.abstract_params(), self.abstract_counters()) if resume else None
+        if restored is None:
+            return self.init(masters), None
+        _, counters, record = restored
+        return self.restore(checkpointer.directory, record["step"], counters), record
+
+    def counters(self) -> dict:
+        """The optimizer's step counters (the same in every group): what the Orbax checkpoint
+        stores as `opt_state` in an offloaded run."""
+        return dict(self.small[0])
+
+    def abstract_counters(self) -> dict:
+        like = flatten(self.like[0])
+        return {k: jax.ShapeDtypeStruct((), like[k].dtype, sharding=self.shardings[0][k])
+                for k in like if not like[k].ndim}
+
+    def abstract_params(self):
+        """The compute params' shapes, dtypes and shardings (a restore target)."""
+        shardings = flatten(self.compute_sharding)
+        return unflatten(self.structure, {k: jax.ShapeDtypeStruct(x.shape, self.compute_dtype, sharding=shardings[k])
+                                          for k, x in flatten(self.masters_like).items()})
+
+    def save(self, checkpointer, step: int) -> dict:
+        """Snapshot the state for checkpoint `step` of `checkpointer` (before the checkpoint
+        itself is saved: a checkpoint that exists has its snapshot) and remove the snapshots of
+        steps the checkpointer no longer keeps. Returns `counters()` for the checkpoint."""
+        directory = snapshot_dir(checkpointer.directory, step)
+        snapshot = DiskStore(directory, self.full_specs, create=True, shared=True)
+        for i, group in enumerate(self.groups):
+            snapshot.write(i, self._read(i)(), group).result()
+        snapshot.close()
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"offload snapshot {step}")
+        if jax.process_index() == 0:
+            (epath.Path(directory) / META).write_text(json.dumps({"step": step}))
+            root = epath.Path(snapshot_dir(checkpointer.directory, 0)).parent
+            kept = set(checkpointer.all_steps()) | {step}
+            for old in root.iterdir():
+                if not (old.name.isdigit() and int(old.name) in kept):
+                    old.rmtree()
+        return self.counters()
+
+    def restore(self, checkpoint_dir: str, step: int, counters: dict):
+        """Loads the snapshot of checkpoint `step` (written by either tier, with any group size,
+        on any mesh) and the checkpoint's `counters`; returns the compute params."""
+        directory = snapshot_dir(checkpoint_dir, step)
+        meta_path = epath.Path(directory) / META
+        if not meta_path.exists():
+            raise FileNotFoundError(f"{directory}: the offloaded state of checkpoint {step} is missing or "
+                                    f"incomplete ({META} missing); was the checkpoint saved with optim.offload='none'?")
+        snapshot = DiskStore(directory, self.full_specs, create=False, shared=True)
+        params = self._zeros()
+        for i, group in enumerate(self.groups):
+            self.small[i] = {k: jnp.copy(v) for k, v in counters.items()}  # each group's are donated
+            big = {k: s for k, s in self.shardings[i].items() if k not in self.small[i]}
+            arrays = snapshot.read(i, group, big)()
+            self.store.write(i, arrays, group).result()
+            params = self._place[group.start is not None](
+                params, {n: arrays["master." + n] for n in group.names}, jnp.int32(group.start or 0))
+        snapshot.close()
+        return params
+
+    def close(self):
+        self.store.close()

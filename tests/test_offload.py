@@ -1,0 +1,200 @@
+"""The optimizer's memory tiers: `host` and `disk` train bitwise like `none`, and resume each other."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxsft.checkpoint import flatten
+from jaxsft.models import Decoder
+from jaxsft.sharding import make_mesh, optimizer_shardings, param_shardings
+from jaxsft.train.offload import Offloaded
+from jaxsft.train.optimizer import make_optimizer
+from jaxsft.train.step import make_train_step
+from tests.test_train import CONFIG, optim_config, packed_rows, split_rows
+
+MODEL = CONFIG.replace(num_layers=4)
+
+
+def build(tier, mesh, directory, compute_dtype=jnp.float32, group_layers=2, total_steps=10):
+    model = Decoder(MODEL, param_dtype=jnp.float32, compute_dtype=compute_dtype, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model, nnx.Param)
+    shardings = param_shardings(params, mesh)
+    params = jax.device_put(params, shardings)
+    optim = optim_config()
+    tx, schedule = make_optimizer(optim, total_steps)
+    opt_sharding = optimizer_shardings(tx, params, shardings, mesh)
+    offload = None
+    if tier == "none":
+        opt_state = jax.jit(tx.init, out_shardings=opt_sharding)(params)
+    else:
+        offload = Offloaded(tier, str(directory), params, shardings, optim, schedule, compute_dtype,
+                            MODEL.num_layers, group_layers)
+        params = offload.init(params)
+        opt_state = offload
+    batch_sharding = NamedSharding(mesh, P(("data", "fsdp"), None))
+    fns = make_train_step(graphdef, tx, schedule, shardings, opt_sharding, batch_sharding, offload=offload)
+    return fns, params, opt_state, batch_sharding
+
+
+def steps(fns, params, opt_state, sharding, batches, first=0):
+    losses = []
+    for step, batch in enumerate(batches, first):
+        acc = fns.zero_accumulator(params)
+        for mb in split_rows(batch, 2):
+            acc = fns.accumulate(acc, params, jax.device_put(mb, sharding))
+        params, opt_state, metrics = fns.update(params, opt_state, acc, jnp.int32(batch["loss_mask"].sum()),
+                                                jnp.int32(step))
+        losses.append(float(metrics["loss"]))
+    return params, opt_state, losses
+
+
+def final_state(tier, params, opt_state):
+    """(master params, optimizer moments and counters) as flat numpy dicts with `none`'s names."""
+    if tier == "none":
+        return ({k: np.asarray(v) for k, v in flatten(jax.device_get(params)).items()},
+                {k: np.asarray(v) for k, v in flatten(jax.device_get(opt_state)).items()})
+    arrays = opt_state.state_arrays()
+    masters = {k.removeprefix("master."): v for k, v in arrays.items() if k.startswith("master.")}
+    # `none` chains clipping (item 0, no state) before adamw (item 1).
+    state = {"1." + k.removeprefix("state."): v for k, v in arrays.items() if k.startswith("state.")}
+    return masters, state
+
+
+def assert_bitwise(a: dict, b: dict):
+    assert sorted(a) == sorted(b)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+BATCHES = [packed_rows(8, np.random.RandomState(s)) for s in range(4)]
+
+
+@pytest.mark.parametrize("compute_dtype", [jnp.float32, jnp.bfloat16])
+def test_host_and_disk_train_bitwise_like_none(tmp_path, compute_dtype):
+    mesh = make_mesh(devices=jax.devices()[:1])
+    results = {}
+    for tier in ("none", "host", "disk"):
+        fns, params, opt_state, sharding = build(tier, mesh, tmp_path / tier, compute_dtype)
+        params, opt_state, losses = steps(fns, params, opt_state, sharding, BATCHES)
+        results[tier] = (losses, *final_state(tier, params, opt_state))
+        if tier != "none":
+            device = {k: np.asarray(v) for k, v in flatten(jax.device_get(params)).items()}
+            assert {v.dtype for v in device.values()} == {np.dtype(compute_dtype)}
+            # The device copy is the master weights cast to the compute dtype.
+            assert_bitwise(device, {k: v.astype(compute_dtype) for k, v in results[tier][1].items()})
+    assert results["none"][0][-1] < results["none"][0][0]
+    for tier in ("host", "disk"):
+        assert results[tier][0] == results["none"][0]
+        assert_bitwise(results[tier][1], results["none"][1])
+        assert_bitwise(results[tier][2], results["none"][2])
+
+
+def test_8_devices_fsdp_host_and_disk_train_bitwise_like_none(tmp_path):
+    mesh = make_mesh(data=2, fsdp=4, tensor=1)
+    batches = [packed_rows(16, np.random.RandomState(s)) for s in range(3)]
+    results = {}
+    for tier in ("none", "host", "disk"):
+        fns, params, opt_state, sharding = build(tier, mesh, tmp_path / tier, group_layers=1)
+        with jax.set_mesh(mesh):
+            params, opt_state, losses = steps(fns, params, opt_state, sharding, batches)
+        if tier != "none":
+            assert params["layers"]["q"][...].sharding.spec == P(None, "fsdp", None, None)
+        results[tier] = (losses, *final_state(tier, params, opt_state))
+    for tier in ("host", "disk"):
+        assert results[tier][0] == results["none"][0]
+        assert_bitwise(results[tier][1], results["none"][1])
+        assert_bitwise(results[tier][2], results["none"][2])
+
+
+def test_a_host_checkpoint_resumes_in_disk_mode_and_back(tmp_path):
+    """Two steps, a checkpoint, two more steps in the other tier (with another group size) =
+    four steps without a break, bit for bit."""
+    from jaxsft.checkpoint import Checkpointer
+
+    mesh = make_mesh(devices=jax.devices()[:1])
+    fns, params, opt_state, sharding = build("none", mesh, None)
+    params, opt_state, straight = steps(fns, params, opt_state, sharding, BATCHES)
+    expected = final_state("none", params, opt_state)
+    for first, second in (("host", "disk"), ("disk", "host")):
+        fns, params, offload, sharding = build(first, mesh, tmp_path / first, group_layers=2)
+        params, offload, losses = steps(fns, params, offload, sharding, BATCHES[:2])
+        checkpointer = Checkpointer(str(tmp_path / f"ck-{first}"))
+        checkpointer.save(2, params, offload.save(checkpointer, 2), {"step": 2})
+        checkpointer.close()
+
+        fns, params, offload, sharding = build(second, mesh, tmp_path / second, group_layers=1)
+        checkpointer = Checkpointer(str(tmp_path / f"ck-{first}"))
+        _, counters, record = checkpointer.restore_latest(offload.abstract_params(), offload.abstract_counters())
+        params = offload.restore(checkpointer.directory, record["step"], counters)
+        params, offload, more = steps(fns, params, offload, sharding, BATCHES[2:], first=2)
+        assert losses + more == straight
+        for a, b in zip(final_state(second, params, offload), expected):
+            assert_bitwise(a, b)
+
+
+
+def crash_run(directory: str, kill_in: str):
+    """Child process of the SIGKILL test: resume from `directory`'s newest checkpoint (if any) and
+    train to step 4 in the disk tier (one layer per group), checkpointing at steps 2 and 4; SIGKILL
+    itself once a second group is written in step 3's streamed update ('update': the live store
+    then mixes steps 2 and 3) or in step 4's snapshot ('save'); '' = never."""
+    import os
+    import signal
+
+    from jaxsft.checkpoint import Checkpointer
+    from jaxsft.train import offload as offload_module
+
+    mesh = make_mesh(devices=jax.devices()[:1])
+    fns, params, offload, sharding = build("disk", mesh, os.path.join(directory, "live"), group_layers=1)
+    checkpointer = Checkpointer(os.path.join(directory, "checkpoints"))
+    params, record = offload.resume_or_init(checkpointer, offload.masters(), resume=True)
+    write, writes = offload_module.DiskStore.write, []
+
+    def write_then_die(self, i, arrays, group):
+        done = write(self, i, arrays, group)
+        writes.append(i)
+        if len(writes) == 2:
+            done.result()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return done
+    for step in range(record["step"] if record else 0, 4):
+        if (kill_in, step) == ("update", 2):
+            offload_module.DiskStore.write = write_then_die
+        params, offload, _ = steps(fns, params, offload, sharding, BATCHES[step:step + 1], first=step)
+        if step + 1 in (2, 4):
+            if (kill_in, step + 1) == ("save", 4):
+                offload_module.DiskStore.write = write_then_die
+            checkpointer.save(step + 1, params, offload.save(checkpointer, step + 1), {"step": step + 1})
+            checkpointer.wait()
+    checkpointer.close()
+    masters, state = final_state("disk", params, offload)
+    np.savez(os.path.join(directory, "final.npz"), **masters, **{"state." + k: v for k, v in state.items()})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_in", ["update", "save"])
+def test_sigkill_in_the_streamed_update_or_save_resumes_exactly(tmp_path, kill_in):
+    import os
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def child(directory, kill):
+        return subprocess.run([sys.executable, "-c", f"from tests.test_offload import crash_run; "
+                               f"crash_run({str(directory)!r}, {kill!r})"], cwd=repo, capture_output=True, text=True)
+    killed = child(tmp_path / "run", kill_in)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    # The killed process left step 2's checkpoint (and, killed in the save, part of step 4's snapshot).
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints" / "offload")) == (["2"] if kill_in == "update" else ["2", "4"])
+    resumed = child(tmp_path / "run", "")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    straight = child(tmp_path / "straight", "")
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    a, b = np.load(tmp_path / "run" / "final.npz"), np.load(tmp_path / "straight" / "final.npz")
+    assert sorted(a.files) == sorted(b.files) and len(a.files) > 20
+    for k in a.files:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
