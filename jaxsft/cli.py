@@ -2,7 +2,8 @@
 
 `--config configs/NAME.py[:ARG]` loads `get_config(ARG)` from that file; `--config.a.b=value`
 overrides a field. A mistyped key or a value of the wrong type is a one-line error naming the key
-and the closest valid ones, not a traceback.
+and the closest valid ones, not a traceback. `exit_statuses` gives the errors a user acts on one
+line and a status each (2 usage, 3 checkpoint, 4 divergence).
 """
 
 from __future__ import annotations
@@ -18,10 +19,44 @@ import ml_collections
 
 
 class UsageError(SystemExit):
-    """Exits with status 2 and a one-line message."""
+    """A usage mistake: `error: MESSAGE` on stderr, no traceback (status 2 inside `exit_statuses`)."""
 
     def __init__(self, message: str):
         super().__init__(f"error: {message}")
+
+
+# Exit statuses of the errors a user acts on; 1 is a bug or a failing environment, with its traceback.
+USAGE, CHECKPOINT, DIVERGED = 2, 3, 4
+
+
+@contextlib.contextmanager
+def exit_statuses():
+    """Ends the process with one line on stderr and a status of its own for the errors a user acts
+    on: USAGE for config and usage mistakes and unusable data, CHECKPOINT for a corrupt checkpoint,
+    one that does not match the run, or a model folder that cannot be loaded, DIVERGED for a run
+    stopped by a health check. Anything else (a JAX shape error, a bug) raises on: a traceback, status 1."""
+    from jaxsft.checkpoint import CheckpointCorrupt, CheckpointMismatch
+    from jaxsft.data import DataError
+    from jaxsft.data.chat import TemplateMismatch
+    from jaxsft.metrics.health import TrainingDiverged
+    from jaxsft.models import CheckpointError, ConfigError
+
+    try:
+        yield
+    except UsageError as e:
+        _exit(USAGE, e.code)
+    except (ConfigError, DataError, TemplateMismatch) as e:
+        _exit(USAGE, f"error: {e}")
+    except (CheckpointCorrupt, CheckpointMismatch, CheckpointError) as e:
+        _exit(CHECKPOINT, f"checkpoint error: {e}")
+    except TrainingDiverged as e:
+        _exit(DIVERGED, f"training diverged: {e}")
+
+
+def _exit(status: int, message: str):
+    sys.stderr.write(f"{message}\n")
+    sys.stderr.flush()
+    raise SystemExit(status) from None
 
 
 def load_config_file(spec: str) -> ml_collections.ConfigDict:

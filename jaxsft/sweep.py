@@ -47,6 +47,7 @@ import os
 import ml_collections
 import numpy as np
 
+from jaxsft.models import ConfigError
 from jaxsft.train import default_config, run, validate
 
 log = logging.getLogger("jaxsft.sweep")
@@ -63,15 +64,15 @@ def default_sweep_config() -> ml_collections.ConfigDict:
 
 def validate_sweep(s) -> None:
     if s.action not in ACTIONS:
-        raise ValueError(f"action={s.action!r}: choose one of {', '.join(ACTIONS)}")
+        raise ConfigError(f"action={s.action!r}: choose one of {', '.join(ACTIONS)}")
     if not (s.train_samples > 0 and s.batch_sizes and s.learning_rates):
-        raise ValueError("set train_samples > 0, batch_sizes and learning_rates")
+        raise ConfigError("set train_samples > 0, batch_sizes and learning_rates")
     if list(s.rungs) != sorted(s.rungs) or not all(0 < r < 1 for r in s.rungs):
-        raise ValueError(f"rungs={list(s.rungs)} must increase within (0, 1)")
+        raise ConfigError(f"rungs={list(s.rungs)} must increase within (0, 1)")
     if not (0 < s.window <= 1 and 0 <= s.prune_fraction < 1):
-        raise ValueError("window must be in (0, 1], prune_fraction in [0, 1)")
+        raise ConfigError("window must be in (0, 1], prune_fraction in [0, 1)")
     if min(s.grad_weight, s.loss_weight) < 0 or s.grad_weight + s.loss_weight <= 0:
-        raise ValueError("grad_weight and loss_weight must be >= 0, not both 0")
+        raise ConfigError("grad_weight and loss_weight must be >= 0, not both 0")
 
 
 def plan(s) -> dict[str, ml_collections.ConfigDict]:
@@ -269,20 +270,18 @@ def plot_curves(sweep: Sweep, stopped: dict):
 
 
 def main(argv=None):
-    from jaxsft.cli import UsageError, parse_args
+    from jaxsft.cli import UsageError, exit_statuses, parse_args
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    s, flags = parse_args(argv, extra_flags=("continue",))
-    try:
+    with exit_statuses():  # the statuses of python -m jaxsft.train
+        s, flags = parse_args(argv, extra_flags=("continue",))
         sweep = Sweep(s)
         if "continue" in flags:  # a pruned run, trained to the end by hand
             if flags["continue"] not in sweep.runs:
-                raise ValueError(f"--continue {flags['continue']}: no such run; runs: {', '.join(sweep.runs)}")
+                raise UsageError(f"--continue {flags['continue']}: no such run; runs: {', '.join(sweep.runs)}")
             sweep.train(flags["continue"], 1.0)
             sweep.write_report()
         else:
             sweep.run()
-    except ValueError as e:
-        raise UsageError(str(e)) from None
     print(os.path.join(s.output_dir, "sweep_report.md"))
 
 

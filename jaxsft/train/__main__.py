@@ -1,18 +1,20 @@
-"""python -m jaxsft.train --config configs/NAME.py [--config.section.key=value ...]"""
+"""python -m jaxsft.train --config configs/NAME.py [--config.section.key=value ...]
+
+Exit status: 0 done, 2 a config or usage mistake, 3 a checkpoint problem, 4 the run diverged,
+1 anything else (with its traceback). See `jaxsft.cli.exit_statuses`.
+"""
 
 import logging
 
-from jaxsft.cli import UsageError, parse_args
+from jaxsft.cli import exit_statuses, parse_args
 from jaxsft.train import run
 
 
 def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    config, _ = parse_args(argv)
-    try:
+    with exit_statuses():
+        config, _ = parse_args(argv)
         result = run(config)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
     print(summary_line(result))
 
 

@@ -8,7 +8,7 @@ Any field can be overridden on the command line: `--config.optim.learning_rate=2
 |---|---|---|
 | `path` | `''` | Hugging Face model folder, `.gguf` file or converted jaxsft checkpoint (`python -m jaxsft.convert`); local or `gs://`; or a Hugging Face Hub id (`owner/name`, not an existing local path): downloaded once into the HF cache, read from there offline (`jaxsft/hub.py`). |
 | `init` | `'pretrained'` | `'pretrained'`: weights from `path`; `'random'`: `path`'s config.json with random weights (demos, benchmarks). |
-| `param_dtype` | `'float32'` | Master weights (and with them Adam's second moment): `float32` or `bfloat16`. |
+| `param_dtype` | `'float32'` | Master weights (and with them Adam's second moment): `float32` or `bfloat16`. Full fine-tuning refuses `bfloat16` below `optim.learning_rate` 2^-13 ~ 1.2e-4, where it rounds the AdamW updates of most weights away (LoRA, whose adapters are float32, may keep bf16 base weights). |
 | `compute_dtype` | `'bfloat16'` | Matmul dtype. Softmax, norms and the loss always run in float32. |
 | `remat` | `'full'` | Activation recomputation per layer: `none`, `full`, `dots` (save matmul outputs), `dots_no_batch`. |
 | `attention` | `'auto'` | `auto` (cuDNN on NVIDIA GPUs, splash on TPU, else xla), `xla`, `cudnn`, `splash`. |
@@ -124,12 +124,19 @@ from jaxsft.compile_cache import default_compile_cache_dir
 from jaxsft.data import default_data_config, validate_data_config
 from jaxsft.hub import HUB_ID
 from jaxsft.metrics.health import ACTIONS
-from jaxsft.models.config import ATTENTION_BACKENDS, REMAT_POLICIES
+from jaxsft.models.config import ATTENTION_BACKENDS, REMAT_POLICIES, ConfigError
 from jaxsft.models.lora import select_targets
 from jaxsft.train.optimizer import SCHEDULES
 
 DTYPES = ("float32", "bfloat16")
 OFFLOAD_TIERS = ("none", "host", "disk")
+# Training bf16 master weights needs at least this learning rate. bf16 keeps 8 significant bits, so
+# p + u rounds back to p unless |u| > half the spacing of bf16 numbers at p: 2^(e-8) for |p| in
+# [2^e, 2^(e+1)). An AdamW step moves a weight by about the learning rate (|m / sqrt(v)| <= ~1).
+# Weight matrices of LLMs are ~N(0, 0.02^2): 99.8% of entries lie below 2^-4 = 0.0625 (3 sigma),
+# where the half-spacing is at most 2^(-5-8) = 2^-13 ~ 1.2e-4. At the recipe's 2e-5 only weights
+# below 2^-7 ~ 0.008 move (~30% of them), at 1e-6 those below 2^-11 (~2%); norms (~1) need 2^-8.
+BF16_MIN_LEARNING_RATE = 2.0**-13
 WANDB_MODES = ("online", "offline", "disabled")
 
 
@@ -159,16 +166,16 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def validate(c) -> None:
-    """Raises ValueError naming the first bad key and what is allowed."""
+    """Raises ConfigError naming the first bad key and what is allowed."""
     if "offload_state" in c.optim:
-        raise ValueError("optim.offload_state was replaced by optim.offload = 'none', 'host' or 'disk' "
-                         "(offload_state=True is offload='host')")
+        raise ConfigError("optim.offload_state was replaced by optim.offload = 'none', 'host' or 'disk' "
+                          "(offload_state=True is offload='host')")
     if c.optim.offload != "none" and (c.lora.r or c.lora.adapter_path):
-        raise ValueError("optim.offload moves full fine-tuning's master weights and moments; LoRA's are small: "
-                         "set optim.offload='none'")
+        raise ConfigError("optim.offload moves full fine-tuning's master weights and moments; LoRA's are small: "
+                          "set optim.offload='none'")
     if c.optim.offload == "disk" and not c.optim.offload_dir and c.train.output_dir.startswith("gs://"):
-        raise ValueError("optim.offload='disk' keeps its live state on local disk: set optim.offload_dir "
-                         "(train.output_dir is gs://)")
+        raise ConfigError("optim.offload='disk' keeps its live state on local disk: set optim.offload_dir "
+                          "(train.output_dir is gs://)")
     choices = {
         "model.init": (c.model.init, ("pretrained", "random")),
         "model.param_dtype": (c.model.param_dtype, DTYPES),
@@ -184,47 +191,57 @@ def validate(c) -> None:
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
-            raise ValueError(f"{key}={value!r}: choose one of {', '.join(allowed)}")
+            raise ConfigError(f"{key}={value!r}: choose one of {', '.join(allowed)}")
     if not c.model.path:
-        raise ValueError("model.path is empty: give a Hugging Face model folder, .gguf file or checkpoint")
+        raise ConfigError("model.path is empty: give a Hugging Face model folder, .gguf file or checkpoint")
     positive = {"optim.learning_rate": c.optim.learning_rate, "train.log_every": c.train.log_every,
                 "health.spike_window": c.health.spike_window,
                 "health.loss_spike_ratio": c.health.loss_spike_ratio,
                 "health.grad_spike_ratio": c.health.grad_spike_ratio}
     for key, value in positive.items():
         if not value > 0:
-            raise ValueError(f"{key}={value!r} must be > 0")
+            raise ConfigError(f"{key}={value!r} must be > 0")
     if c.optim.warmup_steps and c.optim.warmup_fraction:
-        raise ValueError("optim.warmup_steps and optim.warmup_fraction are both set; use one")
+        raise ConfigError("optim.warmup_steps and optim.warmup_fraction are both set; use one")
     if not 0 <= c.optim.warmup_fraction < 1:
-        raise ValueError(f"optim.warmup_fraction={c.optim.warmup_fraction} must be in [0, 1)")
+        raise ConfigError(f"optim.warmup_fraction={c.optim.warmup_fraction} must be in [0, 1)")
     if c.optim.schedule == "constant" and (c.optim.warmup_steps or c.optim.warmup_fraction):
-        raise ValueError("optim.schedule='constant' has no warmup; use 'warmup_constant'")
+        raise ConfigError("optim.schedule='constant' has no warmup; use 'warmup_constant'")
     if c.train.push_to_hub and not HUB_ID.fullmatch(c.train.push_to_hub):
-        raise ValueError(f"train.push_to_hub={c.train.push_to_hub!r}: give a Hub repo id 'owner/name'")
+        raise ConfigError(f"train.push_to_hub={c.train.push_to_hub!r}: give a Hub repo id 'owner/name'")
     if c.train.push_to_hub and not c.train.export_hf:
-        raise ValueError("train.push_to_hub uploads the hf/ export: set train.export_hf=True")
+        raise ConfigError("train.push_to_hub uploads the hf/ export: set train.export_hf=True")
     if c.train.stop_after_steps < 0:
-        raise ValueError(f"train.stop_after_steps={c.train.stop_after_steps} must be >= 0 (0 = off)")
+        raise ConfigError(f"train.stop_after_steps={c.train.stop_after_steps} must be >= 0 (0 = off)")
     if c.train.num_steps < 0 or (c.train.num_steps == 0 and not c.train.num_epochs > 0):
-        raise ValueError("set train.num_steps > 0 or train.num_epochs > 0")
+        raise ConfigError("set train.num_steps > 0 or train.num_epochs > 0")
     for key in ("data", "fsdp", "tensor"):
         if c.mesh[key] == 0 or c.mesh[key] < -1:
-            raise ValueError(f"mesh.{key}={c.mesh[key]} must be a positive size or -1")
+            raise ConfigError(f"mesh.{key}={c.mesh[key]} must be a positive size or -1")
     g = c.gsm8k
     if g.k_shot and not g.shots_file:
-        raise ValueError(f"gsm8k.k_shot={g.k_shot} needs gsm8k.shots_file (the training split)")
+        raise ConfigError(f"gsm8k.k_shot={g.k_shot} needs gsm8k.shots_file (the training split)")
     for key in ("subset", "k_shot", "every", "show"):
         if g[key] < 0:
-            raise ValueError(f"gsm8k.{key}={g[key]} must be >= 0")
+            raise ConfigError(f"gsm8k.{key}={g[key]} must be >= 0")
     for key in ("max_new_tokens", "batch_size"):
         if g[key] < 1:
-            raise ValueError(f"gsm8k.{key}={g[key]} must be >= 1")
+            raise ConfigError(f"gsm8k.{key}={g[key]} must be >= 1")
     lo = c.lora
     if lo.r < 0 or not lo.alpha > 0 or not lo.lr_ratio > 0 or not 0 <= lo.dropout < 1:
-        raise ValueError(f"lora: r={lo.r} must be >= 0 (0 = off), alpha={lo.alpha} and lr_ratio={lo.lr_ratio} "
-                         f"> 0, dropout={lo.dropout} in [0, 1)")
-    if lo.r or lo.adapter_path:
-        select_targets(lo.target_modules if isinstance(lo.target_modules, str) else list(lo.target_modules),
-                       max([*lo.layers, 0]) + 1, tuple(lo.layers))  # the names; layer bounds need the model
-    validate_data_config(c.data)
+        raise ConfigError(f"lora: r={lo.r} must be >= 0 (0 = off), alpha={lo.alpha} and lr_ratio={lo.lr_ratio} "
+                          f"> 0, dropout={lo.dropout} in [0, 1)")
+    if c.model.param_dtype == "bfloat16" and c.optim.learning_rate < BF16_MIN_LEARNING_RATE and not (lo.r or lo.adapter_path):
+        raise ConfigError(
+            f"model.param_dtype='bfloat16' at optim.learning_rate={c.optim.learning_rate:g}: bf16 master weights "
+            f"round away AdamW updates below {BF16_MIN_LEARNING_RATE:.2g}, so the weights barely move; keep "
+            "model.param_dtype='float32' and save memory with optim.offload='host' (master weights and optimizer "
+            "state in host memory), or train LoRA adapters (lora.r > 0) on bf16 frozen base weights")
+    # The validators below live with their sections and raise ValueError: here it is a config mistake.
+    try:
+        if lo.r or lo.adapter_path:
+            select_targets(lo.target_modules if isinstance(lo.target_modules, str) else list(lo.target_modules),
+                           max([*lo.layers, 0]) + 1, tuple(lo.layers))  # the names; layer bounds need the model
+        validate_data_config(c.data)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None

@@ -6,6 +6,7 @@
   linear decay to zero.
 """
 
+from jaxsft.models import ConfigError
 from jaxsft.train.config import default_config
 
 RECIPES = ("paper", "tulu")
@@ -15,7 +16,7 @@ def recipe_config(recipe: str, model_path: str, learning_rate: float = 2e-5):
     """A run config for a real model. Set `model.path` and `data.sources` on the command line
     (`--config.model.path=gs://...`, `--config.data.sources="[{'path': '...'}]"`)."""
     if recipe not in RECIPES:
-        raise ValueError(f"recipe {recipe!r}: choose one of {', '.join(RECIPES)} (configs/NAME.py:RECIPE)")
+        raise ConfigError(f"recipe {recipe!r}: choose one of {', '.join(RECIPES)} (configs/NAME.py:RECIPE)")
     c = default_config()
     c.model.path = model_path
     c.model.remat = "full"

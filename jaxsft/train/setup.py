@@ -22,7 +22,7 @@ from jaxsft import metrics as metrics_lib
 from jaxsft.checkpoint import Checkpointer, base_fingerprint
 from jaxsft.compile_cache import enable_compile_cache
 from jaxsft.data import DataPipeline
-from jaxsft.models import ModelConfig, load_model_config, load_tokenizer
+from jaxsft.models import ConfigError, ModelConfig, load_model_config, load_tokenizer
 from jaxsft.models import lora, peft_io
 from jaxsft.models.loading import model_for_run
 from jaxsft.sharding import make_mesh, optimizer_shardings, param_shardings
@@ -92,7 +92,7 @@ def setup(config) -> Run:
     with jax.set_mesh(mesh):  # whatever traces the model does so under the mesh (Pallas kernels need it)
         plan = memory.plan(config, model_config, mesh)  # compiled on abstract shapes: no weight read yet
     if not plan.fits:
-        raise ValueError(f"this run does not fit in memory:\n{plan.report}")
+        raise ConfigError(f"this run does not fit in memory:\n{plan.report}")
 
     tokenizer = load_tokenizer(config.data.tokenizer or m.path)
     data = DataPipeline(config.data, tokenizer, num_batch_devices=mesh.shape["data"] * mesh.shape["fsdp"],

@@ -1,0 +1,84 @@
+"""Exit statuses of `python -m jaxsft.train` and `python -m jaxsft.sweep`: one line and status 2 for
+config and usage mistakes, 3 for checkpoint problems, 4 for a diverged run; anything else is a bug
+or a failing environment and keeps its traceback (status 1)."""
+
+import os
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import pytest
+
+from jaxsft.checkpoint import CheckpointCorrupt, CheckpointMismatch, Checkpointer
+from jaxsft.cli import CHECKPOINT, DIVERGED, USAGE, UsageError, exit_statuses
+from jaxsft.data import DataError
+from jaxsft.metrics.health import TrainingDiverged
+from jaxsft.models import CheckpointError, ConfigError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "XLA_FLAGS": ""}
+
+
+def cli(module, *args):
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True, env=ENV)
+
+
+def last_line(stderr: str) -> str:
+    return stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("error, status, line", [
+    (UsageError("give exactly one --config"), USAGE, "error: give exactly one --config"),
+    (ConfigError("optim.schedule='linear': choose one of constant"), USAGE, "error: optim.schedule='linear'"),
+    (DataError("d.jsonl", None, "bad JSON", "bad_json"), USAGE, "error: d.jsonl"),
+    (CheckpointCorrupt("no usable checkpoint in /c"), CHECKPOINT, "checkpoint error: no usable checkpoint in /c"),
+    (CheckpointMismatch("embed: checkpoint (1, 2), run (1, 3)"), CHECKPOINT, "checkpoint error: embed"),
+    (CheckpointError("/m: missing tensors"), CHECKPOINT, "checkpoint error: /m: missing tensors"),
+    (TrainingDiverged("step 7: loss is nan"), DIVERGED, "training diverged: step 7: loss is nan"),
+])
+def test_errors_a_user_acts_on_are_one_line_with_their_status(error, status, line, capsys):
+    with pytest.raises(SystemExit) as e, exit_statuses():
+        raise error
+    assert e.value.code == status
+    err = capsys.readouterr().err
+    assert err.startswith(line) and err.count("\n") == 1
+
+
+def test_other_errors_keep_their_traceback():
+    # A JAX shape error, and a ValueError that is no config mistake, raise on unchanged (status 1).
+    with pytest.raises(TypeError, match="dot_general"), exit_statuses():
+        jnp.dot(jnp.ones((2, 3)), jnp.ones((4, 5)))
+    with pytest.raises(ValueError, match="internal"), exit_statuses():
+        raise ValueError("internal")
+
+
+def test_config_mistakes_exit_2():
+    r = cli("jaxsft.train", "--config", "configs/demo.py", "--config.optim.learning_rat=1e-4")
+    assert r.returncode == USAGE and "Traceback" not in r.stderr
+    assert last_line(r.stderr).startswith("error: unknown config key --config.optim.learning_rat; "
+                                          "did you mean --config.optim.learning_rate")
+    r = cli("jaxsft.train", "--config", "configs/demo.py", "--config.train.num_steps=-1")
+    assert r.returncode == USAGE and last_line(r.stderr) == "error: set train.num_steps > 0 or train.num_epochs > 0"
+    r = cli("jaxsft.sweep", "--config", "configs/sweep_gsm8k.py", "--config.action=prune")
+    assert r.returncode == USAGE and last_line(r.stderr) == "error: action='prune': choose one of stop, flag"
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_corrupt_checkpoint_exits_3(tmp_path):
+    # A checkpoint directory whose only step has an unreadable metadata file.
+    ckpt = Checkpointer(str(tmp_path / "ckpt"))
+    ckpt.save(1, {"w": jnp.ones((2,))}, {"m": jnp.zeros((2,))}, {"step": 1, "data": {}})
+    ckpt.close()
+    (tmp_path / "ckpt" / "1" / "params" / "_METADATA").write_text("{not json")
+    train = tmp_path / "train.jsonl"
+    with open(os.path.join(REPO, "configs", "assets", "gsm8k", "train.jsonl")) as f:
+        train.write_text("".join(f.readlines()[:8]))
+    r = cli("jaxsft.train", "--config", "configs/demo.py", f"--config.checkpoint.dir={tmp_path / 'ckpt'}",
+            f"--config.data.sources=[{{'path': '{train}', 'format': 'gsm8k'}}]", "--config.data.eval_sources=[]",
+            "--config.data.max_seq_len=64", "--config.data.global_batch_size=2", "--config.train.num_steps=1",
+            f"--config.data.cache_dir={tmp_path / 'cache'}", f"--config.train.output_dir={tmp_path / 'run'}",
+            "--config.train.progress=False")
+    assert r.returncode == CHECKPOINT, r.stderr[-3000:]
+    assert last_line(r.stderr).startswith(f"checkpoint error: no usable checkpoint in {tmp_path / 'ckpt'}")
+    assert "Traceback" not in r.stderr
