@@ -311,3 +311,28 @@ def test_convert_once_then_start_from_it_and_export(tmp_path):
     assert small.embed.value.dtype == jnp.float32
 
     export_and_compare(conv, tmp_path / "exported", jax_model=model)
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_the_gguf_quickstart_exports_without_the_gguf(tmp_path):
+    """Checkpoints describe themselves: export needs neither the model file the run started from
+    (here the README quickstart's GGUF, deleted before the export) nor its folder."""
+    from jaxsft.models.gguf import smollm2_path
+
+    gguf = tmp_path / "model" / "smollm2.gguf"
+    gguf.parent.mkdir()
+    shutil.copy(smollm2_path(), gguf)
+    r = subprocess.run(
+        [sys.executable, "-m", "jaxsft.train", "--config", "configs/smollm2_gsm8k.py",
+         f"--config.model.path={gguf}", "--config.data.max_seq_len=256", "--config.data.global_batch_size=2",
+         "--config.data.micro_batch_rows=1", "--config.data.eval_fraction=0.0", "--config.gsm8k.file=",
+         "--config.train.num_steps=1", "--config.train.eval_at_start=False", "--config.train.export_hf=False",
+         "--config.train.progress=False", f"--config.data.cache_dir={tmp_path / 'cache'}",
+         f"--config.train.output_dir={tmp_path / 'run'}"],
+        cwd=REPO, env=ENV, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    shutil.rmtree(gguf.parent)
+    export_and_compare(tmp_path / "run", tmp_path / "hf")
+    with open(tmp_path / "hf" / "config.json") as f:
+        exported = json.load(f)
+    assert exported["num_hidden_layers"] == 30 and exported["rope_theta"] == 100000.0
