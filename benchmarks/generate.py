@@ -90,7 +90,16 @@ def main():
     end_ids = {tokenizer.eos_token_id, model.config.eos_token_id} - {None}
 
     device = jax.devices()[0].platform
-    runs = []
+    out = args.out or os.path.join(HERE, "results", f"generate_{device}.json")
+    result = {
+        "device": device, "device_kind": jax.devices()[0].device_kind, "cpu_count": os.cpu_count(),
+        "jax": jax.__version__, "torch": version("torch"), "transformers": version("transformers"),
+        "python": platform.python_version(), "model": os.path.basename(path), "dtype": args.dtype,
+        "new_tokens": args.new_tokens, "repeats": args.repeats, "torch_threads": torch.get_num_threads(),
+        "note": ("jaxsft and transformers timed alternately in one process (best of `repeats`); the machine "
+                 "was shared with other jobs (see load_average_1m), which slows both."),
+        "runs": [],
+    }
     for batch in batches:
         prompts, generated = all_prompts[:batch], batch * args.new_tokens
         first_s, _ = timed(lambda: jaxsft_run(model, prompts, args.new_tokens))
@@ -112,23 +121,12 @@ def main():
                "speedup": best["transformers"] / best["jaxsft"], "load_average_1m": loads}
         if args.dtype == "float32":
             run["rows_equal_to_transformers"] = rows_equal_until_end(ours, theirs, end_ids)
-        runs.append(run)
+        result["runs"].append(run)
+        with open(out, "w") as f:  # after each batch size, so a cut-short run keeps what it measured
+            json.dump(result, f, indent=2)
         print(f"batch {batch}: jaxsft {run['jaxsft']['tokens_per_s']:.1f} tokens/s, transformers "
               f"{run['transformers']['tokens_per_s']:.1f} ({run['speedup']:.2f}x); "
               f"equal rows {run.get('rows_equal_to_transformers', '-')}/{batch}; load {loads}", flush=True)
-
-    result = {
-        "device": device, "device_kind": jax.devices()[0].device_kind, "cpu_count": os.cpu_count(),
-        "jax": jax.__version__, "torch": version("torch"), "transformers": version("transformers"),
-        "python": platform.python_version(), "model": os.path.basename(path), "dtype": args.dtype,
-        "new_tokens": args.new_tokens, "repeats": args.repeats, "torch_threads": torch.get_num_threads(),
-        "note": ("jaxsft and transformers timed alternately in one process (best of `repeats`); the machine "
-                 "was shared with other jobs (see load_average_1m), which slows both."),
-        "runs": runs,
-    }
-    out = args.out or os.path.join(HERE, "results", f"generate_{device}.json")
-    with open(out, "w") as f:
-        json.dump(result, f, indent=2)
     print(f"wrote {out}")
 
 

@@ -10,8 +10,9 @@ padding columns cost as much as real ones): one compilation serves every call in
 Decoding is weight-bound at these batch sizes, so each step reads every weight once and nothing
 else that is large: the layers are unrolled over per-layer weight slices and per-layer caches
 (a scan over the stacked weights copies each layer's slice, and the stacked cache's layer slice,
-at every step), and the weights are cast to the compute dtype once per call rather than per step.
-The host is consulted once per chunk of steps (to stop on stop strings), never per token.
+at every step), and the weights are cast to the compute dtype once per chunk of CHUNK steps
+rather than per step. The host is consulted once per chunk (for stop strings and to see whether
+every row is done), never per token.
 """
 
 from __future__ import annotations
