@@ -179,7 +179,7 @@ class Adapters(nnx.Module):
             a = jax.random.uniform(rngs.params(), a_shape, jnp.float32, -bound, bound)
             a = a * _rank_mask(t, a.ndim, rank_axis=-1)
             setattr(self, t.name, Adapter(a, jnp.zeros(b_shape, jnp.float32), a_axes, b_axes))
-        # Set only inside a training step (`with_dropout`); None = no dropout (evaluation).
+        # Set by the train step on its own copy of the model; None = no dropout (evaluation).
         self.dropout_key = nnx.data(None)
 
     def layer_inputs(self):
