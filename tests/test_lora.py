@@ -82,6 +82,11 @@ def test_peft_adapter_gives_peft_logits(tmp_path, family):
         assert np.abs(expected - torch_logits(peft_model)).max() > 0.01  # 50x the tolerance
     np.testing.assert_allclose(jax_logits(model), expected, rtol=2e-4, atol=2e-4)
 
+    # Written back out (patterns as escaped module names), PEFT reads the same adapter.
+    peft_io.save_adapter(model, tmp_path / "again")
+    again = PeftModel.from_pretrained(make_hf_model(family), tmp_path / "again")
+    np.testing.assert_allclose(torch_logits(again), expected, rtol=1e-5, atol=1e-5)
+
 
 def lora_config(**changes):
     c = default_config().lora
