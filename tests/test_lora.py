@@ -205,6 +205,7 @@ def test_adapter_gradients_equal_peft(tmp_path):
         np.testing.assert_allclose(ours[k], expected[k], rtol=1e-4, atol=1e-6, err_msg=k)
 
 
+@pytest.mark.slow
 def test_sharded_lora_training_equals_one_device_and_base_never_changes():
     """8 simulated devices (fsdp 4 x tensor 2) give one device's losses; base weights stay bit-identical."""
     c = ModelConfig(architecture="LlamaForCausalLM", vocab_size=160, hidden_size=64, intermediate_size=96,

@@ -228,9 +228,10 @@ def validate(c) -> None:
         if g[key] < 1:
             raise ConfigError(f"gsm8k.{key}={g[key]} must be >= 1")
     lo = c.lora
-    if lo.r < 0 or not lo.alpha > 0 or not lo.lr_ratio > 0 or not 0 <= lo.dropout < 1:
-        raise ConfigError(f"lora: r={lo.r} must be >= 0 (0 = off), alpha={lo.alpha} and lr_ratio={lo.lr_ratio} "
-                          f"> 0, dropout={lo.dropout} in [0, 1)")
+    for key, ok, rule in (("r", lo.r >= 0, ">= 0 (0 = off)"), ("alpha", lo.alpha > 0, "> 0"),
+                          ("lr_ratio", lo.lr_ratio > 0, "> 0"), ("dropout", 0 <= lo.dropout < 1, "in [0, 1)")):
+        if not ok:
+            raise ConfigError(f"lora.{key}={lo[key]!r} must be {rule}")
     if c.model.param_dtype == "bfloat16" and c.optim.learning_rate < BF16_MIN_LEARNING_RATE and not (lo.r or lo.adapter_path):
         raise ConfigError(
             f"model.param_dtype='bfloat16' at optim.learning_rate={c.optim.learning_rate:g}: bf16 master weights "
