@@ -72,7 +72,7 @@ def assert_bitwise(a: dict, b: dict):
 BATCHES = [packed_rows(8, np.random.RandomState(s)) for s in range(4)]
 
 
-@pytest.mark.parametrize("compute_dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("compute_dtype", [jnp.float32, pytest.param(jnp.bfloat16, marks=pytest.mark.slow)])
 def test_host_and_disk_train_bitwise_like_none(tmp_path, compute_dtype):
     mesh = make_mesh(devices=jax.devices()[:1])
     results = {}
@@ -92,6 +92,7 @@ def test_host_and_disk_train_bitwise_like_none(tmp_path, compute_dtype):
         assert_bitwise(results[tier][2], results["none"][2])
 
 
+@pytest.mark.slow
 def test_8_devices_fsdp_host_and_disk_train_bitwise_like_none(tmp_path):
     mesh = make_mesh(data=2, fsdp=4, tensor=1)
     batches = [packed_rows(16, np.random.RandomState(s)) for s in range(3)]
@@ -109,6 +110,7 @@ def test_8_devices_fsdp_host_and_disk_train_bitwise_like_none(tmp_path):
         assert_bitwise(results[tier][2], results["none"][2])
 
 
+@pytest.mark.slow
 def test_a_host_checkpoint_resumes_in_disk_mode_and_back(tmp_path):
     """Two steps, a checkpoint, two more steps in the other tier (with another group size) =
     four steps without a break, bit for bit."""

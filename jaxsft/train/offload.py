@@ -149,7 +149,7 @@ class DiskStore:
             for key, sharding in shardings.items():
                 data = {k: f.result() for k, f in pending[key].items()}
                 out[key] = jax.make_array_from_callback(
-                    self.group_shape(key, group), sharding, lambda index: data[_key(index)])
+                    self.group_shape(key, group), sharding, lambda index, data=data: data[_key(index)])
             return out
         return arrays
 
