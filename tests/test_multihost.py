@@ -135,13 +135,21 @@ def test_two_processes_train_like_one_and_checkpoints_cross_process_counts(tmp_p
     cache = tmp_path / "cache"
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     # 1x8 and 2x4: the first two steps of the same 4-step run (same mesh: fsdp=8).
-    run_job(tmp_path, 1, train_args(one, cache, **{"train.stop_after_steps": 2}), DUMP_ROWS=f"{one}-rows")
-    texts = run_job(tmp_path, 2, train_args(two, cache, **{"train.stop_after_steps": 2}), DUMP_ROWS=f"{two}-rows")
+    peak = {"JAXSFT_PEAK_FLOPS_PER_DEVICE": "1e12"}  # CPUs have no peak in the table: MFU is reported with one
+    run_job(tmp_path, 1, train_args(one, cache, **{"train.stop_after_steps": 2}), DUMP_ROWS=f"{one}-rows", **peak)
+    texts = run_job(tmp_path, 2, train_args(two, cache, **{"train.stop_after_steps": 2}), DUMP_ROWS=f"{two}-rows",
+                    **peak)
     assert f"process 1 of 2, {DEVICES // 2} local devices of {DEVICES}" in texts[1]
     a, b = losses(one), losses(two)
     assert sorted(a) == sorted(b) == [1, 2]
     # fp32 on CPU: only the order of reductions differs (rows are packed per process).
     np.testing.assert_allclose([b[s] for s in (1, 2)], [a[s] for s in (1, 2)], rtol=2e-5)
+    # MFU counts the whole step's FLOPs over every device, however many processes share them:
+    # mfu x step time = FLOPs / (peak x devices) is the same number in both jobs.
+    work = [{x["step"]: x["mfu"] * x["step_time_s"] for x in map(json.loads, open(os.path.join(out, "metrics.jsonl")))}
+            for out in (one, two)]
+    assert work[0].keys() == {1, 2}
+    np.testing.assert_allclose([work[1][s] for s in (1, 2)], [work[0][s] for s in (1, 2)], rtol=1e-9)
 
     # Each process packs the samples it read (records p mod 2) into its half of every micro-batch;
     # together the two hold exactly the single process's samples of each step, none twice.

@@ -42,11 +42,12 @@ SUMMARY_PACKING_STEPS = 64
 
 @dataclass
 class Step:
-    microbatches: list[dict[str, np.ndarray]]
+    microbatches: list[dict[str, np.ndarray]]  # this process's rows
     num_samples: int
     num_tokens: int
     num_loss_tokens: int
     epoch: float
+    sample_lengths: np.ndarray  # the packed length of every sample of the step, on all processes
 
 
 @dataclass
@@ -308,6 +309,7 @@ class DataPipeline:
             num_tokens=int(self._packed_len[ids].sum()),
             num_loss_tokens=int(self._loss_count[ids].sum()),
             epoch=(step + 1) * self.cfg.global_batch_size / self.samples_per_epoch,
+            sample_lengths=self._packed_len[ids],
         )
 
     # --- iteration, prefetch and state ---

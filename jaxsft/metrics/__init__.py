@@ -40,6 +40,9 @@ PEAK_FLOPS = (
 
 
 def peak_flops_per_device(device=None) -> float | None:
+    """From the table above, or JAXSFT_PEAK_FLOPS_PER_DEVICE for a device it does not name."""
+    if os.environ.get("JAXSFT_PEAK_FLOPS_PER_DEVICE"):
+        return float(os.environ["JAXSFT_PEAK_FLOPS_PER_DEVICE"])
     kind = (device or jax.devices()[0]).device_kind
     return next((flops for name, flops in PEAK_FLOPS if name.lower() in kind.lower()), None)
 
@@ -113,8 +116,8 @@ def throughput_metrics(info):
             "microbatches": len(b.microbatches), "epoch": b.epoch, "step_time_s": info.step_time_s,
             "tokens_per_s": b.num_tokens / info.step_time_s}
     if info.peak_flops:
-        # `flops` counts this process's rows of the step, which its local devices computed.
-        line["mfu"] = info.flops / info.step_time_s / (info.peak_flops * jax.local_device_count())
+        # `flops` counts the whole step's samples (every process's), which all devices computed.
+        line["mfu"] = info.flops / info.step_time_s / (info.peak_flops * jax.device_count())
     return line
 
 

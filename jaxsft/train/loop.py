@@ -9,7 +9,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from jaxsft import metrics as metrics_lib
@@ -40,8 +39,8 @@ class StepMetrics:
     def push(self, step: int, batch, device_metrics) -> None:
         """Step `step` was dispatched: finish the one before it."""
         self.flush()
-        lengths = np.concatenate([metrics_lib.segment_lengths(mb["segment_ids"]) for mb in batch.microbatches])
-        self.pending = (step, batch, device_metrics, metrics_lib.step_flops(self.run.model_config, lengths))
+        # The FLOPs of the whole step (every process's samples), as MFU divides by every device.
+        self.pending = (step, batch, device_metrics, metrics_lib.step_flops(self.run.model_config, batch.sample_lengths))
 
     def flush(self) -> None:
         """Wait for the pending step, health-check it and log its line."""
