@@ -37,7 +37,6 @@ def exit_statuses():
     stopped by a health check. Anything else (a JAX shape error, a bug) raises on: a traceback, status 1."""
     from jaxsft.checkpoint import CheckpointCorrupt, CheckpointMismatch
     from jaxsft.data import DataError
-    from jaxsft.data.chat import TemplateMismatch
     from jaxsft.metrics.health import TrainingDiverged
     from jaxsft.models import CheckpointError, ConfigError
 
@@ -45,7 +44,7 @@ def exit_statuses():
         yield
     except UsageError as e:
         _exit(USAGE, e.code)
-    except (ConfigError, DataError, TemplateMismatch) as e:
+    except (ConfigError, DataError) as e:
         _exit(USAGE, f"error: {e}")
     except (CheckpointCorrupt, CheckpointMismatch, CheckpointError) as e:
         _exit(CHECKPOINT, f"checkpoint error: {e}")
