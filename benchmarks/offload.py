@@ -1,0 +1,171 @@
+"""The optimizer's memory tiers: update time per step with the state on the devices, in host memory
+and on local disk, and the disk tier's achieved read/write bandwidth beside the raw bandwidth of the
+same disk, measured in the same run.
+
+    python benchmarks/offload.py [--shapes smollm2,1b] [--dir /local/disk/dir] [--steps 3]
+
+Writes benchmarks/results/offload_<device>.json. Only the update is timed (the accumulator holds
+random gradients): the forward and backward passes are the same in every tier. The overhead is
+reported as a fraction of a step of the paper's recipe, 3,840 samples per optimizer step, from the
+measured accumulate time of one micro-batch (samples of `--sample-tokens` tokens).
+
+Raw disk bandwidth: a file as large as the offloaded state written in 64 MiB blocks and fsync'ed,
+then read back. Caveat: the read comes through the page cache unless the kernel dropped the file's
+pages (we ask it to with posix_fadvise(DONTNEED) after the fsync); TensorStore's reads see the same
+cache, so the comparison is like for like, but neither is the bare device's figure when the state fits
+in free RAM. Writes are fsync'ed in the raw figure; TensorStore's writes end when the data is in
+the page cache (no fsync), so the achieved write figure can exceed the raw one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxsft.checkpoint import flatten
+from jaxsft.memory import parameter_count
+from jaxsft.models import Decoder, ModelConfig
+from jaxsft.sharding import make_mesh, optimizer_shardings, param_shardings
+from jaxsft.train import default_config
+from jaxsft.train.offload import Offloaded
+from jaxsft.train.optimizer import make_optimizer
+from jaxsft.train.step import make_train_step
+
+SHAPES = {
+    "smollm2": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
+                    num_kv_heads=3, head_dim=64, tie_word_embeddings=True),
+    "1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_layers=16, num_heads=32,
+               num_kv_heads=8, head_dim=64, tie_word_embeddings=True),
+}
+RECIPE_SAMPLES = 3840
+BLOCK = 64 * 2**20
+
+
+def raw_disk_bandwidth(directory: str, size: int) -> dict:
+    path = os.path.join(directory, "raw.bin")
+    block = np.random.default_rng(0).integers(0, 255, BLOCK, dtype=np.uint8).tobytes()
+    t0 = time.perf_counter()
+    with open(path, "wb") as f:
+        for _ in range(max(1, size // BLOCK)):
+            f.write(block)
+        f.flush()
+        os.fsync(f.fileno())
+    write_s = time.perf_counter() - t0
+    written = os.path.getsize(path)
+    fd = os.open(path, os.O_RDONLY)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    t0 = time.perf_counter()
+    while os.read(fd, BLOCK):
+        pass
+    read_s = time.perf_counter() - t0
+    os.close(fd)
+    os.remove(path)
+    return {"bytes": written, "write_gb_s": written / write_s / 1e9, "read_gb_s": written / read_s / 1e9}
+
+
+def bench_shape(name: str, directory: str, steps: int, seq: int, rows: int, sample_tokens: int) -> dict:
+    c = ModelConfig(architecture="LlamaForCausalLM", remat="full", attention="xla", **SHAPES[name])
+    mesh = make_mesh()
+    abstract = nnx.eval_shape(lambda: Decoder(c, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract, nnx.Param)
+    shardings = param_shardings(state, mesh)
+    optim = default_config().optim
+    tx, schedule = make_optimizer(optim, 1000)
+    batch_sharding = NamedSharding(mesh, P(("data", "fsdp"), None))
+    n = parameter_count(c)[0]
+    result = {"parameters": n, "state_bytes": n * 12}
+
+    def fresh_params():
+        return jax.jit(lambda: nnx.split(Decoder(c, rngs=nnx.Rngs(0)), nnx.Param)[1], out_shardings=shardings)()
+
+    for tier in ("none", "host", "disk"):
+        params = fresh_params()
+        opt_sharding = optimizer_shardings(tx, params, shardings, mesh)
+        offload = None
+        if tier == "none":
+            opt_state = jax.jit(tx.init, out_shardings=opt_sharding)(params)
+        else:
+            offload = Offloaded(tier, os.path.join(directory, f"{name}-live"), params, shardings, optim, schedule,
+                                jnp.bfloat16, c.num_layers, group_layers=1)
+            params, opt_state = offload.init(params), offload
+        fns = make_train_step(graphdef, tx, schedule, shardings, opt_sharding, batch_sharding, offload=offload)
+        grads = jax.tree.map(lambda p: jax.random.normal(jax.random.key(1), p.shape, jnp.float32) * 1e-3,
+                             flatten(params))
+        times = []
+        for i in range(steps + 1):
+            acc = fns.zero_accumulator(params)
+            acc = {"grads": jax.tree.map(lambda a, g: a + g, acc["grads"], _like(acc["grads"], grads)),
+                   "loss_sum": acc["loss_sum"] + 1.0}
+            jax.block_until_ready(acc)
+            t0 = time.perf_counter()
+            params, opt_state, metrics = fns.update(params, opt_state, acc, jnp.int32(100), jnp.int32(i))
+            jax.block_until_ready((params, metrics))
+            times.append(time.perf_counter() - t0)
+        result[tier] = {"update_s": float(np.median(times[1:])), "first_update_s": times[0]}
+        if tier == "disk":
+            # Each update reads and writes every master weight and moment once.
+            moved = result["state_bytes"]
+            result[tier]["read_write_gb_s"] = 2 * moved / result[tier]["update_s"] / 1e9
+            result[tier]["group_layers"] = offload.group_layers
+        if tier == "none":  # the step the update is a part of: accumulate time of one micro-batch
+            batch = {k: jax.device_put(np.ones((rows * jax.device_count(), seq), np.float32 if k == "loss_mask"
+                                               else np.int32), batch_sharding)
+                     for k in ("input_ids", "targets", "loss_mask", "segment_ids", "positions")}
+            acc = fns.zero_accumulator(params)
+            acc = fns.accumulate(acc, params, batch)
+            jax.block_until_ready(acc)
+            t0 = time.perf_counter()
+            acc = fns.accumulate(acc, params, batch)
+            jax.block_until_ready(acc)
+            micro_s = time.perf_counter() - t0
+            tokens = rows * jax.device_count() * seq
+            result["accumulate_tokens_per_s"] = tokens / micro_s
+            result["recipe_step_s"] = RECIPE_SAMPLES * sample_tokens / result["accumulate_tokens_per_s"]
+        if offload is not None:
+            offload.close()
+        del params, opt_state, fns
+    for tier in ("none", "host", "disk"):
+        result[tier]["fraction_of_recipe_step"] = result[tier]["update_s"] / result["recipe_step_s"]
+    result["raw_disk"] = raw_disk_bandwidth(directory, result["state_bytes"])
+    result["disk"]["fraction_of_raw_bandwidth"] = result["disk"]["read_write_gb_s"] / (
+        2 / (1 / result["raw_disk"]["read_gb_s"] + 1 / result["raw_disk"]["write_gb_s"]))
+    return result
+
+
+def _like(tree, flat):
+    return jax.tree.unflatten(jax.tree.structure(tree), list(flat.values()))
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shapes", default="smollm2,1b")
+    parser.add_argument("--dir", default="")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--rows", type=int, default=1)
+    parser.add_argument("--sample-tokens", type=int, default=256)
+    args = parser.parse_args()
+    directory = args.dir or tempfile.mkdtemp(prefix="jaxsft-offload-bench-")
+    device = jax.devices()[0].platform
+    out = {"device": f"{device} x {jax.device_count()}", "recipe_samples_per_step": RECIPE_SAMPLES,
+           "sample_tokens": args.sample_tokens, "dir": directory, "shapes": {}}
+    for name in args.shapes.split(","):
+        out["shapes"][name] = bench_shape(name, directory, args.steps, args.seq, args.rows, args.sample_tokens)
+        print(json.dumps({name: out["shapes"][name]}, indent=1), flush=True)
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"offload_{device}.json")
+    with open(path, "w") as f:
+        json.dump(out, f, indent=2)
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()
