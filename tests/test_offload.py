@@ -200,3 +200,75 @@ def test_sigkill_in_the_streamed_update_or_save_resumes_exactly(tmp_path, kill_i
     assert sorted(a.files) == sorted(b.files) and len(a.files) > 20
     for k in a.files:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def rss_run(directory: str):
+    """Child process of the RSS test: one disk-tier update of a 16-layer model (48 MiB of state
+    per layer), sampling the process's resident memory; prints the figures as JSON."""
+    import json
+    import os
+    import threading
+    import time
+
+    from jaxsft.models import ModelConfig
+    from jaxsft.train import default_config
+
+    c = ModelConfig(architecture="LlamaForCausalLM", vocab_size=256, hidden_size=512, intermediate_size=2048,
+                    num_layers=16, num_heads=8, num_kv_heads=8, head_dim=64, remat="full", attention="xla")
+    mesh = make_mesh(devices=jax.devices()[:1])
+    graphdef, params = nnx.split(Decoder(c, rngs=nnx.Rngs(0)), nnx.Param)
+    shardings = param_shardings(params, mesh)
+    params = jax.device_put(params, shardings)
+    optim = default_config().optim
+    tx, schedule = make_optimizer(optim, 10)
+    offload = Offloaded("disk", directory, params, shardings, optim, schedule, jnp.bfloat16, c.num_layers, 1)
+    params = offload.init(params)
+    fns = make_train_step(graphdef, tx, schedule, shardings, None, NamedSharding(mesh, P(("data", "fsdp"), None)),
+                          offload=offload)
+
+    def rss():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def gradients():
+        acc = fns.zero_accumulator(params)
+        return jax.block_until_ready({"grads": jax.tree.map(lambda x: x + 1e-3, acc["grads"]),
+                                      "loss_sum": acc["loss_sum"] + 1})
+    params = jax.block_until_ready(fns.update(params, offload, gradients(), jnp.int32(10), jnp.int32(0))[0])
+    acc = gradients()  # compiled, and the accumulator in place: the baseline
+    base = rss()
+    peak, running = [base], [True]
+
+    def sample():
+        while running[0]:
+            peak[0] = max(peak[0], rss())
+            time.sleep(0.0005)
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    jax.block_until_ready(fns.update(params, offload, acc, jnp.int32(10), jnp.int32(1)))
+    running[0] = False
+    sampler.join()
+    sizes = {k: v.nbytes for k, v in offload.state_arrays().items()}
+    layer = sum(v for k, v in sizes.items() if ".layers." in k) / c.num_layers
+    print(json.dumps({"layer_group": layer, "state": sum(sizes.values()), "peak_over_baseline": peak[0] - base}))
+
+
+@pytest.mark.slow
+def test_disk_tier_host_memory_holds_a_few_groups_not_the_state(tmp_path):
+    """On CPU the devices' memory is the process's too: in flight are two groups on the host (the
+    one read ahead, the one written back) and on the device the group updating and its two
+    neighbours, so the bound is 5 layer groups + 32 MiB (allocator and TensorStore buffers), here a
+    third of the whole state. On a GPU the host side alone is the two groups."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", f"from tests.test_offload import rss_run; rss_run({str(tmp_path)!r})"],
+                       cwd=repo, capture_output=True, text=True, check=False,
+                       env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = json.loads(r.stdout.strip().splitlines()[-1])
+    assert m["state"] > 15 * m["layer_group"]  # 16 layers of 48 MiB: 774 MiB
+    assert 0 < m["peak_over_baseline"] <= 5 * m["layer_group"] + 32 * 2**20, m
