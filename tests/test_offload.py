@@ -256,9 +256,10 @@ def rss_run(directory: str):
 @pytest.mark.slow
 def test_disk_tier_host_memory_holds_a_few_groups_not_the_state(tmp_path):
     """On CPU the devices' memory is the process's too: in flight are two groups on the host (the
-    one read ahead, the one written back) and on the device the group updating and its two
-    neighbours, so the bound is 5 layer groups + 32 MiB (allocator and TensorStore buffers), here a
-    third of the whole state. On a GPU the host side alone is the two groups."""
+    one read ahead, the one written back) and on the device the group updating, its new state and
+    its two neighbours, so the bound is 6 layer groups + 32 MiB (allocator and TensorStore
+    buffers), 41% of the whole state (measured: 5.2-5.6 groups). On a GPU the host side alone is
+    the two groups."""
     import json
     import os
     import subprocess
@@ -271,4 +272,4 @@ def test_disk_tier_host_memory_holds_a_few_groups_not_the_state(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     m = json.loads(r.stdout.strip().splitlines()[-1])
     assert m["state"] > 15 * m["layer_group"]  # 16 layers of 48 MiB: 774 MiB
-    assert 0 < m["peak_over_baseline"] <= 5 * m["layer_group"] + 32 * 2**20, m
+    assert 0 < m["peak_over_baseline"] <= 6 * m["layer_group"] + 32 * 2**20, m
