@@ -191,7 +191,7 @@ def test_sigkill_in_the_streamed_update_or_save_resumes_exactly(tmp_path, kill_i
     killed = child(tmp_path / "run", kill_in)
     assert killed.returncode == -9, killed.stderr[-2000:]
     # The killed process left step 2's checkpoint (and, killed in the save, part of step 4's snapshot).
-    assert sorted(os.listdir(tmp_path / "run" / "checkpoints" / "offload")) == (["2"] if kill_in == "update" else ["2", "4"])
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints-offload")) == (["2"] if kill_in == "update" else ["2", "4"])
     resumed = child(tmp_path / "run", "")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     straight = child(tmp_path / "straight", "")

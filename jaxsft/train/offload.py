@@ -179,8 +179,9 @@ def for_run(config, masters, param_sharding, schedule, num_layers: int, group_la
 
 
 def snapshot_dir(checkpoint_dir: str, step: int) -> str:
-    """Where the offloaded state of checkpoint `step` is kept: beside Orbax's step directories."""
-    return f"{str(checkpoint_dir).rstrip('/')}/offload/{step}"
+    """Where the offloaded state of checkpoint `step` is kept: beside the checkpoint directory,
+    not in it (on GCS, Orbax deletes any folder there without its commit marker as unfinished)."""
+    return f"{str(checkpoint_dir).rstrip('/')}-offload/{step}"
 
 
 class Offloaded:
