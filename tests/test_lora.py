@@ -50,8 +50,8 @@ def torch_logits(model, ids=IDS):
 
 
 def jax_model(base_dir, adapter_dir=None):
-    model = jaxsft.load_model(base_dir, dtype=jnp.float32, compute_dtype=jnp.float32, remat="none")
-    return model if adapter_dir is None else peft_io.load_adapter(model, adapter_dir)
+    return jaxsft.load_model(base_dir, dtype=jnp.float32, compute_dtype=jnp.float32, remat="none",
+                             lora_adapter=adapter_dir)
 
 
 def jax_logits(model, ids=IDS):

@@ -15,26 +15,28 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxsft.hub import resolve_model_path
-from jaxsft.models import converted, gguf, hf_io
+from jaxsft.models import converted, gguf, hf_io, peft_io
 from jaxsft.models.config import ModelConfig
 from jaxsft.models.decoder import Decoder
 from jaxsft.sharding import param_shardings
 
 
 def load_model(path, dtype=jnp.float32, compute_dtype=jnp.bfloat16, mesh=None, rules=None,
-               **run_options) -> Decoder:
+               lora_adapter=None, **run_options) -> Decoder:
     """The model at `path` as a sharded Decoder (params straight onto their devices).
 
     dtype: parameter dtype; compute_dtype: matmul dtype; mesh/rules: where the parameters go
-    (default: the first device); run_options: ModelConfig run-time fields (remat, attention).
+    (default: the first device); lora_adapter: a Hugging Face PEFT LoRA adapter folder to attach;
+    run_options: ModelConfig run-time fields (remat, attention).
     """
     path = resolve_model_path(str(path))
     if converted.is_converted(path):
-        return converted.load_converted(path, dtype, compute_dtype, mesh, rules, **run_options)
-    gguf_file = gguf.find_gguf(path)
-    if gguf_file is not None:
-        return gguf.load_gguf(gguf_file, dtype, compute_dtype, mesh, rules, **run_options)
-    return hf_io.load_hf(path, dtype, compute_dtype, mesh, rules, **run_options)
+        model = converted.load_converted(path, dtype, compute_dtype, mesh, rules, **run_options)
+    elif (gguf_file := gguf.find_gguf(path)) is not None:
+        model = gguf.load_gguf(gguf_file, dtype, compute_dtype, mesh, rules, **run_options)
+    else:
+        model = hf_io.load_hf(path, dtype, compute_dtype, mesh, rules, **run_options)
+    return model if lora_adapter is None else peft_io.load_adapter(model, lora_adapter, mesh, rules)
 
 
 def load_model_config(path, **run_options) -> ModelConfig:

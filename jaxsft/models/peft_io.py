@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +22,7 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from jaxsft import rundir
 from jaxsft.models.hf_io import CheckpointError, _gather, local_dir, save_hf
 from jaxsft.models.lora import (INPUT_AXES, Adapters, LoraSpec, Target, adapter_shapes, attach, make_spec,
                                 merged_layer_weights, module_name, peft_name, select_targets)
@@ -189,11 +191,11 @@ def save_adapter(model, out_dir, base_model_name_or_path: str = "") -> None:
                 tensors[key + ".lora_B.weight"] = np.ascontiguousarray(b[i, :rank].reshape(rank, -1).T)
     if jax.process_index() != 0:
         return
-    out_dir = str(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
-    save_file(tensors, os.path.join(out_dir, WEIGHTS_FILE), metadata={"format": "pt"})
-    with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
-        json.dump(adapter_config(spec, c.num_layers, base_model_name_or_path), f, indent=2)
+    with tempfile.TemporaryDirectory() as local:  # then copied to out_dir, local or gs://
+        save_file(tensors, os.path.join(local, WEIGHTS_FILE), metadata={"format": "pt"})
+        with open(os.path.join(local, CONFIG_FILE), "w") as f:
+            json.dump(adapter_config(spec, c.num_layers, base_model_name_or_path), f, indent=2)
+        rundir.copy_folder(local, str(out_dir))
 
 
 def merged(model):
