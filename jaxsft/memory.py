@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxsft.models import ModelConfig
+from jaxsft.models import ModelConfig, lora
 
 GiB = 2**30
 # What XLA needs beyond the plan (fragmentation, collectives' buffers, the runtime).
@@ -129,6 +129,16 @@ def _abstract(tree, shardings):
     return unflatten(tree, {k: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=flat[k]) for k, x in flatten(tree).items()})
 
 
+def lora_spec(config, model_config: ModelConfig):
+    """The adapters of a LoRA run (`lora.r`, or the PEFT folder `lora.adapter_path`), else None."""
+    if config.lora.adapter_path:
+        from jaxsft.models import peft_io
+
+        cfg, _ = peft_io.read_adapter(config.lora.adapter_path)
+        return peft_io.spec_from_peft_config(cfg, model_config.num_layers)
+    return lora.make_spec(config.lora, model_config) if config.lora.r else None
+
+
 def plan(config, model_config: ModelConfig, mesh=None, device_bytes=None, host_bytes=None,
          advise: bool = True) -> Plan:
     """The run's memory plan on `mesh` (default: the config's mesh over all devices)."""
@@ -144,9 +154,21 @@ def plan(config, model_config: ModelConfig, mesh=None, device_bytes=None, host_b
     m, tier = config.model, config.optim.offload
     model_config = model_config.replace(remat=m.remat)
     param_dtype, compute_dtype = jnp.dtype(m.param_dtype), jnp.dtype(m.compute_dtype)
-    abstract_model = nnx.eval_shape(lambda: Decoder(model_config, param_dtype=param_dtype,
-                                                    compute_dtype=compute_dtype))
-    graphdef, masters = nnx.split(abstract_model, nnx.Param)
+    spec = lora_spec(config, model_config)
+
+    def create():
+        model = Decoder(model_config, param_dtype=param_dtype, compute_dtype=compute_dtype)
+        if spec is not None:
+            model.lora = lora.Adapters(spec, model_config, nnx.Rngs(0))
+        return model
+
+    if spec is None:
+        graphdef, masters = nnx.split(nnx.eval_shape(create), nnx.Param)
+        frozen = frozen_sharding = None
+    else:  # a LoRA run differentiates and optimizes the adapters; the base is a frozen input
+        graphdef, masters, frozen = nnx.split(nnx.eval_shape(create), lora.LoraParam, nnx.Param)
+        frozen_sharding = param_shardings(frozen, mesh)
+        frozen = _abstract(frozen, frozen_sharding)
     param_sharding = param_shardings(masters, mesh)
     tx, schedule = make_optimizer(config.optim, 1000)
     opt_sharding = optimizer_shardings(tx, masters, param_sharding, mesh)
@@ -167,7 +189,8 @@ def plan(config, model_config: ModelConfig, mesh=None, device_bytes=None, host_b
     programs = {}
     if tier == "none":
         opt_state = _abstract(jax.eval_shape(tx.init, masters), opt_sharding)
-        fns = make_train_step(graphdef, tx, schedule, param_sharding, opt_sharding, batch_sharding)
+        fns = make_train_step(graphdef, tx, schedule, param_sharding, opt_sharding, batch_sharding,
+                              frozen=frozen, frozen_sharding=frozen_sharding)
         params = masters
         programs["accumulate"] = _stats(_lower(fns.accumulate, acc, params, batch),
                                         resident=device_bytes_of(opt_state))

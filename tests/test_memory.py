@@ -74,6 +74,22 @@ def test_offloaded_tiers_move_the_state_off_the_devices():
     assert host.device_peak < none.device_peak
 
 
+def test_a_lora_plan_compiles_the_lora_step():
+    """The adapters alone are differentiated and optimized: the base is an argument (no gradient,
+    no moments), so the accumulator and Adam's moments are the adapters' size."""
+    from jaxsft.models import lora
+
+    n = memory.parameter_count(TINY)[0]
+    changes = {"lora.r": 4, "lora.alpha": 8.0, "model.param_dtype": "bfloat16"}
+    adapters = lora.lora_param_count(TINY, run_config(**changes).lora)
+    full, adapted = (memory.plan(run_config(**c), TINY, one_device(), advise=False) for c in ({}, changes))
+    acc = adapted.programs["accumulate"]
+    assert adapters * 8 <= acc["resident"] <= adapters * 8 + 64  # Adam's moments of the adapters
+    # Arguments: the bf16 base, the float32 adapters and their accumulator, the micro-batch.
+    assert n * 2 + adapters * 8 <= acc["argument"] <= n * 2 + adapters * 8 + 5 * 2 * 32 * 4 + 64
+    assert adapted.device_peak < full.device_peak  # at this tiny shape activations dominate both
+
+
 @pytest.mark.slow
 def test_mesh_minus_one_is_resolved_against_the_device_count():
     """#14: mesh.tensor=-1 once gave negative shard counts."""
