@@ -136,4 +136,5 @@ def gsm8k(config) -> Eval | None:
 
     def measure(run: "Run", step: int) -> dict:
         return gsm8k_accuracy(run.config, run.model(), run.tokenizer, step)
-    return Eval("gsm8k", config.gsm8k.every, measure, figures=lambda r: {"gsm8k_accuracy": r["accuracy"]})
+    return Eval("gsm8k", config.gsm8k.every, measure,
+                figures=lambda r: {"gsm8k_accuracy": r["accuracy"], "gsm8k_strict_match": r["strict_match"]})

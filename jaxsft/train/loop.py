@@ -107,7 +107,8 @@ def finish(run: Run) -> dict:
         print(side_by_side(gsm8k[0], gsm8k[-1], c.gsm8k.show), flush=True)
     losses = [(r["step"], r["eval_loss"]) for r in run.history.get("heldout_loss", []) if "eval_loss" in r]
     return {**run.step_metrics.last, "eval_loss": losses[-1][1] if losses else None, "steps": run.end,
-            "eval_losses": losses, "gsm8k_accuracy": [(r["step"], r["accuracy"]) for r in gsm8k]}
+            "eval_losses": losses, "gsm8k_accuracy": [(r["step"], r["accuracy"]) for r in gsm8k],
+            "gsm8k_strict_match": [(r["step"], r["strict_match"]) for r in gsm8k]}
 
 
 @exit_on_failure
