@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 
 from etils import epath
@@ -117,8 +118,6 @@ class JsonlFile:
 
 def copy_folder(local: str, dst) -> None:
     """Copy the files of a local folder to `dst` (local or gs://)."""
-    import shutil
-
     target = epath.Path(dst)
     target.mkdir(parents=True, exist_ok=True)
     for name in sorted(os.listdir(local)):

@@ -22,6 +22,7 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from jaxsft import rundir
 from jaxsft.models.config import ModelConfig
 from jaxsft.models.decoder import Decoder, layer_shapes
 
@@ -358,11 +359,7 @@ def save_hf(model: Decoder, out_dir: str | os.PathLike, tokenizer=None, dtype=jn
     if tokenizer is not None:
         tokenizer.save_pretrained(local)
     if local != out_dir:
-        dst = epath.Path(out_dir)
-        dst.mkdir(parents=True, exist_ok=True)
-        for f in os.listdir(local):
-            with open(os.path.join(local, f), "rb") as r, (dst / f).open("wb") as w:
-                shutil.copyfileobj(r, w, length=64 << 20)
+        rundir.copy_folder(local, out_dir)
         shutil.rmtree(local)
 
 

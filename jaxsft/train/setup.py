@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 import ml_collections
+from etils import epath
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -156,8 +157,6 @@ def setup(config) -> Run:
 
 def save_tokenizer(tokenizer, directory: str) -> None:
     """The run's tokenizer files in `directory` (local or gs://), written once."""
-    from etils import epath
-
     target = epath.Path(directory)
     if (target / "tokenizer_config.json").exists():
         return
