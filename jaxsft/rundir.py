@@ -60,37 +60,38 @@ def _steps_through(lines: list[str], last_step: int) -> list[str]:
     return kept
 
 
-def truncate_jsonl(path, last_step: int) -> None:
-    """Drop the lines of a per-step JSONL file logged after `last_step`, so that a resumed run
-    continues it without duplicating the steps it repeats."""
-    p = epath.Path(path)
-    if not p.exists():
+def truncate_jsonl(path: str, last_step: int) -> None:
+    """Drop the lines of a local per-step JSONL file logged after `last_step`, so that a resumed
+    run continues it without duplicating the steps it repeats (never a half-written file)."""
+    if not os.path.exists(path):
         return
-    lines = p.read_text().splitlines(keepends=True)
+    with open(path) as f:
+        lines = f.readlines()
     kept = _steps_through(lines, last_step)
     if kept != lines:
-        if is_gcs(path):
-            p.write_text("".join(kept))
-        else:  # never a half-written file locally
-            tmp = epath.Path(str(path) + ".tmp")
-            tmp.write_text("".join(kept))
-            os.replace(str(tmp), str(path))
+        with open(path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(path + ".tmp", path)
 
 
 class JsonlFile:
-    """Appends one JSON object per line; local files are flushed per line, gs:// objects are
-    rewritten by `flush` (every `flush_seconds` at most, or when forced)."""
+    """Appends one JSON object per line, after dropping the lines an earlier run logged after
+    `last_step` (a resumed run's checkpoint; -1 keeps none). Local files are flushed per line;
+    gs:// objects are rewritten by `flush` (every `flush_seconds` at most, or when forced)."""
 
-    def __init__(self, path, flush_seconds: float = 30.0):
+    def __init__(self, path, last_step: int, flush_seconds: float = 30.0):
         self.path = str(path)
         self.flush_seconds = flush_seconds
         if is_gcs(self.path):
             p = epath.Path(self.path)
-            self.lines = p.read_text().splitlines(keepends=True) if p.exists() else []
-            self.dirty, self.flushed_at = False, time.monotonic()
+            earlier = p.read_text().splitlines(keepends=True) if p.exists() else []
+            self.lines = _steps_through(earlier, last_step)
+            self.dirty, self.flushed_at = self.lines != earlier, time.monotonic()
             self.file = None
+            self.flush()
         else:
             os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+            truncate_jsonl(self.path, last_step)
             self.file = open(self.path, "a")
 
     def write(self, obj: dict) -> None:

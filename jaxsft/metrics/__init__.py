@@ -132,8 +132,7 @@ class JsonlSink:
     run logged after `resumed_from` (its checkpoint), then appends."""
 
     def __init__(self, path, resumed_from=0):
-        rundir.truncate_jsonl(path, resumed_from if resumed_from else -1)
-        self.file = rundir.JsonlFile(path)
+        self.file = rundir.JsonlFile(path, resumed_from if resumed_from else -1)
 
     def write(self, step, metrics):
         self.file.write({"step": step, **metrics})
