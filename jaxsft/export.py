@@ -1,4 +1,4 @@
-"""python -m jaxsft.export --checkpoint PATH --out HF_DIR [--dtype bfloat16]
+"""python -m jaxsft.export --checkpoint PATH --out HF_DIR [--dtype bfloat16] [--adapter-out DIR]
 
 Writes a Hugging Face model folder (safetensors, config.json, tokenizer) from any jaxsft
 checkpoint: a converted model (`python -m jaxsft.convert`), a training run's checkpoint step
@@ -6,6 +6,12 @@ checkpoint: a converted model (`python -m jaxsft.convert`), a training run's che
 local or gs://, and so is the output. A training checkpoint describes itself (the model's config
 and generation config in its record, which also names the run's copy of the tokenizer,
 `RUN/tokenizer`), so the model it was trained from is not needed.
+
+A LoRA run's checkpoint holds only the adapters: its base model is read from the run's
+`model.path` (named by the record, and checked against the base fingerprint recorded there). Then
+`--out` gets the merged model (W + scale A B in float32, then cast to `--dtype`), as the run's
+`hf/` export, and `--adapter-out` (default `HF_DIR/adapter`) the PEFT adapter folder, as the run's
+`adapter/`.
 """
 
 from __future__ import annotations
@@ -14,12 +20,18 @@ import argparse
 import json
 import logging
 
+import jax
 import jax.numpy as jnp
+import ml_collections
+import orbax.checkpoint as ocp
 from etils import epath
+from flax import nnx
 
-from jaxsft.models import ModelConfig, load_tokenizer
+from jaxsft.checkpoint import CheckpointMismatch, abstract, base_fingerprint, unflatten
+from jaxsft.models import ModelConfig, load_tokenizer, lora, peft_io
 from jaxsft.models.converted import MARKER, converted_config, join, restore_params
 from jaxsft.models.hf_io import save_hf
+from jaxsft.models.loading import model_for_run
 from jaxsft.sharding import make_mesh
 
 
@@ -55,14 +67,41 @@ def training_checkpoint_model(params_dir: str, record: dict) -> tuple[ModelConfi
     return config, record["tokenizer_dir"]
 
 
-def export(checkpoint: str, out: str, dtype: str = "bfloat16") -> None:
+def lora_checkpoint_model(params_dir: str, record: dict, mesh):
+    """A LoRA checkpoint's model: the run's base model (from `model.path` in the record's config,
+    refused unless it has the recorded fingerprint) with the checkpoint's adapters, and the base
+    model's path. The base is built and given adapters exactly as the run's setup does."""
+    run_config = ml_collections.ConfigDict(record["config"])
+    m, seed = run_config.model, run_config.train.seed
+    model = peft_io.add_adapters(model_for_run(m, mesh, seed=seed), run_config.lora, seed, mesh)
+    graphdef, adapters, frozen = nnx.split(model, lora.LoraParam, nnx.Param)
+    if base_fingerprint(frozen) != record["base_model"]:
+        raise CheckpointMismatch(
+            f"{params_dir}: the base model at model.path={m.path!r} (init={m.init!r}) is not the one these "
+            "adapters were trained on (its weights' fingerprint differs from the checkpoint's)")
+    with ocp.StandardCheckpointer() as ckptr:
+        trained = unflatten(adapters, ckptr.restore(params_dir, abstract(adapters)))
+    # Merged in float32 whatever the run's base dtype; cast to --dtype while writing.
+    frozen = jax.tree.map(lambda x: x.astype(jnp.float32), frozen)
+    return nnx.merge(graphdef, trained, frozen), m.path
+
+
+def export(checkpoint: str, out: str, dtype: str = "bfloat16", adapter_out: str | None = None) -> None:
     params_dir, record = find_params(checkpoint)
+    is_lora = record is not None and "base_model" in record
+    if adapter_out and not is_lora:
+        raise ValueError(f"{checkpoint}: --adapter-out is for LoRA checkpoints; this one holds a whole model")
     if record is None:  # a converted model: config.json and tokenizer beside the params
         config, tokenizer_dir = converted_config(checkpoint), checkpoint
     else:
         config, tokenizer_dir = training_checkpoint_model(params_dir, record)
-    # Read in float32 and cast per tensor while writing; sharded over all devices.
-    model = restore_params(params_dir, config, jnp.float32, jnp.float32, mesh=make_mesh())
+    mesh = make_mesh()  # sharded over all devices
+    if is_lora:
+        model, base_path = lora_checkpoint_model(params_dir, record, mesh)
+        peft_io.save_adapter(model, adapter_out or join(out, "adapter"), base_model_name_or_path=base_path)
+        model = peft_io.merged(model)
+    else:  # read in float32 and cast per tensor while writing
+        model = restore_params(params_dir, config, jnp.float32, jnp.float32, mesh=mesh)
     save_hf(model, out, tokenizer=load_tokenizer(tokenizer_dir), dtype=jnp.dtype(dtype))
 
 
@@ -72,9 +111,10 @@ def main(argv=None):
     p.add_argument("--checkpoint", required=True, help="converted model, checkpoint step, checkpoint or run directory")
     p.add_argument("--out", required=True, help="Hugging Face folder to write, local or gs://")
     p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
+    p.add_argument("--adapter-out", help="LoRA checkpoints: the PEFT adapter folder to write (default: OUT/adapter)")
     a = p.parse_args(argv)
     try:
-        export(a.checkpoint, a.out, a.dtype)
+        export(a.checkpoint, a.out, a.dtype, a.adapter_out)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
     print(f"wrote {a.out}")

@@ -298,3 +298,65 @@ def test_checkpoint_of_another_base_model_is_refused(tmp_path):
     assert base_fingerprint(bases[1]) != base_fingerprint(bases[0])
     with pytest.raises(CheckpointMismatch, match="another base model"):
         Checkpointer(str(tmp_path), base_model=base_fingerprint(bases[1])).restore(1, params, opt_state)
+
+
+def small_qwen2_with_tokenizer(folder, seed=0):
+    """A Hugging Face Qwen2 folder small enough for CLI runs, with the demo's tokenizer (so the
+    152k vocabulary), random weights from `seed`."""
+    import shutil
+
+    from tests.test_checkpoint import ASSETS
+
+    torch.manual_seed(seed)
+    config = transformers.Qwen2Config(vocab_size=151936, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+    transformers.Qwen2ForCausalLM(config).save_pretrained(folder)
+    for f in ("vocab.json", "merges.txt", "tokenizer_config.json"):
+        shutil.copy(f"{ASSETS}/tiny-qwen2/{f}", f"{folder}/{f}")
+    return folder
+
+
+@pytest.mark.slow
+def test_export_of_a_lora_checkpoint_loads_in_peft_and_transformers(tmp_path):
+    """`python -m jaxsft.export` on a LoRA run's (adapters-only) checkpoint writes the PEFT adapter
+    and the merged model: PEFT and transformers give the checkpoint's logits; the adapter equals the
+    one the run wrote itself; a base model with other weights is refused."""
+    from jaxsft.export import find_params, lora_checkpoint_model, main as export_main
+    from tests.test_checkpoint import ENV, REPO, cli
+
+    base = small_qwen2_with_tokenizer(tmp_path / "base")
+    run = tmp_path / "run"
+    r = subprocess.run(cli(tmp_path, run, f"--config.model.path={base}", "--config.model.init=pretrained",
+                           "--config.train.num_steps=2", "--config.lora.r=4", "--config.lora.alpha=8",
+                           r"--config.lora.target_modules=.*\.(q_proj|v_proj|down_proj)",
+                           "--config.optim.learning_rate=2e-2"),
+                       cwd=REPO, env=ENV, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    export_main(["--checkpoint", str(run), "--out", str(tmp_path / "hf"), "--dtype", "float32"])
+    adapter = tmp_path / "hf" / "adapter"
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base)
+
+    def tensors(folder):
+        with safe_open(str(folder / "adapter_model.safetensors"), framework="numpy") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    ours, runs = tensors(adapter), tensors(run / "adapter")  # the run's own adapter/, written from memory
+    assert sorted(ours) == sorted(runs) and len(ours) == 3 * 2 * 2
+    for k in runs:
+        np.testing.assert_array_equal(ours[k], runs[k], err_msg=k)
+
+    params_dir, record = find_params(str(run))
+    model, _ = lora_checkpoint_model(params_dir, record, make_mesh(devices=jax.devices()[:1]))
+    ids = np.random.RandomState(0).randint(1, 151000, (2, 12))
+    expected = jax_logits(model, ids)
+    peft_model = PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(base), adapter)
+    result = peft_model.load_adapter(adapter, adapter_name="again")
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    with peft_model.disable_adapter():
+        assert np.abs(expected - torch_logits(peft_model, ids)).max() > 0.01  # the adapters changed the model
+    np.testing.assert_allclose(torch_logits(peft_model, ids), expected, rtol=2e-4, atol=2e-4)
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    np.testing.assert_allclose(torch_logits(merged, ids), expected, rtol=2e-4, atol=2e-4)
+
+    small_qwen2_with_tokenizer(base, seed=1)  # the base model's folder now holds other weights
+    with pytest.raises(SystemExit, match="not the one these adapters were trained on"):
+        export_main(["--checkpoint", str(run), "--out", str(tmp_path / "again")])
