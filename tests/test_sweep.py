@@ -81,8 +81,9 @@ def get_config():
 '''
 
 
-@pytest.mark.slow
-def test_sweep_prunes_skips_finished_runs_continues_by_hand_and_reports(tmp_path):
+def sweep_runner(tmp_path, *flags):
+    """(out, sweep): the sweep of SWEEP_FILE on the tiny demo model in `tmp_path/sweep`; `sweep(*args)`
+    runs `python -m jaxsft.sweep` with `flags` and `args` and returns its sweep_state.json."""
     from test_metrics import tiny_model
 
     model, tokenizer = tiny_model(tmp_path)
@@ -94,11 +95,16 @@ def test_sweep_prunes_skips_finished_runs_continues_by_hand_and_reports(tmp_path
     def sweep(*args):
         r = subprocess.run(
             [sys.executable, "-m", "jaxsft.sweep", "--config", str(cfg), f"--config.output_dir={out}",
-             f"--config.base.data.cache_dir={tmp_path / 'cache'}", *args],
+             f"--config.base.data.cache_dir={tmp_path / 'cache'}", *flags, *args],
             cwd=REPO, capture_output=True, text=True, env={**os.environ, "XLA_FLAGS": ""})
         assert r.returncode == 0, r.stderr[-3000:]
         return json.loads((out / "sweep_state.json").read_text())
+    return out, sweep
 
+
+@pytest.mark.slow
+def test_sweep_prunes_skips_finished_runs_continues_by_hand_and_reports(tmp_path):
+    out, sweep = sweep_runner(tmp_path)
     state = sweep()
     (rung,) = state["rungs"]
     assert len(rung["stopped"]) == 1 and len(rung["scores"]) == 3
@@ -121,3 +127,45 @@ def test_sweep_prunes_skips_finished_runs_continues_by_hand_and_reports(tmp_path
     lines = [json.loads(x) for x in (out / stopped / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [1, 2, 3, 4]
     assert f"| {stopped} | 4/4 |" in (out / "sweep_report.md").read_text()
+
+
+@pytest.mark.slow
+def test_a_lora_sweep_prunes_reports_and_trains_adapters_only(tmp_path):
+    """The same sweep with LoRA runs (r=4 on a 2-learning-rate grid): ranked and pruned on the
+    adapters' gradient norms; every run writes a PEFT adapter that loads onto the base model, and its
+    merged export equals base + adapter, so the base weights never changed."""
+    import jax
+    import jax.numpy as jnp
+    import ml_collections
+    import numpy as np
+    from flax import nnx
+
+    from jaxsft.models import load_model, peft_io
+    from jaxsft.models.loading import model_for_run
+
+    out, sweep = sweep_runner(tmp_path, "--config.base.lora.r=4", "--config.base.lora.alpha=8",
+                              "--config.learning_rates=(0.01, 0.1)", "--config.prune_fraction=0.5",
+                              "--config.base.train.export_hf=True", "--config.base.train.export_dtype=float32")
+    state = sweep()
+    (rung,) = state["rungs"]
+    assert sorted(rung["scores"]) == sorted(state["runs"]) and len(rung["stopped"]) == 1
+    stopped = rung["stopped"][0]
+    assert {k: r["steps_done"] for k, r in state["runs"].items()} == {k: 2 if k == stopped else 4 for k in state["runs"]}
+    report = (out / "sweep_report.md").read_text()
+    assert f"| {stopped} | 2/4 |" in report and "stopped at rung 0 (0.5): score" in report
+
+    for name in state["runs"]:
+        run = out / name
+        lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        assert all(np.isfinite(x["grad_norm"]) and x["grad_norm"] > 0 for x in lines), lines
+        c = ml_collections.ConfigDict(json.loads((run / "config.json").read_text()))
+        assert c.lora.r == 4
+        base = model_for_run(c.model, seed=c.train.seed)  # the random base the run started from
+        with_adapter = peft_io.load_adapter(base, run / "adapter")
+        b = np.asarray(with_adapter.lora.q.b[...])
+        assert np.abs(b).max() > 0  # trained (B starts at zero)
+        expected = jax.tree.leaves(nnx.state(peft_io.merged(with_adapter), nnx.Param))
+        exported = jax.tree.leaves(nnx.state(load_model(run / "hf", dtype=jnp.float32), nnx.Param))
+        assert len(expected) == len(exported)
+        for e, x in zip(expected, exported):
+            np.testing.assert_allclose(np.asarray(x), np.asarray(e), rtol=1e-6, atol=1e-7)
