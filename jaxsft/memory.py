@@ -2,7 +2,10 @@
 
 `python -m jaxsft.memory --config configs/NAME.py [--device-gib 80] [--host-gib 128] [--devices N]`
 prints the plan and whether it fits (exit 0) or not (exit 1, with the cheapest change that fits);
-`jaxsft.train` makes the same plan first and refuses a run that cannot fit.
+`jaxsft.train` makes the same plan first and refuses a run that cannot fit. `--tpu v5p:2x2x1` (any
+TPU slice) compiles with XLA's TPU compiler on a machine without a TPU (libtpu's compile-only client,
+`pip install 'jax[tpu]'`): on XLA:CPU every bf16 matmul converts its whole weight stack to float32
+(CPU has no bf16 matmul), so CPU figures overstate an accelerator's by the float32 weights.
 
 The train step's functions are lowered on abstract inputs (`jax.ShapeDtypeStruct`s with the run's
 shardings) and compiled; XLA's `memory_analysis()` gives each program's argument, output, alias
@@ -21,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import sys
 
 import jax
@@ -28,7 +32,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxsft.models import ModelConfig, lora
+from jaxsft.models import ConfigError, ModelConfig, lora
 
 GiB = 2**30
 # What XLA needs beyond the plan (fragmentation, collectives' buffers, the runtime).
@@ -74,6 +78,10 @@ class Plan:
     def report(self) -> str:
         lines = ["compiled memory plan, bytes per device:"]
         for name, stats in self.programs.items():
+            if stats.get("refused"):
+                lines.append(f"  {name:12s} peak > {stats['peak'] / GiB:7.2f} GiB  (the compiler refused it: its "
+                             f"temporaries alone exceed the device)")
+                continue
             lines.append(f"  {name:12s} peak {stats['peak'] / GiB:8.2f} GiB  (arguments {stats['argument'] / GiB:.2f}, "
                          f"temporaries {stats['temp'] / GiB:.2f}, resident besides {stats['resident'] / GiB:.2f})")
         lines.append(f"peak per device {self.device_peak / GiB:.2f} GiB ({self.peak_program})")
@@ -102,8 +110,17 @@ _analyses = {}  # lowered program text -> its memory analysis (the advisor compi
 def _stats(lowered, resident: int = 0) -> dict[str, int]:
     text = lowered.as_text()
     if text not in _analyses:
-        _analyses[text] = lowered.compile().memory_analysis()
+        try:
+            _analyses[text] = lowered.compile().memory_analysis()
+        except jax.errors.JaxRuntimeError as e:  # XLA's TPU compiler refuses what exceeds the chip
+            required = re.search(r"required for HLO temporaries \(([\d.]+)([KMGT])", str(e))
+            if "RESOURCE_EXHAUSTED" not in str(e) or not required:
+                raise
+            _analyses[text] = int(float(required[1]) * 1024 ** " KMGT".index(required[2]))
     m = _analyses[text]
+    if isinstance(m, int):  # only the temporaries are known, and they alone exceed the chip
+        return {"argument": 0, "output": 0, "alias": 0, "temp": m, "resident": resident,
+                "peak": m + resident, "refused": True}
     new_outputs = max(m.output_size_in_bytes - m.alias_size_in_bytes, 0)
     return {"argument": m.argument_size_in_bytes, "output": m.output_size_in_bytes,
             "alias": m.alias_size_in_bytes, "temp": m.temp_size_in_bytes, "resident": resident,
@@ -149,8 +166,8 @@ def plan(config, model_config: ModelConfig, mesh=None, device_bytes=None, host_b
     from jaxsft.train.step import make_train_step
 
     mesh = mesh or make_mesh(**config.mesh)
-    device_bytes = device_bytes or device_memory_bytes()
-    host_bytes = host_bytes or host_memory_bytes()
+    device_bytes = device_memory_bytes() if device_bytes is None else device_bytes  # 0: unknown
+    host_bytes = host_memory_bytes() if host_bytes is None else host_bytes
     m, tier = config.model, config.optim.offload
     model_config = model_config.replace(remat=m.remat)
     param_dtype, compute_dtype = jnp.dtype(m.param_dtype), jnp.dtype(m.compute_dtype)
@@ -281,19 +298,54 @@ def host_memory_bytes() -> float | None:
         return None
 
 
+def tpu_devices(topology: str):
+    """The devices of a TPU slice such as 'v5p:2x2x1' or 'v6e:1x1', for compiling without a TPU
+    (libtpu's compile-only client: `pip install 'jax[tpu]'`)."""
+    import importlib.util
+
+    from jax.experimental import topologies
+
+    if importlib.util.find_spec("libtpu") is None:
+        raise ConfigError(f"--tpu {topology} compiles with libtpu, which is not installed: pip install 'jax[tpu]'")
+    try:
+        return topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
+    except Exception:  # noqa: BLE001 - a slice smaller than a host needs its own host bounds
+        dims = [int(d) for d in topology.split(":")[-1].split("x")]
+        bounds = (dims + [1, 1, 1])[:3]
+        return topologies.get_topology_desc(platform="tpu", topology_name=topology,
+                                            chips_per_host_bounds=bounds).devices
+
+
+# HBM per TPU device (one chip; v4 has two devices per chip under megacore, each with its half).
+TPU_DEVICE_GIB = {"TPU v4": 16, "TPU v5 lite": 16, "TPU v5": 95, "TPU v6 lite": 32}
+
+
 def main(argv=None):
-    from jaxsft.cli import parse_args
+    from jaxsft.cli import exit_statuses, parse_args
     from jaxsft.models import load_model_config
+    from jaxsft.models.attention import resolve_backend
     from jaxsft.sharding import make_mesh
 
-    config, extra = parse_args(argv, extra_flags=("device-gib", "host-gib", "devices"))
-    model_config = load_model_config(config.model.path, remat=config.model.remat, attention=config.model.attention)
-    devices = jax.devices()[:int(extra["devices"])] if "devices" in extra else None
-    mesh = make_mesh(**config.mesh, devices=devices)
-    device_bytes = float(extra["device-gib"]) * GiB if "device-gib" in extra else None
-    host_bytes = float(extra["host-gib"]) * GiB if "host-gib" in extra else None
-    with jax.set_mesh(mesh):  # the model is traced under its mesh, as in training
-        result = plan(config, model_config, mesh, device_bytes, host_bytes)
+    with exit_statuses():
+        config, extra = parse_args(argv, extra_flags=("device-gib", "host-gib", "devices", "tpu"))
+        model_config = load_model_config(config.model.path, remat=config.model.remat, attention=config.model.attention)
+        device_bytes = float(extra["device-gib"]) * GiB if "device-gib" in extra else None
+        host_bytes = float(extra["host-gib"]) * GiB if "host-gib" in extra else None
+        if "tpu" in extra:  # XLA's TPU compiler: the target's figures, not this machine's
+            devices = tpu_devices(extra["tpu"])
+            model_config = model_config.replace(attention=resolve_backend(
+                model_config.attention, model_config.head_dim, config.model.compute_dtype, platform="tpu"))
+            if device_bytes is None:  # 0: unknown
+                device_bytes = TPU_DEVICE_GIB.get(devices[0].device_kind, 0) * GiB
+            if host_bytes is None:  # the target's host is not this machine
+                host_bytes = 0
+        else:
+            devices = jax.devices()[:int(extra["devices"])] if "devices" in extra else None
+        mesh = make_mesh(**config.mesh, devices=devices)
+        with jax.set_mesh(mesh):  # the model is traced under its mesh, as in training
+            result = plan(config, model_config, mesh, device_bytes, host_bytes)
+        if "tpu" in extra:
+            print(f"compiled for TPU {extra['tpu']} ({len(mesh.devices.flat)} x {devices[0].device_kind})")
     print(result.report)
     sys.exit(0 if result.fits else 1)
 

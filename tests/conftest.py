@@ -4,6 +4,9 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# libtpu (the test extra's jax[tpu], for the TPU memory plan) is loaded by every jax process on a
+# machine without a TPU too, and by default locks /tmp/libtpu_lockfile for one process at a time.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 from pathlib import Path  # noqa: E402
 

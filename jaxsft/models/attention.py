@@ -13,11 +13,11 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 
-def resolve_backend(backend: str, head_dim: int, dtype) -> str:
-    """'auto' picks the fastest backend that is correct on this platform."""
+def resolve_backend(backend: str, head_dim: int, dtype, platform: str | None = None) -> str:
+    """'auto' picks the fastest backend that is correct on `platform` (default: this machine's)."""
     if backend != "auto":
         return backend
-    platform = jax.devices()[0].platform
+    platform = platform or jax.devices()[0].platform
     if platform == "gpu" and head_dim % 8 == 0 and head_dim <= 256 and jnp.dtype(dtype).itemsize == 2:
         return "cudnn"
     if platform == "tpu":
