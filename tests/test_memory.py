@@ -5,7 +5,10 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
+from flax import nnx
 
 from jaxsft import memory
 from jaxsft.models import ModelConfig
@@ -134,6 +137,112 @@ def test_memory_cli_refuses_and_advises(tmp_path):
     r = subprocess.run(cmd + ["--device-gib", "1"], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "fits" in r.stdout and "compiled memory plan" in r.stdout
+
+
+# Three runs whose peaks have different causes, at a size where the run's arrays dwarf the process
+# (~60 M parameters): full fine-tuning without remat (fp32 state and activations), LoRA on a bf16
+# base (activations), and the host tier (the whole state in host memory beside the device's).
+PEAK_MODEL = ModelConfig(architecture="LlamaForCausalLM", vocab_size=32000, hidden_size=512, intermediate_size=1536,
+                         num_layers=8, num_heads=8, num_kv_heads=4, head_dim=64, attention="xla")
+PEAK_RUNS = {
+    "full-remat-none": {"model.remat": "none", "model.compute_dtype": "float32"},
+    "lora-bf16-base": {"model.remat": "none", "model.param_dtype": "bfloat16", "lora.r": 16, "lora.alpha": 32.0,
+                       "data.micro_batch_rows": 4},
+    "host-offload": {"optim.offload": "host"},
+}
+
+
+def peak_run(name: str):
+    """Child process of the plan-vs-measured test: the plan of run `name`, then the run itself,
+    built as `jaxsft.train.setup` builds it, for two steps (accumulate + update). Prints the
+    predicted and the measured peak as JSON.
+
+    Measured = the process's peak resident memory during the second step (VmHWM, reset just
+    before it) minus its baseline: the resident memory after the first step less the bytes of the
+    arrays alive then. The baseline is what is not the run's arrays (Python, jax, the compiled
+    executables); the first step compiles, so no compiler memory is in the measured step. The
+    parent sets MALLOC_MMAP_THRESHOLD_ so that every freed buffer goes back to the system and the
+    resident memory follows the live arrays."""
+    import ctypes
+    import json
+
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from jaxsft.models import lora, peft_io
+    from jaxsft.models.loading import random_model
+    from jaxsft.sharding import optimizer_shardings, param_shardings
+    from jaxsft.train.offload import Offloaded
+    from jaxsft.train.optimizer import make_optimizer
+    from jaxsft.train.step import make_train_step
+
+    def status(field):
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+    c = run_config(**{"data.max_seq_len": 128, **PEAK_RUNS[name]})
+    m = c.model
+    model_config = PEAK_MODEL.replace(remat=m.remat)
+    mesh = one_device()
+    with jax.set_mesh(mesh):
+        # A 1 GiB device makes the host tier stream groups of 2 layers (not all 8 at once).
+        plan = memory.plan(c, model_config, mesh, device_bytes=GiB, advise=False)
+        model = random_model(model_config, jnp.dtype(m.param_dtype), jnp.dtype(m.compute_dtype), mesh)
+        frozen = None
+        if c.lora.r:
+            graphdef, params, frozen = nnx.split(peft_io.add_adapters(model, c.lora, 0, mesh), lora.LoraParam, nnx.Param)
+        else:
+            graphdef, params = nnx.split(model, nnx.Param)
+        del model
+        tx, schedule = make_optimizer(c.optim, 10)
+        shardings = param_shardings(params, mesh)
+        opt_sharding = optimizer_shardings(tx, params, shardings, mesh)
+        if c.optim.offload == "none":
+            opt_state, offload = jax.jit(tx.init, out_shardings=opt_sharding)(params), None
+        else:
+            offload = opt_state = Offloaded(c.optim.offload, "", params, shardings, c.optim, schedule,
+                                            m.compute_dtype, model_config.num_layers, plan.group_layers)
+            params = offload.init(params)
+        batch_sharding = NamedSharding(mesh, P(("data", "fsdp"), None))
+        fns = make_train_step(graphdef, tx, schedule, shardings, opt_sharding, batch_sharding, offload=offload,
+                              frozen=frozen, frozen_sharding=None if frozen is None else param_shardings(frozen, mesh))
+        rows, seq = c.data.micro_batch_rows, c.data.max_seq_len
+        rng = np.random.RandomState(0)
+        batch = {"input_ids": rng.randint(0, PEAK_MODEL.vocab_size, (rows, seq), dtype=np.int32),
+                 "targets": rng.randint(0, PEAK_MODEL.vocab_size, (rows, seq), dtype=np.int32),
+                 "loss_mask": np.ones((rows, seq), np.float32), "segment_ids": np.ones((rows, seq), np.int32),
+                 "positions": np.tile(np.arange(seq, dtype=np.int32), (rows, 1))}
+
+        def step(params, opt_state, i):
+            acc = fns.zero_accumulator(params)
+            acc = fns.accumulate(acc, params, jax.device_put(batch, batch_sharding))
+            params, opt_state, _ = fns.update(params, opt_state, acc, jnp.int32(rows * seq), jnp.int32(i))
+            return jax.block_until_ready((params, opt_state))
+        params, opt_state = step(params, opt_state, 0)
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        baseline = status("VmRSS") - sum(x.nbytes for x in jax.live_arrays())
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current resident memory
+        step(params, opt_state, 1)
+        measured = status("VmHWM") - baseline
+    # On CPU the devices' memory is host memory: the host tier's state adds to the device peak.
+    predicted = plan.device_peak + (plan.host if c.optim.offload == "host" else 0)
+    print(json.dumps({"predicted": predicted, "measured": measured, "peak_program": plan.peak_program,
+                      "group_layers": plan.group_layers}))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(PEAK_RUNS))
+def test_the_plan_predicts_the_measured_peak_within_10_percent(name):
+    import json
+
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "MALLOC_MMAP_THRESHOLD_": "65536"}
+    r = subprocess.run([sys.executable, "-c", f"from tests.test_memory import peak_run; peak_run({name!r})"],
+                       cwd=REPO, capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads(r.stdout.strip().splitlines()[-1])
+    print(name, m)
+    assert m["predicted"] > 500 * 2**20  # the run's arrays, not the process, make the peak
+    assert abs(m["measured"] - m["predicted"]) <= 0.1 * m["predicted"], m
 
 
 def test_loss_chunks_keep_logits_under_256mib_per_device():
