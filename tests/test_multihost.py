@@ -1,5 +1,6 @@
 """Multi-process training on CPU with real processes (2 processes x 4 simulated devices against
-1 process x 8), checkpoints across process counts, a failing worker, and the launchers' dry runs."""
+1 process x 8), checkpoints across process counts, LoRA in 2 processes, a failing worker, and the
+launchers' dry runs."""
 
 import json
 import os
@@ -272,3 +273,45 @@ def test_slurm_script_dry_run(tasks):
     r = subprocess.run(["bash", "launch/slurm.sbatch", "--config.train.num_steps=2"], cwd=REPO,
                        capture_output=True, text=True, env={**os.environ, "DRY_RUN": "1"})
     assert r.returncode == 2 and "usage" in r.stderr
+
+
+
+@pytest.mark.slow
+def test_lora_in_two_processes_resumes_trains_and_saves_like_one(tmp_path):
+    """LoRA (with LoRA+) on the tiny demo model: a 2 process x 1 device job resumes a 1-process
+    (2-device) adapters-only checkpoint, and its next step, its checkpoint (read back by
+    `python -m jaxsft.export`) and its gathered PEFT adapter equal the 1-process run's. Dropout is
+    left out: its masks follow each row's place in the batch, which the process count changes."""
+    import shutil
+
+    from safetensors.numpy import load_file
+    from test_metrics import tiny_model
+
+    from jaxsft.export import main as export_main
+
+    model, tokenizer = tiny_model(tmp_path)
+    cache, one, two = tmp_path / "cache", tmp_path / "one", tmp_path / "two"
+    lora = {"model.path": model, "data.tokenizer": tokenizer, "data.global_batch_size": 4, "train.num_steps": 3,
+            "lora.r": 4, "lora.alpha": 8, "lora.lr_ratio": 4, "optim.learning_rate": 1e-2, "checkpoint.keep": 3}
+    run_job(tmp_path, 1, train_args(one, cache, devices=2, **lora), devices=2)
+    shutil.copytree(one / "checkpoints", tmp_path / "ckpt", ignore=shutil.ignore_patterns("3"))
+    texts = run_job(tmp_path, 2, train_args(two, cache, devices=2, **lora, **{"checkpoint.dir": tmp_path / "ckpt"}),
+                    devices=2)
+    assert "resumed from step 2" in texts[0] and "process 1 of 2, 1 local devices of 2" in texts[1]
+
+    a, b = (metrics_by_step(out) for out in (one, two))
+    assert sorted(b) == [3]
+    for key in ("loss", "grad_norm", "param_norm"):  # the loss of a random 152k-vocabulary model hardly moves
+        np.testing.assert_allclose(b[3][key], a[3][key], rtol=2e-5, err_msg=key)
+    export_main(["--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "hf"), "--dtype", "float32"])
+    expected = load_file(one / "adapter" / "adapter_model.safetensors")
+    assert len(expected) == 7 * 2 and all(np.abs(v).max() > 0 for v in expected.values())  # A, B of 7 targets
+    for adapter in (two / "adapter", tmp_path / "hf" / "adapter"):
+        got = load_file(adapter / "adapter_model.safetensors")
+        assert sorted(got) == sorted(expected)
+        for k, v in expected.items():
+            np.testing.assert_allclose(got[k], v, rtol=1e-4, atol=1e-6, err_msg=f"{adapter}: {k}")
+
+
+def metrics_by_step(out):
+    return {x["step"]: x for x in map(json.loads, open(os.path.join(out, "metrics.jsonl")))}
