@@ -346,6 +346,9 @@ def main(argv=None):
             result = plan(config, model_config, mesh, device_bytes, host_bytes)
         if "tpu" in extra:
             print(f"compiled for TPU {extra['tpu']} ({len(mesh.devices.flat)} x {devices[0].device_kind})")
+        elif mesh.devices.flat[0].platform == "cpu" and config.model.compute_dtype == "bfloat16":
+            print("compiled by XLA:CPU, which converts bf16 weights to float32 before each matmul: an "
+                  "accelerator needs less; --tpu SLICE (e.g. v5p:1x1x1) gives XLA's TPU compiler's figures")
     print(result.report)
     sys.exit(0 if result.fits else 1)
 
