@@ -99,8 +99,12 @@ def set_field(config: ml_collections.ConfigDict, key: str, raw: str) -> None:
 
 
 def parse_value(raw: str, old):
-    if isinstance(old, str):
-        return raw
+    if isinstance(old, str):  # a list of names where a field also takes one (lora.target_modules)
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            return raw
+        return value if isinstance(value, list) and all(isinstance(v, str) for v in value) else raw
     if isinstance(old, bool):
         if raw.lower() in ("true", "1", "yes"):
             return True

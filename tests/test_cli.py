@@ -64,6 +64,20 @@ def test_config_mistakes_exit_2():
     assert "Traceback" not in r.stderr
 
 
+def test_a_list_of_lora_targets_on_the_command_line_is_a_list():
+    from jaxsft.cli import parse_args
+    from jaxsft.train.config import validate
+
+    config, _ = parse_args(["--config", "configs/demo.py", "--config.lora.r=4",
+                            "--config.lora.target_modules=['q_proj', 'v_proj']"])
+    assert config.lora.target_modules == ["q_proj", "v_proj"]
+    validate(config)
+    config, _ = parse_args(["--config", "configs/demo.py", "--config.lora.target_modules=[qv]_proj"])
+    assert config.lora.target_modules == "[qv]_proj"  # a regex stays a string
+    with pytest.raises(UsageError, match="--config.data.tokenizer=\\['a'\\]"):
+        parse_args(["--config", "configs/demo.py", "--config.data.tokenizer=['a']"])  # takes one path
+
+
 @pytest.mark.slow
 def test_corrupt_checkpoint_exits_3(tmp_path):
     # A checkpoint directory whose only step has an unreadable metadata file.
