@@ -1,4 +1,4 @@
-"""python -m jaxsft.export --checkpoint PATH --out HF_DIR [--dtype bfloat16] [--adapter-out DIR]
+"""python -m jaxsft.export --checkpoint PATH --out HF_DIR [--dtype bfloat16] [--adapter-out DIR] [--base MODEL]
 
 Writes a Hugging Face model folder (safetensors, config.json, tokenizer) from any jaxsft
 checkpoint: a converted model (`python -m jaxsft.convert`), a training run's checkpoint step
@@ -8,7 +8,8 @@ and generation config in its record, which also names the run's copy of the toke
 `RUN/tokenizer`), so the model it was trained from is not needed.
 
 A LoRA run's checkpoint holds only the adapters: its base model is read from the run's
-`model.path` (named by the record, and checked against the base fingerprint recorded there). Then
+`model.path` (named by the record), or from `--base` where it has moved, and checked against the
+base fingerprint recorded there. Then
 `--out` gets the merged model (W + scale A B in float32, then cast to `--dtype`), as the run's
 `hf/` export, and `--adapter-out` (default `HF_DIR/adapter`) the PEFT adapter folder, as the run's
 `adapter/`.
@@ -67,12 +68,14 @@ def training_checkpoint_model(params_dir: str, record: dict) -> tuple[ModelConfi
     return config, record["tokenizer_dir"]
 
 
-def lora_checkpoint_model(params_dir: str, record: dict, mesh):
-    """A LoRA checkpoint's model: the run's base model (from `model.path` in the record's config,
-    refused unless it has the recorded fingerprint) with the checkpoint's adapters, and the base
-    model's path. The base is built and given adapters exactly as the run's setup does."""
+def lora_checkpoint_model(params_dir: str, record: dict, mesh, base: str | None = None):
+    """A LoRA checkpoint's model: the run's base model (`base`, default `model.path` in the record's
+    config; refused unless it has the recorded fingerprint) with the checkpoint's adapters, and the
+    base model's path. The base is built and given adapters exactly as the run's setup does."""
     run_config = ml_collections.ConfigDict(record["config"])
     m, seed = run_config.model, run_config.train.seed
+    if base:
+        m.path = base
     model = peft_io.add_adapters(model_for_run(m, mesh, seed=seed), run_config.lora, seed, mesh)
     graphdef, adapters, frozen = nnx.split(model, lora.LoraParam, nnx.Param)
     if base_fingerprint(frozen) != record["base_model"]:
@@ -86,18 +89,19 @@ def lora_checkpoint_model(params_dir: str, record: dict, mesh):
     return nnx.merge(graphdef, trained, frozen), m.path
 
 
-def export(checkpoint: str, out: str, dtype: str = "bfloat16", adapter_out: str | None = None) -> None:
+def export(checkpoint: str, out: str, dtype: str = "bfloat16", adapter_out: str | None = None,
+           base: str | None = None) -> None:
     params_dir, record = find_params(checkpoint)
     is_lora = record is not None and "base_model" in record
-    if adapter_out and not is_lora:
-        raise ValueError(f"{checkpoint}: --adapter-out is for LoRA checkpoints; this one holds a whole model")
+    if (adapter_out or base) and not is_lora:
+        raise ValueError(f"{checkpoint}: --adapter-out and --base are for LoRA checkpoints; this one holds a whole model")
     if record is None:  # a converted model: config.json and tokenizer beside the params
         config, tokenizer_dir = converted_config(checkpoint), checkpoint
     else:
         config, tokenizer_dir = training_checkpoint_model(params_dir, record)
     mesh = make_mesh()  # sharded over all devices
     if is_lora:
-        model, base_path = lora_checkpoint_model(params_dir, record, mesh)
+        model, base_path = lora_checkpoint_model(params_dir, record, mesh, base)
         peft_io.save_adapter(model, adapter_out or join(out, "adapter"), base_model_name_or_path=base_path)
         model = peft_io.merged(model)
     else:  # read in float32 and cast per tensor while writing
@@ -112,9 +116,11 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="Hugging Face folder to write, local or gs://")
     p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
     p.add_argument("--adapter-out", help="LoRA checkpoints: the PEFT adapter folder to write (default: OUT/adapter)")
+    p.add_argument("--base", help="LoRA checkpoints: the base model (default: the run's model.path), e.g. "
+                   "where it lives now; it must be the one the adapters were trained on")
     a = p.parse_args(argv)
     try:
-        export(a.checkpoint, a.out, a.dtype, a.adapter_out)
+        export(a.checkpoint, a.out, a.dtype, a.adapter_out, a.base)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
     print(f"wrote {a.out}")

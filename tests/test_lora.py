@@ -1,6 +1,7 @@
 """LoRA against Hugging Face PEFT: import, export, merge and gradients agree with PEFT + torch."""
 
 import json
+import shutil
 import subprocess
 
 import jax
@@ -357,6 +358,14 @@ def test_export_of_a_lora_checkpoint_loads_in_peft_and_transformers(tmp_path):
     merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     np.testing.assert_allclose(torch_logits(merged, ids), expected, rtol=2e-4, atol=2e-4)
 
+    shutil.copytree(base, tmp_path / "moved")
     small_qwen2_with_tokenizer(base, seed=1)  # the base model's folder now holds other weights
     with pytest.raises(SystemExit, match="not the one these adapters were trained on"):
         export_main(["--checkpoint", str(run), "--out", str(tmp_path / "again")])
+    # --base names where the base model lives now.
+    export_main(["--checkpoint", str(run), "--out", str(tmp_path / "again"), "--base", str(tmp_path / "moved")])
+    assert json.loads((tmp_path / "again" / "adapter" / "adapter_config.json").read_text())[
+        "base_model_name_or_path"] == str(tmp_path / "moved")
+    moved = tensors(tmp_path / "again" / "adapter")
+    for k in runs:
+        np.testing.assert_array_equal(moved[k], runs[k], err_msg=k)
