@@ -96,3 +96,14 @@ def test_corrupt_checkpoint_exits_3(tmp_path):
     assert r.returncode == CHECKPOINT, r.stderr[-3000:]
     assert last_line(r.stderr).startswith(f"checkpoint error: no usable checkpoint in {tmp_path / 'ckpt'}")
     assert "Traceback" not in r.stderr
+
+
+def test_a_missing_gsm8k_file_is_a_config_mistake_found_before_the_model_loads(tmp_path):
+    from jaxsft.cli import parse_args
+    from jaxsft.train import validate
+
+    config, _ = parse_args(["--config", "configs/demo.py", f"--config.gsm8k.file={tmp_path / 'test.jsonl'}"])
+    with pytest.raises(ConfigError, match=r"gsm8k.file='.*test.jsonl': no such file"):
+        validate(config)
+    (tmp_path / "test.jsonl").write_text('{"question": "1+1?", "answer": "#### 2"}\n')
+    validate(config)

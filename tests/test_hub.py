@@ -133,7 +133,7 @@ def test_a_missing_hub_id_offline_says_what_to_run(tmp_path, monkeypatch):
     message = str(error.value)
     assert message.startswith("'meta-llama/Llama-3.2-1B' is not a local path")
     assert "(HF_HUB_OFFLINE=1 is set)" in message
-    assert f"`hf download meta-llama/Llama-3.2-1B --include '*.json' '*.safetensors'" in message
+    assert "`hf download meta-llama/Llama-3.2-1B --include '*.json' '*.safetensors'" in message
     assert f"--cache-dir {tmp_path / 'hf_cache'}`" in message
 
 

@@ -1,6 +1,7 @@
 """LoRA against Hugging Face PEFT: import, export, merge and gradients agree with PEFT + torch."""
 
 import json
+import os
 import shutil
 import subprocess
 
@@ -256,7 +257,8 @@ def test_lora_run_resumes_exactly(tmp_path):
     """Through the CLI (one device): checkpoints hold adapters only, a stopped run continued from its
     checkpoint repeats the uninterrupted run's losses (dropout and LoRA+ on), and the run writes a
     PEFT adapter folder and a merged Hugging Face export."""
-    from tests.test_checkpoint import ENV, REPO, cli, metrics
+    from jaxsft.cli import DIVERGED
+    from tests.test_checkpoint import ASSETS, ENV, REPO, cli, metrics
 
     lora_flags = ("--config.lora.r=4", "--config.lora.alpha=8", "--config.lora.dropout=0.1",
                   "--config.lora.lr_ratio=4", "--config.optim.learning_rate=1e-2")
@@ -267,11 +269,18 @@ def test_lora_run_resumes_exactly(tmp_path):
         assert r.returncode == 0, r.stderr[-3000:]
 
     whole, parted = tmp_path / "whole", tmp_path / "parted"
-    train(whole, "--config.train.export_hf=True")
+    # GSM8K eval before and after, as in a full fine-tuning run (generation from the adapted model).
+    train(whole, "--config.train.export_hf=True", f"--config.gsm8k.file={os.path.join(ASSETS, 'gsm8k', 'test.jsonl')}",
+          "--config.gsm8k.subset=2", "--config.gsm8k.max_new_tokens=4", "--config.gsm8k.batch_size=2",
+          "--config.train.eval_at_start=True")
     config = json.loads((whole / "adapter" / "adapter_config.json").read_text())
     assert config["r"] == 4 and config["target_modules"] == [
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     assert (whole / "hf" / "model.safetensors").exists()
+    gsm8k = [json.loads(line) for line in open(whole / "eval.jsonl") if "gsm8k_accuracy" in line]
+    assert [g["step"] for g in gsm8k] == [0, 4]
+    for step in (0, 4):
+        assert len(json.loads((whole / "eval" / f"gsm8k_step{step}.json").read_text())["records"]) == 2
 
     train(parted, "--config.train.stop_after_steps=2")
     with ocp.StandardCheckpointer() as ckpt:
@@ -280,6 +289,13 @@ def test_lora_run_resumes_exactly(tmp_path):
     assert sorted(saved) and all(k.startswith("lora.") for k in saved), sorted(saved)
     train(parted)
     np.testing.assert_allclose([m["loss"] for m in metrics(parted)], [m["loss"] for m in metrics(whole)], rtol=1e-6)
+
+    # The health checks stop a LoRA run that diverges, as they stop a full fine-tuning one.
+    r = subprocess.run(cli(tmp_path, tmp_path / "diverged", *lora_flags, "--config.optim.learning_rate=1e30",
+                           "--config.checkpoint.every_steps=0"),
+                       cwd=REPO, env=ENV, capture_output=True, text=True)
+    assert r.returncode == DIVERGED and r.stderr.strip().splitlines()[-1].startswith("training diverged: step "), \
+        r.stderr[-3000:]
 
 
 def test_checkpoint_of_another_base_model_is_refused(tmp_path):

@@ -1,13 +1,11 @@
 """The train step: exact accumulation, sharding invariance, compile-once, schedules, CLI errors."""
 
-import json
 import os
 import subprocess
 import sys
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from flax import nnx

@@ -392,7 +392,7 @@ class DataPipeline:
         for table in self._tables:
             skipped.update(table.info["skipped"])
         order = self._epoch_order(0)
-        rows = padded_rows = microbatches = tokens = 0
+        rows = padded_rows = tokens = 0
         steps = min(self.steps_per_epoch, SUMMARY_PACKING_STEPS)
         per_step = []
         for s in range(steps):

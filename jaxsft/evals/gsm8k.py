@@ -19,6 +19,8 @@ import re
 import time
 from decimal import Decimal, InvalidOperation
 
+from etils import epath
+
 from jaxsft import rundir
 from jaxsft.data.chat import end_of_turn_id, prompt_tokens
 from jaxsft.generation import generate
@@ -62,8 +64,8 @@ def is_correct(predicted: str | None, expected: str | None) -> bool:
 
 
 def load_jsonl(path: str | os.PathLike) -> list[dict]:
-    """The JSON objects of a .jsonl file, one per non-empty line (GSM8K examples, metrics lines)."""
-    with open(path) as f:
+    """The JSON objects of a .jsonl file (local or gs://), one per non-empty line (GSM8K examples, metrics lines)."""
+    with epath.Path(path).open() as f:
         return [json.loads(line) for line in f if line.strip()]
 
 

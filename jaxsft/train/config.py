@@ -119,6 +119,7 @@ GSM8K test accuracy by greedy generation (`jaxsft/evals/gsm8k.py`), before train
 from __future__ import annotations
 
 import ml_collections
+from etils import epath
 
 from jaxsft.compile_cache import default_compile_cache_dir
 from jaxsft.data import default_data_config, validate_data_config
@@ -221,6 +222,9 @@ def validate(c) -> None:
     g = c.gsm8k
     if g.k_shot and not g.shots_file:
         raise ConfigError(f"gsm8k.k_shot={g.k_shot} needs gsm8k.shots_file (the training split)")
+    for key in ("file", "shots_file"):  # checked now, not after the model has loaded
+        if g[key] and not epath.Path(g[key]).exists():
+            raise ConfigError(f"gsm8k.{key}={g[key]!r}: no such file")
     for key in ("subset", "k_shot", "every", "show"):
         if g[key] < 0:
             raise ConfigError(f"gsm8k.{key}={g[key]} must be >= 0")
