@@ -68,6 +68,9 @@ def _kvstore(path: str):
     return path if "://" in path else {"driver": "file", "path": os.path.abspath(path)}
 
 
+_copy = jax.jit(jnp.copy)
+
+
 def _key(index) -> tuple:
     return tuple((s.start, s.stop) for s in index)
 
@@ -147,9 +150,13 @@ class DiskStore:
         def arrays():
             out = {}
             for key, sharding in shardings.items():
-                data = {k: f.result() for k, f in pending[key].items()}
-                out[key] = jax.make_array_from_callback(
-                    self.group_shape(key, group), sharding, lambda index, data=data: data[_key(index)])
+                # On CPU an array put from numpy keeps its numpy source alive as long as itself
+                # (measured): a copy, made before the next array is read in, lets each source go,
+                # so a group read is not held twice (the devices' memory is host memory there).
+                data = {k: f.result() for k, f in pending.pop(key).items()}
+                out[key] = _copy(jax.make_array_from_callback(
+                    self.group_shape(key, group), sharding, lambda index, data=data: data[_key(index)]))
+                out[key].block_until_ready()
             return out
         return arrays
 
@@ -158,13 +165,25 @@ class DiskStore:
         return shape if group.start is None else (group.size, *shape[1:])
 
     def write(self, i: int, arrays: dict, group: Group):
+        """Writes `arrays` (which it takes: the dict is emptied) on the background thread."""
         def write_all():
-            futures = [self._region(key, shard.index, group).write(np.asarray(shard.data))
-                       for key, value in arrays.items() for shard in value.addressable_shards
-                       if shard.replica_id == 0]
-            for f in futures:
+            commits = []
+            while arrays:
+                commits += self._write_array(*arrays.popitem(), group)
+            for f in commits:
                 f.result()
         return self.writer.submit(write_all)
+
+    def _write_array(self, key, value, group: Group) -> list:
+        """Starts writing one array's shards; returns when TensorStore has copied them, so the
+        array can go before the next is copied (a group being written is not held twice)."""
+        commits = []
+        for shard in value.addressable_shards:
+            if shard.replica_id == 0:
+                written = self._region(key, shard.index, group).write(np.asarray(shard.data))
+                written.copy.result()
+                commits.append(written.commit)
+        return commits
 
     def close(self):
         self.writer.shutdown(wait=True)
@@ -293,15 +312,13 @@ class Offloaded:
         squares = []
         next_read = self._read(0)
         writes = []
-        for i, group in enumerate(self.groups):
+        for i in range(len(self.groups)):
             arrays = next_read()
             if i + 1 < len(self.groups):
                 next_read = self._read(i + 1)
-            tree = unflatten(self.like[i], {**arrays, **self.small[i]})
-            params, tree, sq = self._update[group.start is not None](
-                params, acc, tree, scale, jnp.int32(group.start or 0), group.size)
+            params, sq, written = self._update_group(i, params, acc, arrays, scale)
             squares.append(sq)
-            writes.append(self._write(i, tree))
+            writes.append(written)
             if len(writes) > 1:
                 writes.pop(0).result()  # group i-1 is written back before group i+2 is read
         for w in writes:
@@ -309,6 +326,15 @@ class Offloaded:
         total = sum(squares)
         metrics = {**metrics, "update_norm": jnp.sqrt(total[0]), "param_norm": jnp.sqrt(total[1])}
         return params, self, metrics
+
+    def _update_group(self, i: int, params, acc, arrays: dict, scale):
+        """Group i's update; its new state goes to the writer, and nothing else holds it (the
+        writer lets each array go once TensorStore has copied it)."""
+        group = self.groups[i]
+        tree = unflatten(self.like[i], {**arrays, **self.small[i]})
+        params, tree, squares = self._update[group.start is not None](
+            params, acc, tree, scale, jnp.int32(group.start or 0), group.size)
+        return params, squares, self._write(i, tree)
 
     def tree_shardings(self, i: int):
         """The device shardings of group i's {"master", "state"} tree."""
@@ -415,9 +441,9 @@ class Offloaded:
             self.small[i] = {k: jnp.copy(v) for k, v in counters.items()}  # each group's are donated
             big = {k: s for k, s in self.shardings[i].items() if k not in self.small[i]}
             arrays = snapshot.read(i, group, big)()
+            masters = {n: arrays["master." + n] for n in group.names}
             self.store.write(i, arrays, group).result()
-            params = self._place[group.start is not None](
-                params, {n: arrays["master." + n] for n in group.names}, jnp.int32(group.start or 0))
+            params = self._place[group.start is not None](params, masters, jnp.int32(group.start or 0))
         snapshot.close()
         return params
 
