@@ -138,6 +138,69 @@ def test_a_host_checkpoint_resumes_in_disk_mode_and_back(tmp_path):
 
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("tier", ["host", "disk"])
+def test_a_none_checkpoint_resumes_offloaded_and_back(tmp_path, tier):
+    """optim.offload='none' -> `tier` and `tier` -> 'none' across a checkpoint at step 2: the
+    losses and the final master weights and moments equal four steps without a break, bit for bit."""
+    from jaxsft.checkpoint import Checkpointer
+    from jaxsft.train.offload import restore_for_none
+
+    mesh = make_mesh(devices=jax.devices()[:1])
+    fns, params, opt_state, sharding = build("none", mesh, None)
+    params, opt_state, straight = steps(fns, params, opt_state, sharding, BATCHES)
+    expected = final_state("none", params, opt_state)
+
+    # none -> tier: the none run's Orbax step (masters and optax state) is streamed into the store.
+    fns, params, opt_state, sharding = build("none", mesh, None)
+    params, opt_state, losses = steps(fns, params, opt_state, sharding, BATCHES[:2])
+    checkpointer = Checkpointer(str(tmp_path / "ck-none"))
+    checkpointer.save(2, params, opt_state, {"step": 2})
+    checkpointer.close()
+    fns, params, offload, sharding = build(tier, mesh, tmp_path / tier, group_layers=1)
+    checkpointer = Checkpointer(str(tmp_path / "ck-none"))
+    params, record = offload.resume_or_init(checkpointer, offload.masters(), resume=True)
+    assert record["step"] == 2
+    params, offload, more = steps(fns, params, offload, sharding, BATCHES[2:], first=2)
+    assert losses + more == straight
+    for a, b in zip(final_state(tier, params, offload), expected):
+        assert_bitwise(a, b)
+
+    # tier -> none: the offloaded run's snapshot (masters, moments) and Orbax step (counters).
+    fns, params, offload, sharding = build(tier, mesh, tmp_path / f"{tier}-2", group_layers=2)
+    params, offload, losses = steps(fns, params, offload, sharding, BATCHES[:2])
+    checkpointer = Checkpointer(str(tmp_path / f"ck-{tier}"))
+    checkpointer.save(2, params, offload.save(checkpointer, 2), {"step": 2})
+    checkpointer.close()
+    fns, params, opt_state, sharding = build("none", mesh, None)
+    checkpointer = Checkpointer(str(tmp_path / f"ck-{tier}"))
+    params, opt_state, record = restore_for_none(checkpointer, params, opt_state)
+    assert record["step"] == 2
+    params, opt_state, more = steps(fns, params, opt_state, sharding, BATCHES[2:], first=2)
+    assert losses + more == straight
+    for a, b in zip(final_state("none", params, opt_state), expected):
+        assert_bitwise(a, b)
+
+@pytest.mark.slow
+def test_train_cli_resumes_across_tiers(tmp_path):
+    """`jaxsft.train` itself: 'host' for two steps then 'none' to four, and 'none' then 'disk',
+    log the losses of four unbroken steps."""
+    import subprocess
+
+    from tests.test_checkpoint import ENV, REPO, cli, metrics
+
+    def run(out, *extra):
+        r = subprocess.run(cli(tmp_path, tmp_path / out, *extra), cwd=REPO, env=ENV, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return metrics(tmp_path / out)
+    straight = [m["loss"] for m in run("straight")]
+    assert len(straight) == 4
+    for out, first, second in (("host-none", "host", "none"), ("none-disk", "none", "disk")):
+        before = run(out, f"--config.optim.offload={first}", "--config.train.stop_after_steps=2")
+        after = run(out, f"--config.optim.offload={second}")
+        assert after[:2] == before  # resumed, not restarted: steps 1-2 are the first run's lines (timings too)
+        assert [m["loss"] for m in after] == straight
+
 def crash_run(directory: str, kill_in: str):
     """Child process of the SIGKILL test: resume from `directory`'s newest checkpoint (if any) and
     train to step 4 in the disk tier (one layer per group), checkpointing at steps 2 and 4; SIGKILL

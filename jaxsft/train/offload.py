@@ -38,7 +38,7 @@ from jax.experimental import multihost_utils
 
 from jaxsft.checkpoint import flatten, unflatten
 from jaxsft.sharding import optimizer_shardings
-from jaxsft.train.optimizer import adamw
+from jaxsft.train.optimizer import adamw, make_optimizer
 
 META = "meta.json"
 
@@ -203,6 +203,47 @@ def snapshot_dir(checkpoint_dir: str, step: int) -> str:
     return f"{str(checkpoint_dir).rstrip('/')}-offload/{step}"
 
 
+def saved_offloaded(checkpoint_dir: str, step: int) -> bool:
+    """Whether checkpoint `step` was saved by an offloaded run (it has a complete snapshot) rather
+    than by one with optim.offload='none' (params = master weights, opt_state = optax's state)."""
+    return (epath.Path(snapshot_dir(checkpoint_dir, step)) / META).exists()
+
+
+def none_name(key: str) -> str:
+    """The flat name in an `optim.offload='none'` run of a stored array: "master.layers.q" is its
+    params' "layers.q", "state.0.mu.layers.q" its opt_state's "1.0.mu.layers.q" (`none` chains
+    clipping, which keeps no state, before adamw)."""
+    kind, name = key.split(".", 1)
+    return name if kind == "master" else "1." + name
+
+
+def restore_for_none(checkpointer, params, opt_state):
+    """`checkpointer.restore_latest(params, opt_state)` for a run with optim.offload='none' (params:
+    the master weights, opt_state: optax's state, arrays or ShapeDtypeStructs with shardings),
+    whichever tier saved the newest checkpoint: an offloaded run's masters and moments come from
+    its snapshot, its step counters and record from the Orbax step."""
+    step = checkpointer.latest_step()
+    if step is None or not saved_offloaded(checkpointer.directory, step):
+        return checkpointer.restore_latest(params, opt_state)
+    stored = checkpointer.manager.item_metadata(step)["params"]
+    flat_params, flat_opt = flatten(params), flatten(opt_state)
+    # The Orbax step holds the compute-dtype params (restored as saved, so their checksums match)
+    # and the counters; the masters and moments are read from the snapshot.
+    compute = {k: jax.ShapeDtypeStruct(x.shape, stored[k].dtype, sharding=x.sharding) for k, x in flat_params.items()}
+    counters = {"state." + k.removeprefix("1."): x for k, x in flat_opt.items() if not x.ndim}
+    _, counters, record = checkpointer.restore(step, compute, counters)
+    directory = snapshot_dir(checkpointer.directory, step)
+    like = {**{"master." + k: x for k, x in flat_params.items()},
+            **{"state." + k.removeprefix("1."): x for k, x in flat_opt.items() if x.ndim}}
+    snapshot = DiskStore(directory, {k: (x.shape, x.dtype, x.shape) for k, x in like.items()}, create=False, shared=True)
+    arrays = {none_name(k): jax.make_array_from_callback(
+        x.shape, x.sharding, lambda index, key=k: snapshot.arrays[key][index].read().result()) for k, x in like.items()}
+    snapshot.close()
+    arrays.update({none_name(k): v for k, v in counters.items()})
+    return (unflatten(params, {k: arrays[k] for k in flat_params}),
+            unflatten(opt_state, {k: arrays[k] for k in flat_opt}), record)
+
+
 class Offloaded:
     """The master weights and optimizer state of a run in the `host` or `disk` tier, and the
     streamed update. `params` passed to `update` are the devices' compute-dtype params."""
@@ -215,12 +256,12 @@ class Offloaded:
         if tier not in ("host", "disk"):
             raise ValueError(f"optim.offload={tier!r}: Offloaded holds the 'host' or 'disk' tier")
         self.tier, self.schedule = tier, schedule
-        self.clip_norm, self.adamw = optim.clip_norm, adamw(optim, schedule)
+        self.optim, self.clip_norm, self.adamw = optim, optim.clip_norm, adamw(optim, schedule)
         self.structure = jax.tree.map(lambda x: 0, masters)
         self.masters_like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), masters)
         master_flat = flatten(masters)
         shardings = flatten(param_sharding)
-        mesh = next(iter(shardings.values())).mesh
+        self.mesh = mesh = next(iter(shardings.values())).mesh
         while num_layers % group_layers:
             group_layers -= 1
         self.group_layers = group_layers
@@ -383,13 +424,45 @@ class Offloaded:
         return {k: v[0] if v[0].ndim == 0 else np.concatenate(v) for k, v in parts.items()}
 
     def resume_or_init(self, checkpointer, masters, resume: bool):
-        """The run's starting state: the newest usable checkpoint's (with `resume`) or `masters`
-        (device arrays, then dropped). Returns (compute params, the checkpoint's record or None)."""
+        """The run's starting state: the newest usable checkpoint's (with `resume`), saved by an
+        offloaded run or by one with optim.offload='none', or `masters` (device arrays, then
+        dropped). Returns (compute params, the checkpoint's record or None)."""
+        step = checkpointer.latest_step() if resume else None
+        if step is not None and not saved_offloaded(checkpointer.directory, step):
+            # A `none` checkpoint: its master weights and optax state come to the devices once (as
+            # much memory as that run's state), then go to the store group by group.
+            restored = checkpointer.restore_latest(masters, self._none_state_like(masters))
+            return self.load(*restored[:2]), restored[2]
         restored = checkpointer.restore_latest(self.abstract_params(), self.abstract_counters()) if resume else None
         if restored is None:
             return self.init(masters), None
         _, counters, record = restored
         return self.restore(checkpointer.directory, record["step"], counters), record
+
+    def _none_state_like(self, masters):
+        """The optax state of `masters` as a run with optim.offload='none' keeps it (shapes,
+        dtypes, device shardings)."""
+        tx = make_optimizer(self.optim, 1)[0]  # the state's structure does not depend on the schedule
+        shardings = flatten(optimizer_shardings(tx, masters, self.compute_sharding, self.mesh))
+        like = jax.eval_shape(tx.init, masters)
+        return unflatten(like, {k: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shardings[k])
+                                for k, x in flatten(like).items()})
+
+    def load(self, masters, opt_state):
+        """Stores the master weights and optax state of a run with optim.offload='none' (device
+        arrays); returns the compute params."""
+        flat = {**{"master." + k: v for k, v in flatten(masters).items()},
+                **{"state." + k.removeprefix("1."): v for k, v in flatten(opt_state).items()}}
+        for i, group in enumerate(self.groups):
+            arrays = {}
+            for key, like in flatten(self.like[i]).items():
+                x = flat[key]
+                if like.ndim and group.start is not None:
+                    x = x[group.start:group.start + group.size]
+                # Each group gets its own counters: a group's update donates them.
+                arrays[key] = jax.device_put(jnp.copy(x), self.shardings[i][key])
+            self._write(i, unflatten(self.like[i], arrays)).result()
+        return self._cast(masters)
 
     def counters(self) -> dict:
         """The optimizer's step counters (the same in every group): what the Orbax checkpoint

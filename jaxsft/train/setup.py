@@ -31,7 +31,7 @@ from jaxsft.train.config import validate
 from jaxsft.train.distributed import maybe_initialize_distributed
 from jaxsft.train.hooks import Eval, Hook, make_evals, make_hooks
 from jaxsft.train.optimizer import make_optimizer
-from jaxsft.train.offload import for_run as offloaded_state
+from jaxsft.train.offload import for_run as offloaded_state, restore_for_none
 from jaxsft.train.step import TrainStep, make_train_step
 
 log = logging.getLogger("jaxsft.train")
@@ -135,7 +135,8 @@ def setup(config) -> Run:
         save_tokenizer(tokenizer, rundir.tokenizer_dir(out))
     start = 0
     if offload is None:
-        restored = checkpointer.restore_latest(params, opt_state) if config.checkpoint.resume else None
+        # The newest checkpoint, saved with optim.offload='none' or by an offloaded run.
+        restored = restore_for_none(checkpointer, params, opt_state) if config.checkpoint.resume else None
     else:
         params, record = offload.resume_or_init(checkpointer, params, config.checkpoint.resume)
         restored = None if record is None else (params, offload, record)
