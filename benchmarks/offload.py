@@ -9,6 +9,12 @@ random gradients): the forward and backward passes are the same in every tier. T
 reported as a fraction of a step of the paper's recipe, 3,840 samples per optimizer step, from the
 measured accumulate time of one micro-batch (samples of `--sample-tokens` tokens).
 
+A tier whose run does not fit is skipped, with the reason in the JSON: its compiled memory plan
+(`jaxsft.memory.plan`, before any weight is made) against the device's memory, and on CPU, where
+the devices' memory is host memory, device peak + host bytes against the host's available memory.
+The accumulate rate is measured in the first tier that runs. Results of other shapes already in
+the JSON file are kept.
+
 Raw disk bandwidth: a file as large as the offloaded state written in 64 MiB blocks and fsync'ed,
 then read back. Caveat: the read comes through the page cache unless the kernel dropped the file's
 pages (we ask it to with posix_fadvise(DONTNEED) after the fsync); TensorStore's reads see the same
@@ -20,6 +26,7 @@ the page cache (no fsync), so the achieved write figure can exceed the raw one.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import tempfile
@@ -31,7 +38,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxsft.checkpoint import flatten
+from jaxsft import memory
 from jaxsft.memory import parameter_count
 from jaxsft.models import Decoder, ModelConfig
 from jaxsft.sharding import make_mesh, optimizer_shardings, param_shardings
@@ -72,6 +79,27 @@ def raw_disk_bandwidth(directory: str, size: int) -> dict:
     return {"bytes": written, "write_gb_s": written / write_s / 1e9, "read_gb_s": written / read_s / 1e9}
 
 
+def available_host_bytes() -> int:
+    with open("/proc/meminfo") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+
+
+def cannot_fit(c: ModelConfig, tier: str, mesh, seq: int, rows: int) -> str:
+    """Why `tier` cannot run this shape here ('' when it fits), from the compiled memory plan."""
+    config = default_config()
+    config.model.remat, config.optim.offload = "full", tier
+    config.data.max_seq_len, config.data.micro_batch_rows = seq, rows
+    with jax.set_mesh(mesh):
+        plan = memory.plan(config, c, mesh, advise=False)
+    if jax.devices()[0].platform == "cpu":  # the devices' memory is the host's
+        need, have = plan.device_peak + plan.host, available_host_bytes()
+        if need > memory.HEADROOM * have:
+            return (f"needs {need / 1e9:.1f} GB of RAM (device peak {plan.device_peak / 1e9:.1f} + host "
+                    f"{plan.host / 1e9:.1f}), {have / 1e9:.1f} GB available")
+        return ""
+    return "" if plan.fits else plan.report
+
+
 def bench_shape(name: str, directory: str, steps: int, seq: int, rows: int, sample_tokens: int) -> dict:
     c = ModelConfig(architecture="LlamaForCausalLM", remat="full", attention="xla", **SHAPES[name])
     mesh = make_mesh()
@@ -88,6 +116,11 @@ def bench_shape(name: str, directory: str, steps: int, seq: int, rows: int, samp
         return jax.jit(lambda: nnx.split(Decoder(c, rngs=nnx.Rngs(0)), nnx.Param)[1], out_shardings=shardings)()
 
     for tier in ("none", "host", "disk"):
+        reason = cannot_fit(c, tier, mesh, seq, rows)
+        if reason:
+            result[tier] = {"skipped": reason}
+            print(f"{name} {tier}: skipped, {reason}", flush=True)
+            continue
         params = fresh_params()
         opt_sharding = optimizer_shardings(tx, params, shardings, mesh)
         offload = None
@@ -98,13 +131,9 @@ def bench_shape(name: str, directory: str, steps: int, seq: int, rows: int, samp
                                 jnp.bfloat16, c.num_layers, group_layers=1)
             params, opt_state = offload.init(params), offload
         fns = make_train_step(graphdef, tx, schedule, shardings, opt_sharding, batch_sharding, offload=offload)
-        grads = jax.tree.map(lambda p: jax.random.normal(jax.random.key(1), p.shape, jnp.float32) * 1e-3,
-                             flatten(params))
         times = []
         for i in range(steps + 1):
-            acc = fns.zero_accumulator(params)
-            acc = {"grads": jax.tree.map(lambda a, g: a + g, acc["grads"], _like(acc["grads"], grads)),
-                   "loss_sum": acc["loss_sum"] + 1.0}
+            acc = random_gradients(fns.zero_accumulator(params))
             jax.block_until_ready(acc)
             t0 = time.perf_counter()
             params, opt_state, metrics = fns.update(params, opt_state, acc, jnp.int32(100), jnp.int32(i))
@@ -116,7 +145,7 @@ def bench_shape(name: str, directory: str, steps: int, seq: int, rows: int, samp
             moved = result["state_bytes"]
             result[tier]["read_write_gb_s"] = 2 * moved / result[tier]["update_s"] / 1e9
             result[tier]["group_layers"] = offload.group_layers
-        if tier == "none":  # the step the update is a part of: accumulate time of one micro-batch
+        if "recipe_step_s" not in result:  # the step the update is a part of: accumulate time of one micro-batch
             batch = {k: jax.device_put(np.ones((rows * jax.device_count(), seq), np.float32 if k == "loss_mask"
                                                else np.int32), batch_sharding)
                      for k in ("input_ids", "targets", "loss_mask", "segment_ids", "positions")}
@@ -134,15 +163,22 @@ def bench_shape(name: str, directory: str, steps: int, seq: int, rows: int, samp
             offload.close()
         del params, opt_state, fns
     for tier in ("none", "host", "disk"):
-        result[tier]["fraction_of_recipe_step"] = result[tier]["update_s"] / result["recipe_step_s"]
-    result["raw_disk"] = raw_disk_bandwidth(directory, result["state_bytes"])
-    result["disk"]["fraction_of_raw_bandwidth"] = result["disk"]["read_write_gb_s"] / (
-        2 / (1 / result["raw_disk"]["read_gb_s"] + 1 / result["raw_disk"]["write_gb_s"]))
+        if "update_s" in result[tier]:
+            result[tier]["fraction_of_recipe_step"] = result[tier]["update_s"] / result["recipe_step_s"]
+    if "update_s" in result["disk"]:
+        result["raw_disk"] = raw_disk_bandwidth(directory, result["state_bytes"])
+        result["disk"]["fraction_of_raw_bandwidth"] = result["disk"]["read_write_gb_s"] / (
+            2 / (1 / result["raw_disk"]["read_gb_s"] + 1 / result["raw_disk"]["write_gb_s"]))
     return result
 
 
-def _like(tree, flat):
-    return jax.tree.unflatten(jax.tree.structure(tree), list(flat.values()))
+@functools.partial(jax.jit, donate_argnums=0)
+def random_gradients(acc):
+    """The accumulator filled with small random gradients, in place (no second gradient tree)."""
+    keys = jax.random.split(jax.random.key(1), len(jax.tree.leaves(acc["grads"])))
+    leaves = [a + jax.random.normal(k, a.shape, jnp.float32) * 1e-3
+              for a, k in zip(jax.tree.leaves(acc["grads"]), keys)]
+    return {"grads": jax.tree.unflatten(jax.tree.structure(acc["grads"]), leaves), "loss_sum": acc["loss_sum"] + 1.0}
 
 
 def main():
@@ -162,6 +198,10 @@ def main():
         out["shapes"][name] = bench_shape(name, directory, args.steps, args.seq, args.rows, args.sample_tokens)
         print(json.dumps({name: out["shapes"][name]}, indent=1), flush=True)
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"offload_{device}.json")
+    if os.path.exists(path):  # keep the other shapes' results
+        with open(path) as f:
+            kept = json.load(f)
+        out["shapes"] = {**kept.get("shapes", {}), **out["shapes"]}
     with open(path, "w") as f:
         json.dump(out, f, indent=2)
     print("wrote", path)
