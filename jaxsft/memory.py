@@ -15,8 +15,8 @@ shardings) and compiled; XLA's `memory_analysis()` gives each program's argument
   update:    the same for the update (offload='none': params, optimizer state, accumulator);
              offloaded: one group's update (params, accumulator, the group's state) + the two
              groups in flight beside it (the next one read, the previous one being written back).
-Host bytes: the offloaded state (offload='host': all of it, this host's shards; 'disk': the groups in
-flight). Disk bytes: the whole state, in the `disk` tier's store.
+Host bytes: the offloaded state (offload='host': all of it, this host's shards; 'disk': the two groups
+in flight, read ahead and written back). Disk bytes: the whole state, in the `disk` tier's store.
 """
 
 from __future__ import annotations
@@ -237,7 +237,9 @@ def plan(config, model_config: ModelConfig, mesh=None, device_bytes=None, host_b
                     for i in range(len(offload.groups)))
         local = min(shards, jax.local_device_count())  # devices of this host holding distinct shards
         per_host = state * local
-        in_flight = 3 * max(sizes.values()) * local
+        # The disk tier's host holds two groups: the one read ahead and the one being written back
+        # (at most a layer group and the other parameters' group, around the last layer group).
+        in_flight = (sizes[True] + max(sizes.values())) * local
         host, disk = (per_host, 0) if tier == "host" else (in_flight, per_host)
 
     peak_program = max(programs, key=lambda k: programs[k]["peak"])

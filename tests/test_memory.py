@@ -71,8 +71,9 @@ def test_offloaded_tiers_move_the_state_off_the_devices():
     assert set(host.programs) == {"accumulate", "update_layers", "update_rest"}
     # Master weights and both moments, float32: 12 bytes per parameter (plus the step counters).
     assert n * 12 <= host.host <= n * 12 + 64 * (TINY.num_layers + 1)
-    # Disk: the whole state on disk, in host memory only the three groups in flight.
-    assert disk.disk == host.host and 3 * layer * 12 <= disk.host < host.host / 2
+    # Disk: the whole state on disk, in host memory only the two groups in flight (the one read
+    # ahead, the one being written back; the other parameters' group is smaller than a layer here).
+    assert disk.disk == host.host and 2 * layer * 12 <= disk.host <= 2 * layer * 12 + 64
     assert host.programs["accumulate"]["resident"] == 0
     assert host.device_peak < none.device_peak
 
