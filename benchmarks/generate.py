@@ -1,15 +1,17 @@
 """Generation tokens/s of jaxsft.generate beside transformers' generate, same model and prompts.
 
-    python benchmarks/generate.py                              # batches 16 and 64, 128 new tokens, fp32
-    python benchmarks/generate.py --batch 8 --new-tokens 64 --dtype bfloat16
+    python benchmarks/generate.py                       # batches 16 and 64, 128 new tokens, fp32 and bf16
+    python benchmarks/generate.py --batch 8 --new-tokens 64 --dtypes bfloat16
 
 The real SmolLM2-135M-Instruct (GGUF) answers the first `batch` GSM8K test questions (chat
 template), greedily, with end tokens ignored, so each produces exactly batch x new-tokens tokens
 (prefill included in the time). transformers gets one left-padded batch with its KV cache, jaxsft
-one call after a warm-up call of the same shapes (its compile time is reported separately). The
-two are timed alternately, repeat by repeat, so a machine shared with other work slows both alike;
-the load average is recorded. In float32 the greedy tokens of the two are compared too, up to
-the first end token jaxsft emits (transformers is kept from emitting it by min_new_tokens).
+one call after a warm-up call of the same shapes (its compile time is reported separately), in
+float32 and in bfloat16 (weights, activations and KV cache; matmuls accumulate in float32);
+transformers in float32, its fastest on this CPU (in bfloat16 it is about 5x slower). They are
+timed alternately, repeat by repeat, so a machine shared with other work slows all alike; the load
+average is recorded. The greedy tokens are compared with transformers' up to the first end token
+jaxsft emits (transformers is kept from emitting it by min_new_tokens): float32 must equal them.
 Writes benchmarks/results/generate_<device>.json.
 """
 
@@ -72,7 +74,8 @@ def main():
     parser.add_argument("--batch", default="16,64", help="comma-separated batch sizes")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--dtypes", default="float32,bfloat16", help="jaxsft's decode dtypes (weights, "
+                        "activations and KV cache); transformers runs in float32, its fastest on CPU")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     import torch
@@ -83,50 +86,56 @@ def main():
     batches = [int(b) for b in args.batch.split(",")]
     questions = [ex["question"] for ex in load_jsonl(GSM8K_TEST)[:max(batches)]]
     all_prompts = [build_prompt(tokenizer, q) for q in questions]
-    dtype = getattr(jnp, args.dtype)
-    model = jaxsft.load_model(path, dtype=dtype, compute_dtype=dtype, remat="none")
+    dtypes = args.dtypes.split(",")
+    models = {d: jaxsft.load_model(path, dtype=getattr(jnp, d), compute_dtype=getattr(jnp, d), remat="none")
+              for d in dtypes}
     hf = tf.AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=getattr(torch, args.dtype)).eval()
-    end_ids = {tokenizer.eos_token_id, model.config.eos_token_id} - {None}
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32).eval()
+    end_ids = {tokenizer.eos_token_id, models[dtypes[0]].config.eos_token_id} - {None}
 
     device = jax.devices()[0].platform
     out = args.out or os.path.join(HERE, "results", f"generate_{device}.json")
     result = {
         "device": device, "device_kind": jax.devices()[0].device_kind, "cpu_count": os.cpu_count(),
         "jax": jax.__version__, "torch": version("torch"), "transformers": version("transformers"),
-        "python": platform.python_version(), "model": os.path.basename(path), "dtype": args.dtype,
-        "new_tokens": args.new_tokens, "repeats": args.repeats, "torch_threads": torch.get_num_threads(),
-        "note": ("jaxsft and transformers timed alternately in one process (best of `repeats`); the machine "
-                 "was shared with other jobs (see load_average_1m), which slows both."),
+        "python": platform.python_version(), "model": os.path.basename(path), "jaxsft_dtypes": dtypes,
+        "transformers_dtype": "float32", "new_tokens": args.new_tokens, "repeats": args.repeats,
+        "torch_threads": torch.get_num_threads(),
+        "note": ("jaxsft (each dtype) and transformers timed alternately in one process (best of `repeats`), "
+                 "so a machine shared with other jobs (see load_average_1m) slows all alike. Greedy rows are "
+                 "compared with transformers' up to jaxsft's first end token."),
         "runs": [],
     }
     for batch in batches:
         prompts, generated = all_prompts[:batch], batch * args.new_tokens
-        first_s, _ = timed(lambda: jaxsft_run(model, prompts, args.new_tokens))
+        first_s = {d: timed(lambda: jaxsft_run(models[d], prompts, args.new_tokens))[0] for d in dtypes}
         transformers_run(hf, tokenizer, prompts, 2)  # warm-up
-        times = {"jaxsft": [], "transformers": []}
-        loads = []
+        times = {**{d: [] for d in dtypes}, "transformers": []}
+        outputs, loads = {}, []
         for _ in range(args.repeats):
-            seconds, ours = timed(lambda: jaxsft_run(model, prompts, args.new_tokens))
-            times["jaxsft"].append(seconds)
-            seconds, theirs = timed(lambda: transformers_run(hf, tokenizer, prompts, args.new_tokens))
+            for d in dtypes:
+                seconds, outputs[d] = timed(lambda: jaxsft_run(models[d], prompts, args.new_tokens))
+                times[d].append(seconds)
+            seconds, outputs["transformers"] = timed(
+                lambda: transformers_run(hf, tokenizer, prompts, args.new_tokens))
             times["transformers"].append(seconds)
             loads.append(os.getloadavg()[0])
         best = {impl: min(t) for impl, t in times.items()}
         run = {"batch": batch, "prompt_lengths": [len(p) for p in prompts],
-               "jaxsft": {"seconds": best["jaxsft"], "tokens_per_s": generated / best["jaxsft"],
-                          "first_call_s": first_s, "all_seconds": times["jaxsft"]},
                "transformers": {"seconds": best["transformers"], "tokens_per_s": generated / best["transformers"],
                                 "all_seconds": times["transformers"]},
-               "speedup": best["transformers"] / best["jaxsft"], "load_average_1m": loads}
-        if args.dtype == "float32":
-            run["rows_equal_to_transformers"] = rows_equal_until_end(ours, theirs, end_ids)
+               "load_average_1m": loads}
+        for d in dtypes:
+            run[f"jaxsft_{d}"] = {
+                "seconds": best[d], "tokens_per_s": generated / best[d], "first_call_s": first_s[d],
+                "all_seconds": times[d], "speedup": best["transformers"] / best[d],
+                "rows_equal_to_transformers": rows_equal_until_end(outputs[d], outputs["transformers"], end_ids)}
         result["runs"].append(run)
         with open(out, "w") as f:  # after each batch size, so a cut-short run keeps what it measured
             json.dump(result, f, indent=2)
-        print(f"batch {batch}: jaxsft {run['jaxsft']['tokens_per_s']:.1f} tokens/s, transformers "
-              f"{run['transformers']['tokens_per_s']:.1f} ({run['speedup']:.2f}x); "
-              f"equal rows {run.get('rows_equal_to_transformers', '-')}/{batch}; load {loads}", flush=True)
+        print(f"batch {batch}: transformers float32 {run['transformers']['tokens_per_s']:.1f} tokens/s; " + "; ".join(
+            f"jaxsft {d} {run[f'jaxsft_{d}']['tokens_per_s']:.1f} ({run[f'jaxsft_{d}']['speedup']:.2f}x, equal rows "
+            f"{run[f'jaxsft_{d}']['rows_equal_to_transformers']}/{batch})" for d in dtypes) + f"; load {loads}", flush=True)
     print(f"wrote {out}")
 
 

@@ -197,7 +197,7 @@ def _forward(model, layers, ids, pad, start, cache):
             v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(dtype), (0, start, 0, 0))
             return _cached_attention(q, k_cache, v_cache, mask, c.attention_scale), (k_cache, v_cache)
 
-        x, kv = decoder_layer(x, w, positions, inv_freq, c, attend)
+        x, kv = decoder_layer(x, w, positions, inv_freq, c, attend, float32_dots=True)
         new_cache.append(kv)
     hidden = rms_norm(x[:, -1:], model.final_norm[...], c.rms_norm_eps)
     return model.logits(hidden)[:, 0], new_cache
@@ -211,7 +211,8 @@ def _cached_attention(q, k, v, mask, scale):
     scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) * scale
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, n, h)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v, preferred_element_type=jnp.float32).astype(v.dtype)
+    return out.reshape(b, t, n, h)
 
 
 def _pick(logits, seen, s: Sampling, key, step, *, greedy, penalize):

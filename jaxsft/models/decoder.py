@@ -129,13 +129,20 @@ class Decoder(nnx.Module):
         return out / self.config.logits_scaling
 
 
-def decoder_layer(x, w, positions, inv_freq, c: ModelConfig, attend, adapt=None):
+def decoder_layer(x, w, positions, inv_freq, c: ModelConfig, attend, adapt=None, float32_dots=False):
     """One pre-norm block. `attend(q, k, v) -> (out, aux)` is the attention (packed for training,
     with a KV cache for generation); its aux comes back as the second result. `adapt(name, x, y)`,
-    when given, adds LoRA adapters to the projection `name` (input x, output y)."""
+    when given, adds LoRA adapters to the projection `name` (input x, output y). `float32_dots`:
+    the projections produce float32 and round to x's dtype after (the same numbers: a bf16 matmul
+    accumulates in float32 anyway); XLA:CPU runs bf16 x bf16 -> float32 natively but converts
+    both operands to float32 for a bf16 output, 4x slower. Generation sets it (its outputs are
+    one token per row); training keeps the plain form, whose outputs stay bf16 on accelerators."""
 
     def project(equation, x, name):
-        y = jnp.einsum(equation, x, w[name])
+        if float32_dots:
+            y = jnp.einsum(equation, x, w[name], preferred_element_type=jnp.float32).astype(x.dtype)
+        else:
+            y = jnp.einsum(equation, x, w[name])
         return y if adapt is None else adapt(name, x, y)
 
     h = rms_norm(x, w["attn_norm"], c.rms_norm_eps)
