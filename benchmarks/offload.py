@@ -26,9 +26,10 @@ the page cache (no fsync), so the achieved write figure can exceed the raw one.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
+import math
 import os
+import shutil
 import tempfile
 import time
 
@@ -39,6 +40,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxsft import memory
+from jaxsft.checkpoint import flatten, unflatten
 from jaxsft.memory import parameter_count
 from jaxsft.models import Decoder, ModelConfig
 from jaxsft.sharding import make_mesh, optimizer_shardings, param_shardings
@@ -84,23 +86,32 @@ def available_host_bytes() -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
 
 
-def cannot_fit(c: ModelConfig, tier: str, mesh, seq: int, rows: int) -> str:
-    """Why `tier` cannot run this shape here ('' when it fits), from the compiled memory plan."""
+def cannot_fit(c: ModelConfig, tier: str, mesh, seq: int, rows: int) -> dict[str, str]:
+    """Why `tier` cannot run the update, or the accumulate, of this shape here ('' when it fits),
+    from the compiled memory plan."""
     config = default_config()
     config.model.remat, config.optim.offload = "full", tier
     config.data.max_seq_len, config.data.micro_batch_rows = seq, rows
     with jax.set_mesh(mesh):
         plan = memory.plan(config, c, mesh, advise=False)
-    if jax.devices()[0].platform == "cpu":  # the devices' memory is the host's
-        need, have = plan.device_peak + plan.host, available_host_bytes()
-        if need > memory.HEADROOM * have:
-            return (f"needs {need / 1e9:.1f} GB of RAM (device peak {plan.device_peak / 1e9:.1f} + host "
-                    f"{plan.host / 1e9:.1f}), {have / 1e9:.1f} GB available")
-        return ""
-    return "" if plan.fits else plan.report
+    reasons = {}
+    for part in ("update", "accumulate"):
+        peak = max(v["peak"] for k, v in plan.programs.items() if k.startswith(part))
+        if jax.devices()[0].platform == "cpu":  # the devices' memory is the host's
+            need, have = peak + plan.host, available_host_bytes()
+            reasons[part] = "" if need <= memory.HEADROOM * have else (
+                f"needs {need / 1e9:.1f} GB of RAM ({part} peak {peak / 1e9:.1f} + host {plan.host / 1e9:.1f}), "
+                f"{have / 1e9:.1f} GB available")
+        else:
+            reasons[part] = "" if plan.host_fits and peak <= memory.HEADROOM * (plan.device_bytes or math.inf) \
+                else plan.report
+    return reasons
 
 
-def bench_shape(name: str, directory: str, steps: int, seq: int, rows: int, sample_tokens: int) -> dict:
+def bench_shape(name: str, directory: str, steps: int, seq: int, rows: int, sample_tokens: int,
+                rate_from: tuple[str, float] | None = None) -> dict:
+    """rate_from: (shape, accumulate tokens/s) measured for another shape, to estimate the recipe
+    step when this one cannot accumulate here."""
     c = ModelConfig(architecture="LlamaForCausalLM", remat="full", attention="xla", **SHAPES[name])
     mesh = make_mesh()
     abstract = nnx.eval_shape(lambda: Decoder(c, rngs=nnx.Rngs(0)))
@@ -112,14 +123,16 @@ def bench_shape(name: str, directory: str, steps: int, seq: int, rows: int, samp
     n = parameter_count(c)[0]
     result = {"parameters": n, "state_bytes": n * 12}
 
-    def fresh_params():
-        return jax.jit(lambda: nnx.split(Decoder(c, rngs=nnx.Rngs(0)), nnx.Param)[1], out_shardings=shardings)()
+    def fresh_params():  # random weights (the update's time does not depend on their values)
+        flat = flatten(shardings)
+        return fill_randomly(unflatten(state, {k: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=flat[k])
+                                               for k, x in flatten(state).items()}), scale=0.02)
 
     for tier in ("none", "host", "disk"):
-        reason = cannot_fit(c, tier, mesh, seq, rows)
-        if reason:
-            result[tier] = {"skipped": reason}
-            print(f"{name} {tier}: skipped, {reason}", flush=True)
+        reasons = cannot_fit(c, tier, mesh, seq, rows)
+        if reasons["update"]:
+            result[tier] = {"skipped": reasons["update"]}
+            print(f"{name} {tier}: skipped, {reasons['update']}", flush=True)
             continue
         params = fresh_params()
         opt_sharding = optimizer_shardings(tx, params, shardings, mesh)
@@ -133,7 +146,9 @@ def bench_shape(name: str, directory: str, steps: int, seq: int, rows: int, samp
         fns = make_train_step(graphdef, tx, schedule, shardings, opt_sharding, batch_sharding, offload=offload)
         times = []
         for i in range(steps + 1):
-            acc = random_gradients(fns.zero_accumulator(params))
+            acc = {"grads": fill_randomly(jax.tree.map(
+                lambda p: jax.ShapeDtypeStruct(p.shape, jnp.float32, sharding=p.sharding), params), scale=1e-3),
+                "loss_sum": jnp.float32(1.0)}
             jax.block_until_ready(acc)
             t0 = time.perf_counter()
             params, opt_state, metrics = fns.update(params, opt_state, acc, jnp.int32(100), jnp.int32(i))
@@ -145,7 +160,10 @@ def bench_shape(name: str, directory: str, steps: int, seq: int, rows: int, samp
             moved = result["state_bytes"]
             result[tier]["read_write_gb_s"] = 2 * moved / result[tier]["update_s"] / 1e9
             result[tier]["group_layers"] = offload.group_layers
-        if "recipe_step_s" not in result:  # the step the update is a part of: accumulate time of one micro-batch
+        if "recipe_step_s" not in result and reasons["accumulate"]:
+            result["accumulate_skipped"] = reasons["accumulate"]
+        elif "recipe_step_s" not in result:
+            # The step the update is a part of: accumulate time of one micro-batch.
             batch = {k: jax.device_put(np.ones((rows * jax.device_count(), seq), np.float32 if k == "loss_mask"
                                                else np.int32), batch_sharding)
                      for k in ("input_ids", "targets", "loss_mask", "segment_ids", "positions")}
@@ -159,11 +177,19 @@ def bench_shape(name: str, directory: str, steps: int, seq: int, rows: int, samp
             tokens = rows * jax.device_count() * seq
             result["accumulate_tokens_per_s"] = tokens / micro_s
             result["recipe_step_s"] = RECIPE_SAMPLES * sample_tokens / result["accumulate_tokens_per_s"]
+            result.pop("accumulate_skipped", None)
         if offload is not None:
             offload.close()
         del params, opt_state, fns
+        shutil.rmtree(os.path.join(directory, f"{name}-live"), ignore_errors=True)  # disk for the raw test
+    if "recipe_step_s" not in result and rate_from:  # no tier could accumulate this shape here
+        shape, rate = rate_from
+        result["recipe_step_s"] = RECIPE_SAMPLES * sample_tokens / (rate * parameter_count(
+            ModelConfig(architecture="LlamaForCausalLM", **SHAPES[shape]))[0] / n)
+        result["recipe_step_estimated_from"] = (f"{shape}'s accumulate rate ({rate:.1f} tokens/s) scaled by "
+                                                "the parameter counts (6 x parameters FLOPs per token)")
     for tier in ("none", "host", "disk"):
-        if "update_s" in result[tier]:
+        if "update_s" in result[tier] and "recipe_step_s" in result:
             result[tier]["fraction_of_recipe_step"] = result[tier]["update_s"] / result["recipe_step_s"]
     if "update_s" in result["disk"]:
         result["raw_disk"] = raw_disk_bandwidth(directory, result["state_bytes"])
@@ -172,13 +198,16 @@ def bench_shape(name: str, directory: str, steps: int, seq: int, rows: int, samp
     return result
 
 
-@functools.partial(jax.jit, donate_argnums=0)
-def random_gradients(acc):
-    """The accumulator filled with small random gradients, in place (no second gradient tree)."""
-    keys = jax.random.split(jax.random.key(1), len(jax.tree.leaves(acc["grads"])))
-    leaves = [a + jax.random.normal(k, a.shape, jnp.float32) * 1e-3
-              for a, k in zip(jax.tree.leaves(acc["grads"]), keys)]
-    return {"grads": jax.tree.unflatten(jax.tree.structure(acc["grads"]), leaves), "loss_sum": acc["loss_sum"] + 1.0}
+def fill_randomly(like, scale: float):
+    """Arrays of `like`'s ShapeDtypeStructs (with shardings) drawn from a normal times `scale`, one
+    array at a time: drawing a whole 1B-parameter tree in one program takes XLA:CPU 12 GB of
+    temporaries."""
+    def draw(i, x):
+        fn = jax.jit(lambda key: (jax.random.normal(key, x.shape, jnp.float32) * scale).astype(x.dtype),
+                     out_shardings=x.sharding)
+        return jax.block_until_ready(fn(jax.random.key(i)))
+    leaves, structure = jax.tree.flatten(like)
+    return jax.tree.unflatten(structure, [draw(i, x) for i, x in enumerate(leaves)])
 
 
 def main():
@@ -194,14 +223,18 @@ def main():
     device = jax.devices()[0].platform
     out = {"device": f"{device} x {jax.device_count()}", "recipe_samples_per_step": RECIPE_SAMPLES,
            "sample_tokens": args.sample_tokens, "dir": directory, "shapes": {}}
-    for name in args.shapes.split(","):
-        out["shapes"][name] = bench_shape(name, directory, args.steps, args.seq, args.rows, args.sample_tokens)
-        print(json.dumps({name: out["shapes"][name]}, indent=1), flush=True)
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"offload_{device}.json")
+    kept = {}
     if os.path.exists(path):  # keep the other shapes' results
         with open(path) as f:
-            kept = json.load(f)
-        out["shapes"] = {**kept.get("shapes", {}), **out["shapes"]}
+            kept = json.load(f).get("shapes", {})
+    for name in args.shapes.split(","):
+        measured = [(k, v["accumulate_tokens_per_s"]) for k, v in {**kept, **out["shapes"]}.items()
+                    if "accumulate_tokens_per_s" in v]
+        out["shapes"][name] = bench_shape(name, directory, args.steps, args.seq, args.rows, args.sample_tokens,
+                                          measured[0] if measured else None)
+        print(json.dumps({name: out["shapes"][name]}, indent=1), flush=True)
+    out["shapes"] = {**kept, **out["shapes"]}
     with open(path, "w") as f:
         json.dump(out, f, indent=2)
     print("wrote", path)
