@@ -17,7 +17,9 @@ The elementwise part gives the same bits on any subset of the parameters as on a
 Checkpoints (`save` / `restore`): a snapshot directory with one zarr3 array per master weight and
 moment, in the full (layers, ...) shape whatever the group size, and `meta.json` (the step and the
 optimizer's counters) written last: a snapshot without it is incomplete. Both tiers write and read
-the same format, so a `host` run resumes in `disk` mode and back.
+the same format, so a `host` run resumes in `disk` mode and back; a checkpoint of a run with
+optim.offload='none' resumes in either (`Offloaded.resume_or_init`), and theirs with 'none'
+(`restore_for_none`).
 """
 
 from __future__ import annotations
