@@ -223,16 +223,7 @@ def test_exact_resume_after_sigkill(tmp_path):
     r = subprocess.run(cli(tmp_path, whole), cwd=REPO, env=ENV, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
 
-    proc = subprocess.Popen(cli(tmp_path, killed), cwd=REPO, env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    # Orbax renames the step directory into place once every file is written.
-    while not (killed / "checkpoints" / "2" / "record").exists():
-        assert proc.poll() is None and time.time() < deadline, "the run ended before checkpoint 2"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (killed / "checkpoints" / "4").exists(), "killed too late to test a resume"
+    sigkill_after_checkpoint(cli(tmp_path, killed), killed)
     before = (killed / "metrics.jsonl").read_text().splitlines()[:2]
 
     r = subprocess.run(cli(tmp_path, killed), cwd=REPO, env=ENV, capture_output=True, text=True)
@@ -251,6 +242,20 @@ def test_exact_resume_after_sigkill(tmp_path):
 
     # Export the run's checkpoint: transformers loads it and gives jaxsft's logits.
     export_and_compare(killed, tmp_path / "hf")
+
+
+def sigkill_after_checkpoint(cmd, run_dir, step=2, next_step=4):
+    """Starts the run `cmd` writing to `run_dir` and SIGKILLs it once its checkpoint `step` is
+    complete, before checkpoint `next_step`."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    # Orbax renames the step directory into place once every file is written.
+    while not (run_dir / "checkpoints" / str(step) / "record").exists():
+        assert proc.poll() is None and time.time() < deadline, f"the run ended before checkpoint {step}"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "checkpoints" / str(next_step)).exists(), "killed too late to test a resume"
 
 
 def export_and_compare(checkpoint, hf_dir, jax_model=None):

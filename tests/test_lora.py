@@ -3,9 +3,7 @@
 import json
 import os
 import shutil
-import signal
 import subprocess
-import time
 
 import jax
 import jax.numpy as jnp
@@ -260,7 +258,7 @@ def test_lora_run_resumes_exactly(tmp_path):
     checkpoint and started again repeats the uninterrupted run's losses and final adapters exactly
     (dropout and LoRA+ on), and the run writes a PEFT adapter folder and a merged Hugging Face export."""
     from jaxsft.cli import DIVERGED
-    from tests.test_checkpoint import ASSETS, ENV, REPO, cli, metrics
+    from tests.test_checkpoint import ASSETS, ENV, REPO, cli, metrics, sigkill_after_checkpoint
 
     lora_flags = ("--config.lora.r=4", "--config.lora.alpha=8", "--config.lora.dropout=0.1",
                   "--config.lora.lr_ratio=4", "--config.optim.learning_rate=1e-2")
@@ -285,15 +283,7 @@ def test_lora_run_resumes_exactly(tmp_path):
         assert len(json.loads((whole / "eval" / f"gsm8k_step{step}.json").read_text())["records"]) == 2
 
     # SIGKILLed once its checkpoint 2 is complete, then the same command again.
-    proc = subprocess.Popen(cli(tmp_path, parted, *lora_flags), cwd=REPO, env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while not (parted / "checkpoints" / "2" / "record").exists():  # Orbax renames a finished step into place
-        assert proc.poll() is None and time.time() < deadline, "the run ended before checkpoint 2"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (parted / "checkpoints" / "4").exists(), "killed too late to test a resume"
+    sigkill_after_checkpoint(cli(tmp_path, parted, *lora_flags), parted)
     with ocp.StandardCheckpointer() as ckpt:
         saved = ckpt.metadata(str(parted / "checkpoints" / "2" / "params"))
         saved = getattr(saved, "item_metadata", saved)
