@@ -1,16 +1,22 @@
-"""GSM8K scoring (lm-eval's strict-match and flexible-extract) on the real answers and tricky
-outputs; the eval loop on a tiny model."""
+"""GSM8K scoring against lm-eval's own gsm8k filters and exact_match on hard outputs and the real
+answers; the stop strings; the eval loop on a tiny model."""
 
 import json
+from pathlib import Path
 
 import jax.numpy as jnp
+import lm_eval
 import pytest
 import transformers as tf
 
 import jaxsft
 from jaxsft.evals import evaluate_gsm8k, flexible_answer, load_jsonl, strict_answer, write_results
-from jaxsft.evals.gsm8k import build_messages, is_correct, normalize_number, reference_answer, score, summarize
+from jaxsft.evals import gsm8k as gsm8k_module
+from jaxsft.evals.gsm8k import (STOP_STRINGS, build_messages, reference_answer, score, summarize,
+                                truncate_at_stop)
 from tests.hf_models import COMMON
+
+ASSETS = Path(__file__).parent / "assets"
 
 
 @pytest.fixture(scope="module")
@@ -18,30 +24,69 @@ def test_split(assets):
     return load_jsonl(assets / "data" / "gsm8k" / "test.jsonl")
 
 
-def test_every_reference_answer_is_extracted(test_split):
+def lm_eval_gsm8k():
+    """lm-eval's own gsm8k task config (the installed YAML), its filter objects and its metric."""
+    import yaml
+    from lm_eval.api.metrics import exact_match_hf_evaluate
+    import lm_eval.filters  # noqa: F401  (registers the filters)
+    from lm_eval.api.registry import get_filter
+
+    with open(Path(lm_eval.__file__).parent / "tasks" / "gsm8k" / "gsm8k.yaml") as f:
+        task = yaml.safe_load(f)
+    filters = {f["name"]: [get_filter(c["function"])(**{k: v for k, v in c.items() if k != "function"})
+                           for c in f["filter"]] for f in task["filter_list"]}
+    (metric,) = task["metric_list"]
+    kwargs = {k: v for k, v in metric.items() if k not in ("metric", "aggregation", "higher_is_better")}
+
+    def verdict(name, output, answer):
+        resps = [[output]]
+        for f in filters[name]:
+            resps = list(f.apply(resps, [{}]))
+        return bool(exact_match_hf_evaluate(predictions=resps, references=[answer], **kwargs)["exact_match"] == 1.0)
+    return task, verdict
+
+
+HARD_OUTPUTS = [
+    "She makes 9 * 2 = $18 every day.\n#### 18", "#### 18.00", "#### 018", "#### 18.", "#### 18..",
+    "so the answer is 18...", "The answer is 18.", "The answer is $18.", ".5", "#### .5", "#### 0.5",
+    "#### 1,000 dollars", "The answer is $1,200.50.", "#### 1200.50", "18 dollars", "18 apples.",
+    "#### 18 cm", "#### 42\nCheck: 42 - 1 = 41", "#### 3\n#### 4", "#### 4\n#### 3", "####18",
+    "#### (no number) but earlier 7", "5 apples, and then ...", "I am not sure.", "", "#### -4",
+    "#### \u22124", "It is \u221218 degrees", "#### -18", "The answer is -18.", "#### 18\n\n#### 18",
+    "18,000", "#### 18,000", "$18", "#### $18", "18.0.0", "#### 1.8e1", "#### 18!", "#### 18\nQuestion:",
+]
+
+
+@pytest.mark.parametrize("reference", ["Total: 9 * 2 = 18\n#### 18", "#### 0.5", "#### 1,000", "#### -4",
+                                       "Step #### 3\n#### 18", "#### 18000", "#### 1200.50"])
+def test_scores_agree_with_lm_evals_filters_and_metric(reference):
+    task, verdict = lm_eval_gsm8k()
+    assert task["generation_kwargs"]["until"] == list(STOP_STRINGS)
+    for output in HARD_OUTPUTS:
+        record = score({"question": "q", "answer": reference}, output)
+        assert record["strict_match_correct"] == verdict("strict-match", output, reference), output
+        assert record["flexible_extract_correct"] == verdict("flexible-extract", output, reference), output
+
+
+def test_every_reference_answer_scores_itself_as_lm_eval_does(test_split):
     assert len(test_split) == 1319
+    _, verdict = lm_eval_gsm8k()
     for ex in test_split:
-        final = ex["answer"].rsplit("####", 1)[1].strip()
-        got = strict_answer(ex["answer"])
-        assert got is not None and is_correct(got, normalize_number(final)), (final, got)
-        assert reference_answer(ex["answer"]) == got
-    assert strict_answer(test_split[0]["answer"]) == "18"
-    assert reference_answer("so 7 in all") == "7"  # a reference without a #### line: its last number
+        record = score(ex, ex["answer"])
+        assert record["strict_match_correct"] is verdict("strict-match", ex["answer"], ex["answer"]) is True
+        assert record["flexible_extract_correct"] == verdict("flexible-extract", ex["answer"], ex["answer"])
+    assert reference_answer(test_split[0]["answer"]) == "18"
 
 
 @pytest.mark.parametrize("text,strict,flexible", [
     ("She makes 9 * 2 = $18 every day.\n#### 18", "18", "18"),
-    ("The answer is $1,200.50.", None, "1200.5"),
-    ("First 3 apples, then 5 more, so 8 apples in total.", None, "8"),
-    ("#### 1,000 dollars", "1000", "1000"),
-    ("It costs 12.00 dollars; then #### -4.", "-4", "-4"),
+    ("The answer is $1,200.50.", None, "$1,200.50."),
+    ("#### 1,000 dollars", "1,000", "1,000"),
     ("#### 42\nCheck: 42 - 1 = 41", "42", "41"),  # strict: the #### line; flexible: the last number
     ("#### 3\n#### 4", "3", "4"),  # strict takes the first #### line, as lm-eval does
     ("####18", None, "18"),  # strict needs the space after ####
-    ("#### (no number) but earlier 7", None, "7"),
-    ("5 apples, and then ...", None, None),  # the last match is an ellipsis: wrong in lm-eval too
+    ("5 apples, and then ...", None, "..."),  # the last match is an ellipsis: wrong
     ("I am not sure.", None, None),
-    ("", None, None),
 ])
 def test_strict_match_and_flexible_extract(text, strict, flexible):
     assert strict_answer(text) == strict
@@ -66,11 +111,21 @@ def test_both_metrics_are_reported_and_accuracy_is_flexible_extract():
     assert summarize(records[:2])["strict_match"] == 0.5 and summarize(records[:2])["accuracy"] == 1.0
 
 
-def test_numeric_equality():
-    assert is_correct(flexible_answer("$1,200.50"), strict_answer("#### 1200.5"))
-    assert is_correct("18", normalize_number("18.00"))
-    assert not is_correct(None, "18") and not is_correct("17", "18")
-    assert normalize_number("1,200") == "1200" and normalize_number("0.0") == "0"
+def test_generation_stops_at_lm_evals_stop_strings(monkeypatch):
+    """evaluate_gsm8k asks generate for the stop strings and cuts the text before them."""
+    tok = tf.AutoTokenizer.from_pretrained(ASSETS / "tokenizers" / "qwen2.5-0.5b-instruct")
+    asked = {}
+
+    def fake_generate(model, prompts, max_new_tokens, **kwargs):
+        asked.update(kwargs)
+        return [tok.encode(" #### 18\n\nQuestion: what next?<|im_end|>")] * len(prompts)
+
+    monkeypatch.setattr(gsm8k_module, "generate", fake_generate)
+    monkeypatch.setattr(gsm8k_module, "stop_token_ids", lambda *a: [0])
+    result = evaluate_gsm8k(None, tok, [{"question": "q", "answer": "#### 18"}])
+    assert asked["stop_strings"] == STOP_STRINGS and asked["tokenizer"] is tok
+    assert result["records"][0]["output"] == " #### 18\n\n" and result["correct"] == 1
+    assert truncate_at_stop("a</s>b<|im_end|>c") == "a"
 
 
 def test_k_shot_messages_are_prior_turns(test_split):
@@ -95,7 +150,7 @@ def test_eval_loop_on_a_tiny_model(tmp_path, assets, test_split):
     assert result["strict_match"] == result["strict_match_correct"] / 3
     for ex, r in zip(examples, result["records"]):
         assert r == score(ex, r["output"]) | {"prompt": r["prompt"]}
-        assert r["question"] == ex["question"] and r["expected"] == strict_answer(ex["answer"])
+        assert r["question"] == ex["question"] and r["expected"] == reference_answer(ex["answer"])
         assert test_split[0]["question"] in r["prompt"] and r["prompt"].rstrip().endswith("assistant")
     write_results(result, tmp_path / "out" / "gsm8k.json")
     assert json.loads((tmp_path / "out" / "gsm8k.json").read_text()) == result

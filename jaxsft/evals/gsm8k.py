@@ -2,13 +2,17 @@
 
 Prompts match the SFT data format (`format='gsm8k'`): the question is the user turn, the full
 solution ending in `#### N` the assistant turn. k-shot prompts put k training examples before the
-question as earlier user/assistant turns.
+question as earlier user/assistant turns. This is jaxsft's own protocol (0-shot chat by default),
+not lm-evaluation-harness's `gsm8k` task (5-shot `Question: ... Answer:` text prompts); run that
+one with `python -m jaxsft.eval --tasks gsm8k` (docs/gsm8k.md).
 
-Scored as lm-evaluation-harness scores its `gsm8k` task, with both of its filters: `strict-match`
-takes the number on the first `#### N` line (so it also measures whether the GSM8K answer format
-was learned), `flexible-extract` the last number anywhere in the output. Unlike lm-eval, which
-compares strings after stripping `$`, commas and a final `.`, two answers match when they are
-equal as numbers ("18.00" is 18). `accuracy` is flexible-extract's (the primary metric).
+The answers are scored exactly as lm-evaluation-harness 0.4 scores its `gsm8k` task: generation
+stops at its stop strings (`Question:`, `</s>`, `<|im_end|>`, and the end tokens), and each output
+goes through both of its filters, `strict-match` (the number on the first `#### N` line, so it also
+measures whether the GSM8K answer format was learned) and `flexible-extract` (the last number
+anywhere), then its `exact_match`: the extracted string and the reference solution, each with
+commas, `$`, everything up to the last `#### ` and one final `.` removed and lower-cased, must be
+equal strings ("18.00" is not "18"). `accuracy` is flexible-extract's (the primary metric).
 """
 
 from __future__ import annotations
@@ -17,7 +21,6 @@ import json
 import os
 import re
 import time
-from decimal import Decimal, InvalidOperation
 
 from etils import epath
 
@@ -25,42 +28,52 @@ from jaxsft import rundir
 from jaxsft.data.chat import end_of_turn_id, prompt_tokens
 from jaxsft.generation import generate
 
-# lm-evaluation-harness's gsm8k filters (lm_eval/tasks/gsm8k/gsm8k.yaml).
+# lm-evaluation-harness's gsm8k task (lm_eval/tasks/gsm8k/gsm8k.yaml): its two filters, the
+# normalisation of its exact_match (regexes_to_ignore, in order, then ignore_case) and its stop strings.
 STRICT_MATCH = re.compile(r"#### (\-?[0-9\.\,]+)")
 FLEXIBLE_EXTRACT = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
+IGNORED = tuple(re.compile(r) for r in (",", "\\$", "(?s).*#### ", "\\.$"))
+STOP_STRINGS = ("Question:", "</s>", "<|im_end|>")
 PRIMARY_METRIC = "flexible-extract"
 
 
 def strict_answer(text: str) -> str | None:
-    """strict-match: the number after the first `#### `, normalised; None without one."""
-    found = STRICT_MATCH.search(text)
-    return normalize_number(found.group(1)) if found else None
+    """strict-match: the number after the first `#### ` as written; None without one."""
+    found = STRICT_MATCH.findall(text)
+    return found[0].strip() if found else None
 
 
 def flexible_answer(text: str) -> str | None:
-    """flexible-extract: the last number in `text`, normalised; None without one (or when the
-    last match is not a number, e.g. an ellipsis, as lm-eval would count it wrong too)."""
+    """flexible-extract: the last number-like run in `text` as written (it may be `...` or
+    `18.`); None without one."""
     found = FLEXIBLE_EXTRACT.findall(text)
-    return normalize_number(next(g for g in found[-1] if g)) if found else None
+    return next(g for g in found[-1] if g).strip() if found else None
 
 
-def reference_answer(answer: str) -> str | None:
-    """A reference solution's final number: its `#### N` line, or else its last number."""
-    return strict_answer(answer) or flexible_answer(answer)
+def normalize(text: str) -> str:
+    """lm-eval's exact_match normalisation of the gsm8k task: a reference solution becomes its
+    final answer ('... #### 1,200' -> '1200'), an extracted answer loses `$`, commas and one
+    final '.' ('$1,200.' -> '1200', '18.00' stays '18.00')."""
+    for pattern in IGNORED:
+        text = pattern.sub("", text)
+    return text.lower()
 
 
-def normalize_number(s: str) -> str | None:
-    """'$1,200.50' -> '1200.5'; '18.00' -> '18'; None if `s` is not a number."""
-    try:
-        value = Decimal(s.replace("$", "").replace(",", "").strip().rstrip("."))
-    except InvalidOperation:
-        return None
-    # Decimal.normalize() turns 1200 into 1.2E+3; formatting with 'f' keeps plain digits.
-    return format(value.normalize(), "f") if value != 0 else "0"
+def reference_answer(answer: str) -> str:
+    """A reference solution's final answer, as lm-eval compares it."""
+    return normalize(answer)
 
 
-def is_correct(predicted: str | None, expected: str | None) -> bool:
-    return predicted is not None and expected is not None and Decimal(predicted) == Decimal(expected)
+def is_correct(predicted: str | None, expected: str) -> bool:
+    """lm-eval's verdict: the normalised strings are equal (None: nothing was extracted)."""
+    return predicted is not None and normalize(predicted) == expected
+
+
+def truncate_at_stop(text: str, stop_strings=STOP_STRINGS) -> str:
+    """The text before the first stop string, as lm-eval cuts a generation."""
+    for stop in stop_strings:
+        text = text.split(stop)[0]
+    return text
 
 
 def load_jsonl(path: str | os.PathLike) -> list[dict]:
@@ -120,8 +133,10 @@ def evaluate_gsm8k(model, tokenizer, examples: list[dict], *, k_shot: int = 0, s
     generated, started = 0, time.perf_counter()
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
-        for i, tokens in zip(chunk, generate(model, [prompts[i] for i in chunk], max_new_tokens, eos_token_id=eos)):
-            outputs[i] = tokenizer.decode(tokens, skip_special_tokens=True)
+        new = generate(model, [prompts[i] for i in chunk], max_new_tokens, eos_token_id=eos,
+                       stop_strings=STOP_STRINGS, tokenizer=tokenizer)
+        for i, tokens in zip(chunk, new):
+            outputs[i] = truncate_at_stop(tokenizer.decode(tokens, skip_special_tokens=True))
             generated += len(tokens)
     seconds = time.perf_counter() - started
     records = [score(ex, output) | {"prompt": tokenizer.decode(prompt)}
