@@ -57,8 +57,8 @@ def test_dry_run_produces_every_stage(tmp_path):
     assert stages["throughput"]["test_torch"]["torch"]["tokens_per_s"] > 0
 
     offload = stages["offload"]["8b_offload"]
-    assert offload["steps_logged"] >= 2 and offload["tokens_per_s"] > 0 and offload["microbatches"] >= 1
-    assert offload["offload_override"] in ("optim.offload=host", "optim.offload_state=True")
+    assert offload["steps_logged"] >= 3 and offload["tokens_per_s"] > 0 and offload["microbatches"] >= 1
+    assert offload["device_fraction"] is None  # no device larger than 80 GB to shrink
     assert abs(offload["loss"] - math.log(128256)) < 0.5
 
     smol = stages["smollm2"]["cli_200_steps"]
