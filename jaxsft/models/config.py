@@ -57,6 +57,10 @@ class ModelConfig:
     # Run-time choices, not part of the checkpoint.
     remat: str = "full"
     attention: str = "auto"
+    # '' or 'nf4': the linear projections stored as bitsandbytes NF4 (QLoRA's frozen base; set by
+    # lora.base_quant, or by a checkpoint saved 4-bit by transformers + bitsandbytes).
+    base_quant: str = ""
+    base_double_quant: bool = True  # NF4 block maxima quantized again (bitsandbytes' compress_statistics)
     # The untouched HF config, written back on export so nothing the user had is lost.
     hf_config: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
     hf_generation_config: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
@@ -109,6 +113,9 @@ class ModelConfig:
                 f"{source}: use_sliding_window=true (per-layer sliding windows) is not supported; "
                 "set it to false, as every released Qwen2/2.5/3 checkpoint does")
         granite = arch == "GraniteForCausalLM"
+        if hf.get("quantization_config"):
+            run_options = {**run_options, "base_quant": "nf4",
+                           "base_double_quant": _bnb_nf4_double_quant(hf["quantization_config"], source)}
         return cls(
             architecture=arch,
             vocab_size=need("vocab_size"),
@@ -148,6 +155,24 @@ class ModelConfig:
             except json.JSONDecodeError as e:
                 raise ConfigError(f"{path}: not valid JSON ({e})") from None
         return cls.from_hf(hf, source=str(path), **run_options)
+
+
+def _bnb_nf4_double_quant(q: dict, source: str) -> bool:
+    """Whether a quantized checkpoint's NF4 statistics are double-quantized; any quantization but
+    bitsandbytes NF4 4-bit (stored as uint8) is refused by name."""
+    method = str(q.get("quant_method", "unknown"))
+    kind = method
+    if method == "bitsandbytes":
+        kind = ("bitsandbytes int8 (load_in_8bit)" if q.get("load_in_8bit") else
+                f"bitsandbytes 4-bit {q.get('bnb_4bit_quant_type', 'fp4')}" if q.get("load_in_4bit") else
+                "bitsandbytes (neither 4 nor 8 bit)")
+        if q.get("load_in_4bit") and q.get("bnb_4bit_quant_type") == "nf4":
+            if q.get("bnb_4bit_quant_storage", "uint8") != "uint8":
+                kind = f"bitsandbytes NF4 stored as {q['bnb_4bit_quant_storage']}"
+            else:
+                return bool(q.get("bnb_4bit_use_double_quant", False))
+    raise ConfigError(f"{source}: quantization {kind} is not supported; jaxsft reads full-precision "
+                      "checkpoints and bitsandbytes NF4 4-bit ones (load_in_4bit, bnb_4bit_quant_type='nf4')")
 
 
 def _rope_params(hf: dict) -> dict:

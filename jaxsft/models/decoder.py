@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxsft.models import nf4
 from jaxsft.models.attention import attention, resolve_backend
 from jaxsft.models.config import ModelConfig
 
@@ -21,6 +22,11 @@ REMAT = {
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+
+
+# The linear projections (LoRA's targets, QLoRA's NF4 weights) -> how many leading axes of their
+# kernel are input features (o is (heads, head_dim, embed)).
+INPUT_AXES = {"q": 1, "k": 1, "v": 1, "o": 2, "gate": 1, "up": 1, "down": 1}
 
 
 def layer_shapes(c: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
@@ -58,15 +64,33 @@ def _init_for(name: str):
 
 
 class Layers(nnx.Module):
-    """All decoder layers' weights, each stacked on a leading 'layers' axis."""
+    """All decoder layers' weights, each stacked on a leading 'layers' axis. With
+    `config.base_quant='nf4'` the linear projections are `nf4.NF4` weights (placeholders here,
+    filled by the loaders), the norms and biases stay in `param_dtype`."""
 
     def __init__(self, c: ModelConfig, param_dtype, rngs: nnx.Rngs):
         for name, (shape, axes) in layer_shapes(c).items():
+            if c.base_quant and name in INPUT_AXES:
+                k = INPUT_AXES[name]
+                out_axis, in_axis = axes[k], axes[0]  # heads / mlp / embed: the leading axis of each side
+                setattr(self, name, nf4.NF4.zeros(c.num_layers, *nf4.hf_shape(shape, k), out_axis, in_axis,
+                                                  c.base_double_quant))
+                continue
             value = _init_for(name)(rngs.params(), (c.num_layers, *shape), param_dtype)
             setattr(self, name, nnx.Param(value, logical_axes=("layers", *axes)))
 
-    def arrays(self) -> dict[str, jax.Array]:
-        return {name: p[...] for name, p in vars(self).items() if isinstance(p, nnx.Param)}
+    def arrays(self) -> dict[str, jax.Array | dict[str, jax.Array]]:
+        """Stacked weights; an NF4 weight is its dict of arrays (`layer_weights` dequantizes it)."""
+        return {name: p.arrays() if isinstance(p, nf4.NF4) else p[...]
+                for name, p in vars(self).items() if isinstance(p, (nnx.Param, nf4.NF4))}
+
+
+def layer_weights(w: dict, c: ModelConfig, dtype) -> dict[str, jax.Array]:
+    """One layer's weights (a slice of `Layers.arrays()`) in `dtype`: NF4 weights dequantized here,
+    inside the layer, so only one layer's full-precision kernels exist at a time."""
+    shapes = layer_shapes(c)
+    return {name: nf4.to_kernel(a, shapes[name][0], dtype) if isinstance(a, dict) else a.astype(dtype)
+            for name, a in w.items()}
 
 
 class Decoder(nnx.Module):
@@ -109,7 +133,7 @@ class Decoder(nnx.Module):
 
         def body(x, layer):
             w, adapters = layer
-            w = jax.tree.map(lambda a: a.astype(self.compute_dtype), w)
+            w = layer_weights(w, c, self.compute_dtype)
             adapt = None if adapters is None else self.lora.adapt(adapters, self.compute_dtype)
             return decoder_layer(x, w, positions, inv_freq, c, attend, adapt)
 

@@ -8,6 +8,7 @@ of the model in host memory.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -23,6 +24,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from jaxsft import rundir
+from jaxsft.models import nf4
 from jaxsft.models.config import ModelConfig
 from jaxsft.models.decoder import Decoder, layer_shapes
 
@@ -55,6 +57,8 @@ WEIGHT_MAP = {
 
 # Present in some checkpoints, never needed: transformers recomputes them.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+# What bitsandbytes saves beside a 4-bit weight `X.weight` (the packed bytes).
+BNB_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", ".quant_state.bitsandbytes__nf4")
 
 
 def to_jaxsft(a: np.ndarray, layout: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -192,13 +196,43 @@ def load_hf(path: str | os.PathLike, dtype=jnp.float32, compute_dtype=jnp.bfloat
     files = _tensor_files(folder)
     _check_tensors(folder, files, hf_tensors(config), config)
     handles = {f: safe_open(f, framework="numpy") for f in set(files.values())}
-    return build_model(config, lambda name: handles[files[name]].get_tensor(name),
-                       dtype, compute_dtype, mesh, rules)
+
+    def read(name):
+        return handles[files[name]].get_tensor(name)
+    read_nf4 = None
+    if "quantization_config" in config.hf_config:  # saved 4-bit by transformers + bitsandbytes
+        read_nf4 = functools.partial(_read_bnb_nf4, read, files, config)
+    return build_model(config, read, dtype, compute_dtype, mesh, rules, read_nf4)
 
 
-def build_model(config: ModelConfig, read_hf_tensor, dtype, compute_dtype, mesh=None, rules=None) -> Decoder:
+def _read_bnb_nf4(read, files, config: ModelConfig, hf_name: str) -> dict[str, np.ndarray]:
+    """One weight of a bitsandbytes 4-bit checkpoint as `nf4.quantize`'s arrays (no full-precision
+    copy is made); a weight the checkpoint kept in full precision is quantized here."""
+    state_name = hf_name + ".quant_state.bitsandbytes__nf4"
+    if state_name not in files:
+        return nf4.quantize(read(hf_name), config.base_double_quant)
+    state = json.loads(bytes(read(state_name).tolist()).decode())
+    quant_map = read(hf_name + ".quant_map")
+    out_features, in_features = state["shape"]
+    if state.get("blocksize") != nf4.BLOCK or not np.array_equal(quant_map, nf4.NF4_CODE) or (
+            "nested_absmax" in state and state.get("nested_blocksize") != nf4.NESTED_BLOCK):
+        raise CheckpointError(f"{hf_name}: bitsandbytes 4-bit with blocksize {state.get('blocksize')}, "
+                              f"nested blocksize {state.get('nested_blocksize')} or a quant_map other than "
+                              f"NF4's; jaxsft reads NF4 in blocks of {nf4.BLOCK} (nested {nf4.NESTED_BLOCK})")
+    q = {"packed": read(hf_name).reshape(out_features, in_features // 2),
+         "absmax": read(hf_name + ".absmax").reshape(out_features, -1)}
+    if config.base_double_quant:
+        q.update(nested_absmax=read(hf_name + ".nested_absmax"), offset=np.float32(state["nested_offset"]),
+                 nested_code=read(hf_name + ".nested_quant_map"))
+    return q
+
+
+def build_model(config: ModelConfig, read_hf_tensor, dtype, compute_dtype, mesh=None, rules=None,
+                read_nf4=None) -> Decoder:
     """A Decoder whose parameters are read with `read_hf_tensor(hf_name) -> np.ndarray` (HF layout),
-    straight into their target sharding: each device shard reads only the layers it holds."""
+    straight into their target sharding: each device shard reads only the layers it holds.
+    With `config.base_quant='nf4'` the linear projections are quantized as they are read, one layer
+    at a time, or come from `read_nf4(hf_name)` (a checkpoint stored as NF4)."""
     from jaxsft.sharding import param_shardings
 
     abstract = nnx.eval_shape(lambda: Decoder(config, param_dtype=dtype, compute_dtype=compute_dtype))
@@ -212,9 +246,21 @@ def build_model(config: ModelConfig, read_hf_tensor, dtype, compute_dtype, mesh=
         return to_jaxsft(read_hf_tensor(hf_name), WEIGHT_MAP[name][1], shape)
 
     pure = nnx.to_pure_dict(state)
+    if config.base_quant:
+        # Each device shard asks for every layer it holds: keep one stacked weight's layers.
+        read_nf4 = functools.lru_cache(maxsize=config.num_layers + 1)(
+            read_nf4 or (lambda hf_name: nf4.quantize(read_hf_tensor(hf_name), config.base_double_quant)))
     for name, path_in_state in model_param_paths(config).items():
         leaf = _get(pure, path_in_state)
         layers = hf_names[name]
+        if isinstance(leaf, dict):  # an NF4 weight: its arrays, each stacked over the layers
+            for key, part in leaf.items():
+                def nf4_shard(index, key=key, part=part, layers=layers):
+                    picked = range(config.num_layers)[index[0]]
+                    return np.stack([np.asarray(read_nf4(layers[i])[key], part.dtype)[index[1:]] for i in picked])
+                leaf[key] = jax.make_array_from_callback(part.shape, _get(shardings, path_in_state + (key,)), nf4_shard)
+            read_nf4.cache_clear()
+            continue
 
         def shard(index, name=name, leaf=leaf, layers=layers):
             if None in layers:  # a global weight
@@ -235,18 +281,22 @@ def _check_tensors(folder, files, expected, config):
     missing = [k for k in expected if k not in files]
     if missing:
         problems.append(f"missing tensors: {_short(missing)}")
+    quantized = "quantization_config" in config.hf_config
     unexpected = [k for k in files if k not in expected and not k.endswith(IGNORED_SUFFIXES)
-                  and not (k == "lm_head.weight" and config.tie_word_embeddings)]
+                  and not (k == "lm_head.weight" and config.tie_word_embeddings)
+                  and not (quantized and k.endswith(BNB_SUFFIXES))]
     if unexpected:
         problems.append(f"unexpected tensors: {_short(unexpected)}")
     for name, file in sorted(files.items()):
         if name in expected:
             with safe_open(file, framework="numpy") as f:
                 shape = tuple(f.get_slice(name).get_shape())
-            if shape != expected[name][3]:
+            want = expected[name][3]
+            if f"{name}.quant_state.bitsandbytes__nf4" in files:  # bitsandbytes' packed bytes
+                want = (int(np.prod(want)) // 2, 1)
+            if shape != want:
                 problems.append(
-                    f"{name} in {os.path.basename(file)} has shape {shape}, config.json implies "
-                    f"{expected[name][3]}")
+                    f"{name} in {os.path.basename(file)} has shape {shape}, config.json implies {want}")
     if problems:
         raise CheckpointError(
             f"{folder} does not match its config.json ({config.architecture}):\n  " + "\n  ".join(problems))

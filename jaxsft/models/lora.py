@@ -25,13 +25,9 @@ import optax
 from flax import nnx
 
 from jaxsft.models.config import ModelConfig
-from jaxsft.models.decoder import layer_shapes
+from jaxsft.models.decoder import INPUT_AXES, layer_shapes
 from jaxsft.models.hf_io import WEIGHT_MAP
 from jaxsft.sharding import param_shardings, path_name
-
-# jaxsft projection -> how many leading axes of its kernel are input features (o is (heads, head_dim, embed)).
-INPUT_AXES = {"q": 1, "k": 1, "v": 1, "o": 2, "gate": 1, "up": 1, "down": 1}
-
 
 def module_name(name: str, layer: int) -> str:
     """The PEFT module name of a projection: `model.layers.{layer}.self_attn.q_proj`."""
