@@ -59,7 +59,7 @@ def main(argv=None):
     if not config.gsm8k.file:
         raise UsageError("gsm8k.file is empty: set --config.gsm8k.file=PATH/test.jsonl")
     mesh = make_mesh(**config.mesh)
-    model = model_for_run(config.model, mesh, seed=config.train.seed)  # loaded outside: Orbax needs a concrete mesh
+    model = model_for_run(config.model, mesh, seed=config.train.seed, base_quant=config.lora.base_quant)  # loaded outside: Orbax needs a concrete mesh
     with jax.set_mesh(mesh):
         result = gsm8k_accuracy(config, model, load_tokenizer(config.data.tokenizer or config.model.path), step=0)
     print(f"GSM8K accuracy {result['accuracy']:.3f} ({result['correct']}/{result['total']}), "

@@ -76,7 +76,8 @@ def lora_checkpoint_model(params_dir: str, record: dict, mesh, base: str | None 
     m, seed = run_config.model, run_config.train.seed
     if base:
         m.path = base
-    model = peft_io.add_adapters(model_for_run(m, mesh, seed=seed), run_config.lora, seed, mesh)
+    model = peft_io.add_adapters(model_for_run(m, mesh, seed=seed, base_quant=run_config.lora.get("base_quant", "")),
+                                 run_config.lora, seed, mesh)
     graphdef, adapters, frozen = nnx.split(model, lora.LoraParam, nnx.Param)
     if base_fingerprint(frozen) != record["base_model"]:
         raise CheckpointMismatch(
@@ -84,8 +85,8 @@ def lora_checkpoint_model(params_dir: str, record: dict, mesh, base: str | None 
             "adapters were trained on (its weights' fingerprint differs from the checkpoint's)")
     with ocp.StandardCheckpointer() as ckptr:
         trained = unflatten(adapters, ckptr.restore(params_dir, abstract(adapters)))
-    # Merged in float32 whatever the run's base dtype; cast to --dtype while writing.
-    frozen = jax.tree.map(lambda x: x.astype(jnp.float32), frozen)
+    # Merged in float32 whatever the run's base dtype (NF4 bytes dequantize to it); cast to --dtype while writing.
+    frozen = jax.tree.map(lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x, frozen)
     return nnx.merge(graphdef, trained, frozen), m.path
 
 

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsft.models.decoder import Decoder, decoder_layer, rms_norm, rope_frequencies
+from jaxsft.models.decoder import Decoder, decoder_layer, layer_weights, rms_norm, rope_frequencies
 
 # Steps per device call: the host checks stop strings (and whether every row is done) in between.
 CHUNK = 32
@@ -171,8 +171,9 @@ def _see(seen, token, penalize):
 
 def _layer_weights(model):
     """One dict of compute-dtype weights per layer, sliced and cast once per call."""
-    stacked = {name: w.astype(model.compute_dtype) for name, w in model.layers.arrays().items()}
-    return [{name: w[i] for name, w in stacked.items()} for i in range(model.config.num_layers)]
+    stacked = model.layers.arrays()
+    return [layer_weights(jax.tree.map(lambda w: w[i], stacked), model.config, model.compute_dtype)
+            for i in range(model.config.num_layers)]
 
 
 def _forward(model, layers, ids, pad, start, cache):

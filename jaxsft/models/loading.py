@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxsft.hub import resolve_model_path
@@ -27,11 +28,14 @@ def load_model(path, dtype=jnp.float32, compute_dtype=jnp.bfloat16, mesh=None, r
 
     dtype: parameter dtype; compute_dtype: matmul dtype; mesh/rules: where the parameters go
     (default: the first device); lora_adapter: a Hugging Face PEFT LoRA adapter folder to attach;
-    run_options: ModelConfig run-time fields (remat, attention).
+    run_options: ModelConfig run-time fields (remat, attention, base_quant='nf4': the linear
+    projections quantized to NF4 as they are read; a bitsandbytes 4-bit folder is NF4 already).
     """
     path = resolve_model_path(str(path))
     if converted.is_converted(path):
+        base_quant = run_options.pop("base_quant", "")
         model = converted.load_converted(path, dtype, compute_dtype, mesh, rules, **run_options)
+        model = quantized(model, mesh, rules) if base_quant else model
     elif (gguf_file := gguf.find_gguf(path)) is not None:
         model = gguf.load_gguf(gguf_file, dtype, compute_dtype, mesh, rules, **run_options)
     else:
@@ -62,21 +66,40 @@ def load_tokenizer(path):
 
 
 def random_model(config: ModelConfig, dtype, compute_dtype, mesh=None, seed: int = 0) -> Decoder:
-    """A Decoder with random weights, created already sharded (never whole on one device)."""
+    """A Decoder with random weights, created already sharded (never whole on one device); with
+    `config.base_quant` the random projections are then quantized."""
     def create():
-        return Decoder(config, param_dtype=dtype, compute_dtype=compute_dtype, rngs=nnx.Rngs(seed))
+        return Decoder(config.replace(base_quant=""), param_dtype=dtype, compute_dtype=compute_dtype,
+                       rngs=nnx.Rngs(seed))
 
     graphdef, state = nnx.split(nnx.eval_shape(create))
     state = jax.jit(lambda: nnx.split(create())[1], out_shardings=param_shardings(state, mesh))()
-    return nnx.merge(graphdef, state)
+    model = nnx.merge(graphdef, state)
+    return quantized(model, mesh) if config.base_quant else model
 
 
-def model_for_run(model_section, mesh=None, seed: int = 0) -> Decoder:
+def quantized(model: Decoder, mesh=None, rules=None) -> Decoder:
+    """`model` with its linear projections quantized to NF4 (double quantization), one weight of one
+    layer at a time on the host."""
+    c = model.config
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    paths, tensors = hf_io.model_param_paths(c), hf_io.hf_tensors(c)
+
+    def read(hf_name):
+        name, layer, _, _ = tensors[hf_name]
+        value = hf_io._get(params, paths[name])
+        value = value if layer is None else value[layer]
+        return hf_io.to_hf(np.asarray(hf_io._gather(value)), hf_io.WEIGHT_MAP[name][1])
+    return hf_io.build_model(c.replace(base_quant="nf4", base_double_quant=True), read, model.embed.dtype,
+                             model.compute_dtype, mesh, rules)
+
+
+def model_for_run(model_section, mesh=None, seed: int = 0, base_quant: str = "") -> Decoder:
     """The model a run's `model` config section describes: pretrained weights from `path`, or
-    (init='random') `path`'s architecture with random weights."""
+    (init='random') `path`'s architecture with random weights; `base_quant` is `lora.base_quant`."""
     m = model_section
     dtypes = dict(dtype=jnp.dtype(m.param_dtype), compute_dtype=jnp.dtype(m.compute_dtype))
-    run_options = dict(remat=m.remat, attention=m.attention)
+    run_options = dict(remat=m.remat, attention=m.attention, base_quant=base_quant)
     if m.init == "pretrained":
         return load_model(m.path, mesh=mesh, **dtypes, **run_options)
     return random_model(load_model_config(m.path, **run_options), mesh=mesh, seed=seed, **dtypes)

@@ -19,10 +19,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from jaxsft import rundir
+from jaxsft.models import nf4
+from jaxsft.models.decoder import Decoder, layer_shapes
 from jaxsft.models.hf_io import CheckpointError, _gather, local_dir, save_hf
 from jaxsft.models.lora import (INPUT_AXES, Adapters, LoraSpec, Target, adapter_shapes, attach, make_spec,
                                 merged_layer_weights, module_name, peft_name, select_targets)
@@ -200,13 +203,43 @@ def save_adapter(model, out_dir, base_model_name_or_path: str = "") -> None:
 
 def merged(model):
     """A Decoder without adapters whose adapted kernels are W + scale * A B (merged in float32,
-    stored in the base weights' dtype), as PEFT's merge_and_unload."""
+    stored in the base weights' dtype), as PEFT's merge_and_unload. An NF4 base is dequantized
+    (to the embedding's dtype) first: the merged model is a full-precision one."""
     graphdef, state = nnx.split(model)
     merged_model = nnx.merge(graphdef, state)  # a copy that shares the arrays
-    for name, value in merged_layer_weights(model).items():
+    if model.config.base_quant:
+        merged_model = dequantized(merged_model)
+    for name, value in merged_layer_weights(merged_model).items():
         getattr(merged_model.layers, name)[...] = value
     merged_model.lora = None
     return merged_model
+
+
+def dequantized(model):
+    """A copy of a model with an NF4 base whose projections are full-precision Params in the
+    embedding's dtype, sharded as a full-precision model's (its adapters are kept)."""
+    c = model.config.replace(base_quant="")
+    dtype = model.embed[...].dtype
+    graphdef, abstract = nnx.split(nnx.eval_shape(
+        lambda: Decoder(c, param_dtype=dtype, compute_dtype=model.compute_dtype)))
+    placed = model.embed[...].sharding
+    shardings = nnx.to_pure_dict(param_shardings(abstract, placed.mesh if isinstance(placed, NamedSharding) else None))
+    old, new = nnx.to_pure_dict(nnx.state(model, nnx.Param)), nnx.to_pure_dict(abstract)
+    shapes = layer_shapes(c)
+    for key in new:
+        new[key] = old[key] if key != "layers" else {
+            name: _stacked_kernel(old["layers"][name], shapes[name][0], dtype, shardings["layers"][name])
+            if isinstance(old["layers"][name], dict) else old["layers"][name] for name in new["layers"]}
+    nnx.replace_by_pure_dict(abstract, new)
+    out = nnx.merge(graphdef, abstract)
+    out.lora = model.lora
+    return out
+
+
+def _stacked_kernel(q, shape, dtype, sharding):
+    def kernel(q):  # (layers, out, in) in HF layout -> (layers, *in, *out)
+        return jnp.swapaxes(nf4.dequantize(q, dtype), -1, -2).reshape(-1, *shape)
+    return jax.jit(kernel, out_shardings=sharding)(q)
 
 
 def save_merged(model, out_dir, tokenizer=None, dtype=jnp.bfloat16) -> None:

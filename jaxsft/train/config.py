@@ -86,6 +86,7 @@ folder (`output_dir/adapter`; with `train.export_hf` also the merged model in `o
 | `use_rslora` | `False` | rsLoRA scaling alpha / sqrt(r). |
 | `lr_ratio` | `1.0` | LoRA+: B's learning rate (and decoupled weight decay) is this times A's (the paper: 16). |
 | `adapter_path` | `''` | Start from this PEFT adapter folder (its rank, alpha and targets replace the fields above). |
+| `base_quant` | `''` | `'nf4'`: QLoRA. The frozen base's linear projections are stored as bitsandbytes NF4 (blocks of 64, double-quantized statistics, bit for bit as `bitsandbytes.functional.quantize_4bit`), quantized while `model.path` is read; each layer dequantizes its own weights to `model.compute_dtype` inside the step. Embeddings, norms and the LM head stay in `model.param_dtype`. A bitsandbytes 4-bit NF4 checkpoint (`*-bnb-4bit`) is read as NF4 whatever this says. Needs LoRA (`lora.r > 0`). |
 
 ## mesh
 | key | default | meaning |
@@ -131,6 +132,7 @@ from jaxsft.train.optimizer import SCHEDULES
 
 DTYPES = ("float32", "bfloat16")
 OFFLOAD_TIERS = ("none", "host", "disk")
+BASE_QUANTS = ("", "nf4")
 # Training bf16 master weights needs at least this learning rate. bf16 keeps 8 significant bits, so
 # p + u rounds back to p unless |u| > half the spacing of bf16 numbers at p: 2^(e-8) for |p| in
 # [2^e, 2^(e+1)). An AdamW step moves a weight by about the learning rate (|m / sqrt(v)| <= ~1).
@@ -158,7 +160,7 @@ def default_config() -> ml_collections.ConfigDict:
                     loss_spike_ratio=1.5, grad_spike_ratio=10.0)
     c.lora = dict(r=0, alpha=16.0, dropout=0.0,
                   target_modules=ml_collections.FieldReference("all-linear", field_type=object), layers=[],
-                  use_rslora=False, lr_ratio=1.0, adapter_path="")
+                  use_rslora=False, lr_ratio=1.0, adapter_path="", base_quant="")
     c.mesh = dict(data=1, fsdp=-1, tensor=1)
     c.checkpoint = dict(every_steps=0, keep=2, keep_best=0, dir="", resume=True)
     c.gsm8k = dict(file="", subset=0, k_shot=0, shots_file="", max_new_tokens=256, batch_size=32,
@@ -171,6 +173,11 @@ def validate(c) -> None:
     if "offload_state" in c.optim:
         raise ConfigError("optim.offload_state was replaced by optim.offload = 'none', 'host' or 'disk' "
                           "(offload_state=True is offload='host')")
+    if c.lora.base_quant not in BASE_QUANTS:
+        raise ConfigError(f"lora.base_quant={c.lora.base_quant!r}: choose one of {BASE_QUANTS}")
+    if c.lora.base_quant and not (c.lora.r or c.lora.adapter_path):
+        raise ConfigError(f"lora.base_quant={c.lora.base_quant!r} quantizes the frozen base of LoRA (QLoRA); full "
+                          "fine-tuning (lora.r=0) trains the base weights themselves: set lora.r > 0 or base_quant=''")
     if c.optim.offload != "none" and (c.lora.r or c.lora.adapter_path):
         raise ConfigError("optim.offload moves full fine-tuning's master weights and moments; LoRA's are small: "
                           "set optim.offload='none'")

@@ -89,7 +89,10 @@ def setup(config) -> Run:
 
     mesh = make_mesh(**config.mesh)
     m = config.model
-    model_config = load_model_config(m.path, remat=m.remat, attention=m.attention)
+    model_config = load_model_config(m.path, remat=m.remat, attention=m.attention, base_quant=config.lora.base_quant)
+    if model_config.base_quant and not (config.lora.r or config.lora.adapter_path):
+        raise ConfigError(f"model.path={m.path!r} is quantized to NF4 (bitsandbytes 4-bit): its weights cannot be "
+                          "fully fine-tuned; train LoRA adapters on it (lora.r > 0, QLoRA)")
     with jax.set_mesh(mesh):  # whatever traces the model does so under the mesh (Pallas kernels need it)
         plan = memory.plan(config, model_config, mesh)  # compiled on abstract shapes: no weight read yet
     if not plan.fits:
@@ -103,7 +106,7 @@ def setup(config) -> Run:
         rundir.write_json(rundir.join(out, "data_summary.json"), data.summary)
     total_steps = config.train.num_steps or math.ceil(config.train.num_epochs * data.steps_per_epoch)
 
-    model = model_for_run(m, mesh, seed=config.train.seed)
+    model = model_for_run(m, mesh, seed=config.train.seed, base_quant=config.lora.base_quant)
     model_config = model.config  # with what the weights' file adds (generation config)
     frozen = None
     if config.lora.r or config.lora.adapter_path:  # only the adapters train; the base is a frozen input

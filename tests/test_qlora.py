@@ -1,0 +1,134 @@
+"""QLoRA: NF4 base weights bit for bit as bitsandbytes, checkpoints saved 4-bit by transformers +
+bitsandbytes, and a QLoRA run whose adapter PEFT loads on the bitsandbytes-quantized base."""
+
+import json
+import os
+import shutil
+import subprocess
+
+import bitsandbytes as bnb
+import bitsandbytes.functional as F
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers as tf
+from peft import PeftModel
+
+import jaxsft
+from jaxsft.models import ConfigError, nf4
+from jaxsft.train import default_config
+from jaxsft.train.setup import setup
+from tests.test_checkpoint import ASSETS, ENV, REPO, cli
+
+IDS = np.random.RandomState(0).randint(1, 5000, (2, 12))
+BNB_NF4 = dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+               bnb_4bit_compute_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (96, 192), (1536, 576)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nf4_is_bitsandbytes_bit_for_bit(shape, dtype):
+    w = (torch.randn(shape, generator=torch.Generator().manual_seed(shape[0])) * 0.02).to(dtype)
+    w[0, 0] = 0.5  # an outlier block
+    for double_quant in (False, True):
+        packed, state = F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=double_quant)
+        ours = nf4.quantize(w.float().numpy(), double_quant)
+        np.testing.assert_array_equal(ours["packed"].reshape(-1), packed.numpy().reshape(-1))
+        np.testing.assert_array_equal(ours["absmax"].reshape(-1), state.absmax.numpy())
+        if double_quant:
+            np.testing.assert_array_equal(ours["nested_absmax"], state.state2.absmax.numpy())
+            np.testing.assert_array_equal(ours["offset"], state.offset.numpy())
+            np.testing.assert_array_equal(ours["nested_code"], state.state2.code.numpy())
+        expected = F.dequantize_4bit(packed, state).float().numpy()
+        jax_dtype = jnp.float32 if dtype == torch.float32 else jnp.bfloat16
+        got = nf4.dequantize({k: jnp.asarray(v) for k, v in ours.items()}, jax_dtype)
+        np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)), expected)
+
+
+def reference_logits(model, ids=IDS):
+    # bitsandbytes' CPU inference path repacks the weights into bf16 on machines with AVX512-BF16;
+    # the reference is its dequantize-then-matmul path (what GPUs run), so switch the repacking off.
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+    with torch.no_grad():
+        return model(torch.tensor(ids)).logits.float().numpy()
+
+
+def jax_logits(path, ids=IDS, **options):
+    model = jaxsft.load_model(path, dtype=jnp.float32, compute_dtype=jnp.float32, remat="none", **options)
+    return model, np.asarray(model(jnp.asarray(ids)))
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """A tiny random Qwen2 (the demo's shape and tokenizer) in full precision, and the same model
+    saved 4-bit NF4 (double quantization) by transformers + bitsandbytes."""
+    root = tmp_path_factory.mktemp("qlora")
+    config = tf.AutoConfig.from_pretrained(os.path.join(ASSETS, "tiny-qwen2"))
+    torch.manual_seed(0)
+    tf.AutoModelForCausalLM.from_config(config).save_pretrained(root / "base")
+    for f in ("merges.txt", "vocab.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(ASSETS, "tiny-qwen2", f), root / "base")
+    quantized = tf.AutoModelForCausalLM.from_pretrained(
+        root / "base", quantization_config=tf.BitsAndBytesConfig(**BNB_NF4), device_map="cpu")
+    quantized.save_pretrained(root / "nf4")
+    return root
+
+
+def test_bnb_4bit_checkpoint_loads_as_nf4_with_transformers_logits(folders):
+    expected = reference_logits(tf.AutoModelForCausalLM.from_pretrained(folders / "nf4", device_map="cpu"))
+    model, got = jax_logits(folders / "nf4")
+    assert isinstance(model.layers.q, nf4.NF4) and model.layers.q.packed[...].dtype == jnp.uint8
+    np.testing.assert_allclose(got, expected, atol=2e-6)
+    # Quantizing the full-precision folder at load gives the same bytes, so the same logits.
+    quantized, got = jax_logits(folders / "base", base_quant="nf4")
+    for key, value in model.layers.gate.arrays().items():
+        np.testing.assert_array_equal(np.asarray(quantized.layers.gate.arrays()[key]), np.asarray(value), err_msg=key)
+    np.testing.assert_allclose(got, expected, atol=2e-6)
+    assert np.abs(got - jax_logits(folders / "base")[1]).max() > 1e-3  # NF4 moved them
+
+
+@pytest.mark.parametrize("quantization,name", [
+    ({"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "fp4"}, "bitsandbytes 4-bit fp4"),
+    ({"quant_method": "bitsandbytes", "load_in_8bit": True}, "bitsandbytes int8"),
+    ({"quant_method": "gptq", "bits": 4}, "gptq"),
+    ({"quant_method": "awq", "bits": 4}, "awq")])
+def test_other_quantizations_are_refused_by_name(folders, tmp_path, quantization, name):
+    shutil.copytree(folders / "nf4", tmp_path / "q")
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    (tmp_path / "q" / "config.json").write_text(json.dumps({**config, "quantization_config": quantization}))
+    with pytest.raises(jaxsft.models.ConfigError, match=f"quantization {name}"):
+        jaxsft.load_model(tmp_path / "q")
+
+
+@pytest.mark.slow
+def test_qlora_run_adapter_loads_in_peft_on_the_bnb_base(folders, tmp_path):
+    """A QLoRA CLI run on the full-precision folder: its adapter, put by PEFT on the base quantized
+    by transformers + bitsandbytes, gives jaxsft's logits; its merged export loads in transformers.
+    Full fine-tuning of a quantized base is refused."""
+    flags = (f"--config.model.path={folders / 'base'}", "--config.model.init=pretrained",
+             "--config.lora.r=4", "--config.lora.alpha=8", "--config.optim.learning_rate=2e-2")
+    config = default_config()
+    config.model.path, config.train.output_dir = str(folders / "nf4"), str(tmp_path / "refused")
+    with pytest.raises(ConfigError, match="quantized to NF4"):  # exit status 2 in the CLI
+        setup(config)
+    config.model.path, config.lora.base_quant = str(folders / "base"), "nf4"
+    with pytest.raises(ConfigError, match="lora.base_quant"):
+        setup(config)
+
+    run = tmp_path / "run"
+    r = subprocess.run(cli(tmp_path, run, *flags, "--config.lora.base_quant=nf4", "--config.train.num_steps=2",
+                           "--config.train.export_hf=True", "--config.train.export_dtype=float32"),
+                       cwd=REPO, env=ENV, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    _, ours = jax_logits(folders / "base", base_quant="nf4", lora_adapter=run / "adapter")
+    base = tf.AutoModelForCausalLM.from_pretrained(
+        folders / "base", quantization_config=tf.BitsAndBytesConfig(**BNB_NF4), device_map="cpu")
+    peft = PeftModel.from_pretrained(base, run / "adapter")
+    np.testing.assert_allclose(reference_logits(peft), ours, atol=2e-5)
+    assert np.abs(ours - jax_logits(folders / "nf4")[1]).max() > 1e-3  # the adapter moved them
+    merged = tf.AutoModelForCausalLM.from_pretrained(run / "hf", dtype=torch.float32)
+    with torch.no_grad():
+        np.testing.assert_allclose(merged(torch.tensor(IDS)).logits.numpy(), ours, atol=2e-5)
