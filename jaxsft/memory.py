@@ -330,7 +330,8 @@ def main(argv=None):
 
     with exit_statuses():
         config, extra = parse_args(argv, extra_flags=("device-gib", "host-gib", "devices", "tpu"))
-        model_config = load_model_config(config.model.path, remat=config.model.remat, attention=config.model.attention)
+        model_config = load_model_config(config.model.path, remat=config.model.remat, attention=config.model.attention,
+                                         base_quant=config.lora.base_quant)
         device_bytes = float(extra["device-gib"]) * GiB if "device-gib" in extra else None
         host_bytes = float(extra["host-gib"]) * GiB if "host-gib" in extra else None
         if "tpu" in extra:  # XLA's TPU compiler: the target's figures, not this machine's
