@@ -112,6 +112,7 @@ def test_qlora_run_adapter_loads_in_peft_on_the_bnb_base(folders, tmp_path):
              "--config.lora.r=4", "--config.lora.alpha=8", "--config.optim.learning_rate=2e-2")
     config = default_config()
     config.model.path, config.train.output_dir = str(folders / "nf4"), str(tmp_path / "refused")
+    config.data.sources = [{"path": os.path.join(ASSETS, "gsm8k", "train.jsonl"), "format": "gsm8k"}]
     with pytest.raises(ConfigError, match="quantized to NF4"):  # exit status 2 in the CLI
         setup(config)
     config.model.path, config.lora.base_quant = str(folders / "base"), "nf4"
