@@ -11,6 +11,7 @@ clean peak-memory counters, and JAX and torch never share the GPU's memory pool)
    the PyTorch + transformers reference step.
 3. offload: Llama-3.1-8B shape with the optimizer state in host memory over many micro-batches.
 4. smollm2: 200 steps of the real SmolLM2-135M on GSM8K through the CLI.
+5. offload/8b_qlora: the Llama-3.1-8B QLoRA recipe (NF4 base): peak device memory, tokens/s.
 The JSON is rewritten after every job, so a timeout or crash keeps what finished. One table at the end.
 """
 
@@ -46,7 +47,9 @@ def plan(dry: bool) -> list[dict]:
     jobs = [dict(stage="attention", name="tests", cap=50), dict(stage="attention", name="slots", cap=30)]
     jobs += [dict(stage="throughput", name=f"{size}_{remat}", size=size, remat=remat, cap=cap)
              for size, cap in sizes.items() for remat in ("full", "dots")]
-    jobs += [dict(stage="offload", name="8b_offload", cap=150), dict(stage="smollm2", name="cli_200_steps", cap=80)]
+    jobs += [dict(stage="offload", name="8b_offload", size="offload", cap=150),
+             dict(stage="smollm2", name="cli_200_steps", cap=80),
+             dict(stage="offload", name="8b_qlora", size="qlora", cap=100)]
     jobs += [dict(stage="throughput", name=f"{size}_torch", size=size, cap=cap) for size, cap in sizes.items()]
     big = next(iter(sizes))
     jobs += [dict(stage="throughput", name=f"{big}_dots_no_batch", size=big, remat="dots_no_batch", cap=sizes[big])]
@@ -140,24 +143,29 @@ GSM8K_TRAIN = os.path.join(ROOT, "configs", "assets", "gsm8k", "train.jsonl")
 
 def job_offload(args) -> dict:
     """Llama-3.1-8B shape (random weights, the real Llama 3 tokenizer and packed GSM8K rows at seq
-    4096) with the optimizer state in host memory, through the CLI with the 8B recipe config, at a
-    step of many micro-batches. The run is stopped once it has logged its steps: the checkpoint at
-    the end (~100 GB) would not fit the machine's disk."""
+    4096) through the CLI with the 8B recipe config: `--size offload` a full fine-tune with the
+    optimizer state in host memory at a step of many micro-batches, `--size qlora` the
+    `configs/llama3_1_8b.py:qlora` recipe (NF4 base, r=16 all-linear adapters). The run is stopped
+    once it has logged its steps: the full fine-tune's checkpoint (~100 GB) would not fit the disk."""
     from throughput import SHAPES
 
     shape = SHAPES["test" if args.dry_run else "8b"]
     model_dir = tempfile.mkdtemp(prefix="jaxsft_8b_shape_")
     with open(os.path.join(model_dir, "config.json"), "w") as f:
         json.dump(llama_hf_config({**shape, "vocab_size": 128256}), f)
-    seq, samples = (128, 2) if args.dry_run else (4096, 352)  # GSM8K at 4096: ~22 samples a row, 16 micro-batches
+    qlora = args.size == "qlora"
+    # GSM8K at 4096: ~22 samples a row; 16 micro-batches a step (QLoRA: 4, its recipe's small batch).
+    seq, samples = (128, 2) if args.dry_run else (4096, 88 if qlora else 352)
     overrides = {
         "model.path": model_dir, "model.init": "random", "model.remat": "full",
         "data.sources": [{"path": GSM8K_TRAIN, "format": "gsm8k"}], "data.tokenizer": LLAMA_TOKENIZER,
         "data.max_seq_len": seq, "data.micro_batch_rows": 1, "data.global_batch_size": samples,
-        "data.eval_fraction": 0.0, "train.num_steps": 100, "optim.offload": "host", **QUIET_RUN}
+        "data.eval_fraction": 0.0, "train.num_steps": 100, **({} if qlora else {"optim.offload": "host"}),
+        **QUIET_RUN}
     # Three steps: from step 2 on, a second gradient tree alive at a step's start would show (issue 24).
-    env = None if args.dry_run else emulate_80gb_device()
-    run = run_cli(os.path.join(ROOT, "configs", "llama3_1_8b.py"), overrides, stop_after=3, env=env)
+    env = None if args.dry_run or qlora else emulate_80gb_device()
+    config = os.path.join(ROOT, "configs", "llama3_1_8b.py") + (":qlora" if qlora else "")
+    run = run_cli(config, overrides, stop_after=3, env=env)
     last = run["metrics"][-1] if len(run["metrics"]) >= 2 else {}  # step 1 includes compilation
     return {"device_fraction": env and env["XLA_PYTHON_CLIENT_MEM_FRACTION"],
             "returncode": run["returncode"], "cli_wall_s": run["wall_s"],
@@ -321,7 +329,7 @@ def summary_rows(stages: dict) -> list[tuple[str, str, str]]:
                 figures = f"{fmt(r.get('tokens_per_s'), '.0f')} tok/s, MFU {fmt(r.get('mfu'), '.1%')}, " \
                           f"step {fmt(r.get('step_s'), '.3f')} s, compile {fmt(r.get('compile_s'), '.1f')} s, " \
                           f"peak {fmt(gib(r.get('peak_device_bytes') or max_compiled(r)), '.1f')} GiB"
-                if stage == "offload":
+                if name == "8b_offload":
                     figures += f", {r.get('microbatches')} micro-batches a step"
             rows.append((f"{stage}/{name}", r.get("status", "?"), figures))
     return rows

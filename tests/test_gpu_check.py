@@ -21,7 +21,7 @@ def test_gpu_plan_fits_the_device_budget():
     jobs = {f"{j['stage']}/{j['name']}": j for j in gpu_check.plan(dry=False)}
     for name in ("attention/tests", "attention/slots", "throughput/3b_full", "throughput/3b_dots",
                  "throughput/1b_full", "throughput/1b_dots", "throughput/3b_torch", "throughput/1b_torch",
-                 "offload/8b_offload", "smollm2/cli_200_steps"):
+                 "offload/8b_offload", "offload/8b_qlora", "smollm2/cli_200_steps"):
         assert name in jobs
     assert gpu_check.TOTAL_BUDGET_S <= 8 * 60 - 15  # the device-kind probe runs outside the jobs
 
@@ -60,6 +60,10 @@ def test_dry_run_produces_every_stage(tmp_path):
     assert offload["steps_logged"] >= 3 and offload["tokens_per_s"] > 0 and offload["microbatches"] >= 1
     assert offload["device_fraction"] is None  # no device larger than 80 GB to shrink
     assert abs(offload["loss"] - math.log(128256)) < 0.5
+
+    qlora = stages["offload"]["8b_qlora"]
+    assert qlora["steps_logged"] >= 3 and qlora["tokens_per_s"] > 0 and qlora["device_fraction"] is None
+    assert abs(qlora["loss"] - math.log(128256)) < 0.5  # adapters start at zero: the random base's loss
 
     smol = stages["smollm2"]["cli_200_steps"]
     assert smol["steps"] == 2 and smol["tokens_per_s"] > 0
