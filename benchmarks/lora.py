@@ -1,13 +1,15 @@
-"""LoRA (r=16, all-linear) against full fine-tuning on the SmolLM2-135M shape: train-step tokens/s,
-the steps' peak memory (XLA's memory analysis of the compiled accumulate and update) and the
-optimizer-state bytes, in one process.
+"""LoRA (r=16, all-linear) and QLoRA (the same adapters on an NF4 base) against full fine-tuning on
+the SmolLM2-135M shape: train-step tokens/s, the steps' peak memory (XLA's memory analysis of the
+compiled accumulate and update), the base weights' device bytes and the optimizer-state bytes, in
+one process.
 
     python benchmarks/lora.py                 # CPU: writes benchmarks/results/lora_cpu.json
     python benchmarks/lora.py --seq 2048 --rows 8 --steps 10   # on a GPU (lora_gpu.json)
 
-Both runs use the same random weights, rows and optimizer (AdamW, fp32 state); the base weights
-are fp32 in both, so the difference is only what LoRA leaves out: base-weight gradients (their
-matmuls, the fp32 accumulator) and their optimizer state.
+All runs use the same random weights, rows and optimizer (AdamW, fp32 state); the base weights
+are fp32 in the first two, so their difference is only what LoRA leaves out: base-weight gradients
+(their matmuls, the fp32 accumulator) and their optimizer state. QLoRA stores the projections as NF4
+(embeddings and norms stay fp32) and dequantizes each layer's inside the step.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxsft.models import Decoder, ModelConfig, lora
+from jaxsft.models.loading import quantized
 from jaxsft.sharding import make_mesh, optimizer_shardings, param_shardings
 from jaxsft.train import default_config
 from jaxsft.train.optimizer import make_optimizer
@@ -40,9 +43,11 @@ def tree_bytes(tree) -> int:
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
-def measure(r: int, rows: int, seq: int, steps: int, compute_dtype) -> dict:
+def measure(r: int, rows: int, seq: int, steps: int, compute_dtype, nf4: bool = False) -> dict:
     mesh = make_mesh(devices=jax.devices()[:1])
     model = Decoder(SMOLLM2_135M, param_dtype=jnp.float32, compute_dtype=compute_dtype, rngs=nnx.Rngs(0))
+    if nf4:
+        model = quantized(model, mesh)
     frozen = frozen_sharding = None
     if r:
         lora_config = default_config().lora
@@ -115,13 +120,16 @@ def main():
     compute_dtype = jnp.float32 if device == "cpu" else jnp.bfloat16
     full = measure(0, args.rows, args.seq, args.steps, compute_dtype)
     adapted = measure(args.rank, args.rows, args.seq, args.steps, compute_dtype)
+    adapted_nf4 = measure(args.rank, args.rows, args.seq, args.steps, compute_dtype, nf4=True)
     result = {
         "device": device, "device_kind": jax.devices()[0].device_kind, "jax": jax.__version__,
         "python": platform.python_version(), "shape": "SmolLM2-135M (random weights)",
         "rows": args.rows, "seq": args.seq, "timed_steps": args.steps, "compute_dtype": jnp.dtype(compute_dtype).name,
         "remat": SMOLLM2_135M.remat, "lora": {"r": args.rank, "alpha": 2 * args.rank, "target_modules": "all-linear"},
-        "full_finetuning": full, "lora_run": adapted,
+        "full_finetuning": full, "lora_run": adapted, "qlora_run": adapted_nf4,
         "lora_speedup": adapted["tokens_per_s"] / full["tokens_per_s"],
+        "qlora_speed_vs_lora": adapted_nf4["tokens_per_s"] / adapted["tokens_per_s"],
+        "qlora_base_bytes_vs_lora": adapted_nf4["frozen_params_bytes"] / adapted["frozen_params_bytes"],
         "optimizer_state_ratio": adapted["optimizer_state_bytes"] / full["optimizer_state_bytes"],
     }
     out = os.path.join(HERE, "results", f"lora_{device}.json")

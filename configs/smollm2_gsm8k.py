@@ -5,11 +5,13 @@ chat form, with GSM8K test accuracy and held-out loss before and after.
     python -m jaxsft.train --config configs/smollm2_gsm8k.py          # CPU size: ~5 minutes on 2 cores
     python -m jaxsft.train --config configs/smollm2_gsm8k.py:full     # the whole split, for a GPU
     python -m jaxsft.train --config configs/smollm2_gsm8k.py:lora     # the CPU size with LoRA
+    python -m jaxsft.train --config configs/smollm2_gsm8k.py:qlora    # the same LoRA on an NF4 base
 
 The CPU size trains on the 2,000 shipped GSM8K training problems for 16 steps of 6 samples,
 holds out 2% of them for the loss and answers 6 test problems before and after; `full` takes the GSM8K files given by --config.data.sources / gsm8k.file.
 `lora` is the CPU size training LoRA adapters (r=16, all-linear) instead of all weights; it also
-writes the adapters as a PEFT folder (`adapter/`) beside the merged model (`hf/`).
+writes the adapters as a PEFT folder (`adapter/`) beside the merged model (`hf/`); `qlora` is `lora`
+with the frozen base's projections quantized to NF4 at load (QLoRA, `lora.base_quant='nf4'`).
 """
 
 import os
@@ -28,7 +30,7 @@ def get_config(size="cpu"):
     c.train.output_dir = f"runs/smollm2_gsm8k_{size}"
     c.train.export_hf = True
     c.optim.learning_rate = 2e-5
-    if size in ("cpu", "lora"):
+    if size in ("cpu", "lora", "qlora"):
         c.model.compute_dtype = "float32"  # CPU: bf16 matmuls are slower there
         c.model.remat = "none"
         c.data.eval_fraction = 0.02  # 40 held-out training problems: the 200 test ones cost minutes
@@ -41,11 +43,12 @@ def get_config(size="cpu"):
         c.gsm8k.max_new_tokens = 160
         c.gsm8k.batch_size = 6
         c.gsm8k.show = 3
-        if size == "lora":
+        if size in ("lora", "qlora"):
             c.lora.r = 16
             c.lora.alpha = 32.0
             c.lora.target_modules = "all-linear"
             c.optim.learning_rate = 5e-4  # adapters start at zero: LoRA takes ~10x full fine-tuning's step
+            c.lora.base_quant = "nf4" if size == "qlora" else ""
     elif size == "full":
         c.data.eval_sources = [{"path": os.path.join(ASSETS, "test.jsonl"), "format": "gsm8k"}]
         c.data.max_seq_len = 1024
@@ -54,5 +57,5 @@ def get_config(size="cpu"):
         c.train.num_epochs = 3.0
         c.train.eval_every = 50
     else:
-        raise ValueError(f"size {size!r}: choose cpu, lora or full (configs/smollm2_gsm8k.py:full)")
+        raise ValueError(f"size {size!r}: choose cpu, lora, qlora or full (configs/smollm2_gsm8k.py:full)")
     return c

@@ -8,15 +8,20 @@ import subprocess
 
 import bitsandbytes as bnb
 import bitsandbytes.functional as F
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import transformers as tf
+from flax import nnx
+from jax.sharding import PartitionSpec as P
 from peft import PeftModel
 
 import jaxsft
-from jaxsft.models import ConfigError, nf4
+from jaxsft.models import ConfigError, Decoder, ModelConfig, lora, nf4
+from jaxsft.models.loading import quantized
+from jaxsft.sharding import make_mesh
 from jaxsft.train import default_config
 from jaxsft.train.setup import setup
 from tests.test_checkpoint import ASSETS, ENV, REPO, cli
@@ -133,3 +138,28 @@ def test_qlora_run_adapter_loads_in_peft_on_the_bnb_base(folders, tmp_path):
     merged = tf.AutoModelForCausalLM.from_pretrained(run / "hf", dtype=torch.float32)
     with torch.no_grad():
         np.testing.assert_allclose(merged(torch.tensor(IDS)).logits.numpy(), ours, atol=2e-5)
+
+
+@pytest.mark.slow
+def test_sharded_qlora_training_equals_one_device_and_nf4_base_never_changes():
+    """8 simulated devices (fsdp 4 x tensor 2: the packed bytes sharded like their matrices) give
+    one device's losses; the NF4 base stays bit-identical."""
+    from tests.test_lora import lm_batch, lora_config, lora_setup, train
+
+    c = ModelConfig(architecture="LlamaForCausalLM", vocab_size=160, hidden_size=64, intermediate_size=128,
+                    num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, remat="full", attention="xla")
+    ids = np.random.RandomState(1).randint(1, 160, (4, 12))
+    results = {}
+    for name, mesh in (("one", make_mesh(devices=jax.devices()[:1])), ("eight", make_mesh(fsdp=4, tensor=2))):
+        model = quantized(Decoder(c, param_dtype=jnp.float32, compute_dtype=jnp.float32, rngs=nnx.Rngs(0)), mesh)
+        assert model.layers.up.packed[...].dtype == jnp.uint8
+        lora.attach(model, lora.make_spec(lora_config(), c), seed=0, mesh=mesh)
+        fns, graphdef, params, frozen, opt_state, sharding = lora_setup(model, mesh)
+        if name == "eight":
+            assert model.layers.q.packed[...].sharding.spec == P(None, "tensor", "fsdp")
+        before = jax.tree.map(np.asarray, frozen)
+        with jax.set_mesh(mesh):
+            _, _, results[name] = train(fns, params, opt_state, lm_batch(ids), sharding, steps=3)
+        jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, frozen), before)
+    np.testing.assert_allclose(results["eight"], results["one"], rtol=2e-5)
+    assert results["one"][-1] < results["one"][0]
