@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from jaxsft.models import load_model, load_tokenizer
 from jaxsft.models.converted import save_converted
 from jaxsft.models.gguf import find_gguf
-from jaxsft.models.hf_io import local_dir, save_hf
+from jaxsft.models.hf_io import local_dir, save_hf, save_tokenizer
 from jaxsft.sharding import make_mesh
 
 # Files of an HF folder that the conversion replaces (weights) or rewrites (config).
@@ -37,7 +37,7 @@ def convert(source: str, out: str, dtype: str = "float32", hf: bool = False) -> 
         save_hf(model, out, tokenizer=load_tokenizer(folder), dtype=jnp.dtype(dtype))
     elif gguf:
         with tempfile.TemporaryDirectory() as tokenizer_dir:
-            load_tokenizer(gguf).save_pretrained(tokenizer_dir)
+            save_tokenizer(load_tokenizer(gguf), tokenizer_dir)
             save_converted(model, tokenizer_dir, out, extra_files=_files(tokenizer_dir))
     else:
         save_converted(model, folder, out, extra_files=_files(folder))

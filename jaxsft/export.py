@@ -1,4 +1,5 @@
-"""python -m jaxsft.export --checkpoint PATH --out HF_DIR [--dtype bfloat16] [--adapter-out DIR] [--base MODEL]
+"""python -m jaxsft.export --checkpoint PATH [--out HF_DIR] [--dtype bfloat16] [--adapter-out DIR] [--base MODEL]
+       [--gguf FILE.gguf --gguf-type f32|f16|bf16|q8_0] [--gguf-adapter FILE.gguf]
 
 Writes a Hugging Face model folder (safetensors, config.json, tokenizer) from any jaxsft
 checkpoint: a converted model (`python -m jaxsft.convert`), a training run's checkpoint step
@@ -13,6 +14,11 @@ base fingerprint recorded there. Then
 `--out` gets the merged model (W + scale A B in float32, then cast to `--dtype`), as the run's
 `hf/` export, and `--adapter-out` (default `HF_DIR/adapter`) the PEFT adapter folder, as the run's
 `adapter/`.
+
+`--gguf` writes the model (a LoRA run's merged model) as one GGUF file that llama.cpp and Ollama
+run as it is, `--gguf-adapter` a LoRA run's adapters as a llama.cpp LoRA adapter
+(`jaxsft/models/gguf_export.py`). A family, tokenizer or type llama.cpp does not run is refused
+before anything is written.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -28,9 +35,12 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
+from jaxsft import rundir
 from jaxsft.checkpoint import CheckpointMismatch, abstract, base_fingerprint, unflatten
+from jaxsft.model_card import model_card
 from jaxsft.models import ModelConfig, load_tokenizer, lora, peft_io
 from jaxsft.models.converted import MARKER, converted_config, join, restore_params
+from jaxsft.models import gguf_export
 from jaxsft.models.hf_io import save_hf
 from jaxsft.models.loading import model_for_run
 from jaxsft.sharding import make_mesh
@@ -90,41 +100,66 @@ def lora_checkpoint_model(params_dir: str, record: dict, mesh, base: str | None 
     return nnx.merge(graphdef, trained, frozen), m.path
 
 
-def export(checkpoint: str, out: str, dtype: str = "bfloat16", adapter_out: str | None = None,
-           base: str | None = None) -> None:
+def export(checkpoint: str, out: str | None = None, dtype: str = "bfloat16", adapter_out: str | None = None,
+           base: str | None = None, gguf: str | None = None, gguf_type: str = "bf16",
+           gguf_adapter: str | None = None) -> None:
     params_dir, record = find_params(checkpoint)
     is_lora = record is not None and "base_model" in record
-    if (adapter_out or base) and not is_lora:
-        raise ValueError(f"{checkpoint}: --adapter-out and --base are for LoRA checkpoints; this one holds a whole model")
+    if (adapter_out or base or gguf_adapter) and not is_lora:
+        raise ValueError(f"{checkpoint}: --adapter-out, --gguf-adapter and --base are for LoRA checkpoints; "
+                         "this one holds a whole model")
+    if adapter_out and not out:
+        raise ValueError("--adapter-out goes with --out")
     if record is None:  # a converted model: config.json and tokenizer beside the params
         config, tokenizer_dir = converted_config(checkpoint), checkpoint
     else:
         config, tokenizer_dir = training_checkpoint_model(params_dir, record)
+    if gguf or gguf_adapter:  # refused before anything is written
+        gguf_export.check_supported(config, gguf_type, load_tokenizer(tokenizer_dir) if gguf else None)
     mesh = make_mesh()  # sharded over all devices
+    name = rundir.run_name(record["config"]["train"]["output_dir"]) if record is not None else None
     if is_lora:
         model, base_path = lora_checkpoint_model(params_dir, record, mesh, base)
-        peft_io.save_adapter(model, adapter_out or join(out, "adapter"), base_model_name_or_path=base_path)
+        if out:
+            peft_io.save_adapter(model, adapter_out or join(out, "adapter"), base_model_name_or_path=base_path)
+        if gguf_adapter:
+            gguf_export.save_gguf_adapter(model, gguf_adapter, name=name)
         model = peft_io.merged(model)
     else:  # read in float32 and cast per tensor while writing
         model = restore_params(params_dir, config, jnp.float32, jnp.float32, mesh=mesh)
-    save_hf(model, out, tokenizer=load_tokenizer(tokenizer_dir), dtype=jnp.dtype(dtype))
+    tokenizer = load_tokenizer(tokenizer_dir)
+    if out:
+        card = {}
+        if record is not None:  # named after the run, with its model card
+            card = dict(name=name, model_card=model_card(record["config"], name, {"steps": record["step"]}))
+        save_hf(model, out, tokenizer=tokenizer, dtype=jnp.dtype(dtype), **card)
+    if gguf:
+        gguf_export.save_gguf(model, gguf, tokenizer, gguf_type, name=name)
 
 
 def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     p = argparse.ArgumentParser(prog="python -m jaxsft.export", description=__doc__.split("\n\n")[1])
     p.add_argument("--checkpoint", required=True, help="converted model, checkpoint step, checkpoint or run directory")
-    p.add_argument("--out", required=True, help="Hugging Face folder to write, local or gs://")
+    p.add_argument("--out", help="Hugging Face folder to write, local or gs://")
     p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
     p.add_argument("--adapter-out", help="LoRA checkpoints: the PEFT adapter folder to write (default: OUT/adapter)")
     p.add_argument("--base", help="LoRA checkpoints: the base model (default: the run's model.path), e.g. "
                    "where it lives now; it must be the one the adapters were trained on")
+    p.add_argument("--gguf", help="GGUF file to write (llama.cpp, Ollama), local or gs://; a LoRA run's merged model")
+    p.add_argument("--gguf-type", default="bf16", help=f"GGUF tensor type: {', '.join(gguf_export.TYPES)}")
+    p.add_argument("--gguf-adapter", help="LoRA checkpoints: the adapters as a llama.cpp LoRA GGUF file")
     a = p.parse_args(argv)
+    if not (a.out or a.gguf or a.gguf_adapter):
+        p.error("give --out, --gguf or --gguf-adapter")
     try:
-        export(a.checkpoint, a.out, a.dtype, a.adapter_out, a.base)
+        export(a.checkpoint, a.out, a.dtype, a.adapter_out, a.base, a.gguf, a.gguf_type, a.gguf_adapter)
+    except gguf_export.UnsupportedForGGUF as e:  # a usage mistake: exit status 2
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
-    print(f"wrote {a.out}")
+    print(f"wrote {', '.join(p for p in (a.out, a.gguf, a.gguf_adapter) if p)}")
 
 
 if __name__ == "__main__":

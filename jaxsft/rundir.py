@@ -33,6 +33,11 @@ def absolute(path) -> str:
     return str(path) if is_gcs(path) else os.path.abspath(path)
 
 
+def run_name(output_dir) -> str:
+    """A run's name: its directory's (what exports and model cards are named after)."""
+    return str(output_dir).rstrip("/").rsplit("/", 1)[-1]
+
+
 def tokenizer_dir(output_dir) -> str:
     """Where a run keeps its tokenizer's files (checkpoint records point there). Not inside the
     checkpoint directory: on GCS, Orbax takes unknown folders there for unfinished steps."""

@@ -357,10 +357,36 @@ def hf_arrays(params, config: ModelConfig, dtype=None):
         yield hf_name, np.ascontiguousarray(to_hf(np.asarray(_gather(value)), WEIGHT_MAP[name][1]))
 
 
+# tokenizer_config.json keys transformers 5 writes that no reader needs: `backend` and the
+# run-time `is_local` / `local_files_only` (how the files were loaded, not what they are).
+RUNTIME_TOKENIZER_KEYS = ("backend", "is_local", "local_files_only")
+
+
+def save_tokenizer(tokenizer, folder: str) -> None:
+    """`tokenizer.save_pretrained(folder)`, in the form transformers 4.57 and 5.x both read (and with
+    them llama.cpp's converter, which pins 4.x): 5.x's generic `TokenizersBackend` class is written as
+    `PreTrainedTokenizerFast` (the same tokenizer.json), and its list of `extra_special_tokens` as
+    `additional_special_tokens` (4.x reads `extra_special_tokens` as a dict of named tokens)."""
+    tokenizer.save_pretrained(folder)
+    path = os.path.join(folder, "tokenizer_config.json")
+    with open(path) as f:
+        config = json.load(f)
+    for key in RUNTIME_TOKENIZER_KEYS:
+        config.pop(key, None)
+    if config.get("tokenizer_class") == "TokenizersBackend":
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    if isinstance(config.get("extra_special_tokens"), list):
+        config["additional_special_tokens"] = config.pop("extra_special_tokens")
+    with open(path, "w") as f:
+        json.dump(config, f, indent=2, ensure_ascii=False)
+
+
 def save_hf(model: Decoder, out_dir: str | os.PathLike, tokenizer=None, dtype=jnp.bfloat16,
-            max_shard_bytes: int = 5 << 30) -> None:
+            max_shard_bytes: int = 5 << 30, name: str | None = None, model_card: str | None = None) -> None:
     """Write a Hugging Face folder: safetensors (sharded with an index above max_shard_bytes),
-    config.json, generation_config.json and, if given, the tokenizer files.
+    config.json, generation_config.json and, if given, the tokenizer files (`save_tokenizer`) and a
+    model card (README.md). `name` becomes config.json's `_name_or_path`, as in folders that
+    transformers saves (llama.cpp's converter names the model after it).
 
     Every process must call it (gathering shards is collective); only process 0 writes.
     """
@@ -399,15 +425,21 @@ def save_hf(model: Decoder, out_dir: str | os.PathLike, tokenizer=None, dtype=jn
                  "weight_map": {k: file_names[i] for k, i in shard_of.items()}}
         with open(os.path.join(local, "model.safetensors.index.json"), "w") as f:
             json.dump(index, f, indent=2)
+    config = hf_config_dict(c, dtype)
+    if name:
+        config["_name_or_path"] = name
     with open(os.path.join(local, "config.json"), "w") as f:
-        json.dump(hf_config_dict(c, dtype), f, indent=2)
+        json.dump(config, f, indent=2)
     generation = dict(c.hf_generation_config) or {
         k: v for k, v in (("bos_token_id", c.bos_token_id), ("eos_token_id", c.eos_token_id),
                           ("pad_token_id", c.pad_token_id)) if v is not None}
     with open(os.path.join(local, "generation_config.json"), "w") as f:
         json.dump(generation, f, indent=2)
     if tokenizer is not None:
-        tokenizer.save_pretrained(local)
+        save_tokenizer(tokenizer, local)
+    if model_card is not None:
+        with open(os.path.join(local, "README.md"), "w") as f:
+            f.write(model_card)
     if local != out_dir:
         rundir.copy_folder(local, out_dir)
         shutil.rmtree(local)

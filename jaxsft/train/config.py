@@ -44,6 +44,7 @@ The `data` section is documented in `jaxsft/data/config.py` (sources, batch size
 | `eval_at_start` | `True` | Evaluate before the first step. |
 | `export_hf` | `False` | Write a Hugging Face folder to `output_dir/hf` at the end. |
 | `export_dtype` | `'bfloat16'` | Dtype of that export. |
+| `export_gguf` | `''` | Also write GGUF files that llama.cpp and Ollama run as they are, at the end: `output_dir/model.gguf` (a LoRA run's merged model) with tensors of this type (`f32`, `f16`, `bf16`, `q8_0`), and for a LoRA run `output_dir/adapter.gguf` (the adapters as a llama.cpp LoRA adapter, float32, rsLoRA's scale folded in). Llama, Mistral, Qwen2, Qwen3 and Granite with a byte-level BPE tokenizer; anything else is refused at start-up. `''` = off. |
 | `progress` | `True` | Console progress bar with ETA. |
 | `stop_after_steps` | `0` | Stop (checkpoint, evaluate) after this many steps while the schedule still spans the whole run, so the run can be continued later (sweeps stop runs at a rung this way); 0 = run to the end. |
 | `compile_cache_dir` | `'~/.cache/jaxsft/jax_compile'` | JAX's persistent compilation cache: a resumed run or sweep rung loads its compiled steps instead of compiling again. The default is `$XDG_CACHE_HOME/jaxsft/jax_compile` when that is set; `''` = off. |
@@ -126,6 +127,7 @@ from jaxsft.compile_cache import default_compile_cache_dir
 from jaxsft.data import default_data_config, validate_data_config
 from jaxsft.hub import HUB_ID
 from jaxsft.metrics.health import ACTIONS
+from jaxsft.models.gguf_export import TYPES as GGUF_TYPES
 from jaxsft.models.config import ATTENTION_BACKENDS, REMAT_POLICIES, ConfigError
 from jaxsft.models.lora import select_targets
 from jaxsft.train.optimizer import SCHEDULES
@@ -152,7 +154,7 @@ def default_config() -> ml_collections.ConfigDict:
                    final_lr_fraction=0.0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
                    clip_norm=1.0, state_dtype="float32", offload="none", offload_dir="")
     c.train = dict(output_dir="runs/run", num_steps=0, num_epochs=1.0, seed=0, log_every=1,
-                   eval_every=0, eval_at_start=True, export_hf=False, export_dtype="bfloat16",
+                   eval_every=0, eval_at_start=True, export_hf=False, export_dtype="bfloat16", export_gguf="",
                    progress=True, stop_after_steps=0, compile_cache_dir=default_compile_cache_dir(),
                    push_to_hub="")
     c.metrics = dict(wandb=dict(project="", entity="", name="", mode="online"))
@@ -194,6 +196,7 @@ def validate(c) -> None:
         "optim.state_dtype": (c.optim.state_dtype, DTYPES),
         "optim.offload": (c.optim.offload, OFFLOAD_TIERS),
         "train.export_dtype": (c.train.export_dtype, DTYPES),
+        "train.export_gguf": (c.train.export_gguf, ("", *GGUF_TYPES)),
         "metrics.wandb.mode": (c.metrics.wandb.mode, WANDB_MODES),
         **{f"health.{k}": (c.health[k], ACTIONS) for k in ("on_nan", "on_loss_spike", "on_grad_spike")},
     }

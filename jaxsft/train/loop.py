@@ -15,7 +15,8 @@ from jaxsft import metrics as metrics_lib
 from jaxsft import rundir
 from jaxsft.eval import side_by_side
 from jaxsft.hub import push_to_hub
-from jaxsft.models import peft_io, save_hf
+from jaxsft.model_card import model_card
+from jaxsft.models import gguf_export, peft_io, save_hf
 from jaxsft.models.hf_io import local_dir
 from jaxsft.train.distributed import exit_on_failure
 from jaxsft.train.hooks import run_evals, save_checkpoint, to_global
@@ -95,20 +96,30 @@ def finish(run: Run) -> dict:
     if run.frozen is not None:  # a LoRA run: its adapters as a Hugging Face PEFT folder
         peft_io.save_adapter(nnx.merge(run.graphdef, run.params, run.frozen),
                              rundir.join(run.output_dir, "adapter"), base_model_name_or_path=c.model.path)
+    gsm8k = run.history.get("gsm8k", [])
+    losses = [(r["step"], r["eval_loss"]) for r in run.history.get("heldout_loss", []) if "eval_loss" in r]
+    summary = {**run.step_metrics.last, "eval_loss": losses[-1][1] if losses else None, "steps": run.end,
+               "eval_losses": losses, "gsm8k_accuracy": [(r["step"], r["accuracy"]) for r in gsm8k],
+               "gsm8k_strict_match": [(r["step"], r["strict_match"]) for r in gsm8k]}
     if c.train.export_hf:
         export_dir = rundir.join(run.output_dir, "hf")
-        save_hf(run.model(), export_dir, tokenizer=run.tokenizer, dtype=jnp.dtype(c.train.export_dtype))
+        name = rundir.run_name(run.output_dir)
+        save_hf(run.model(), export_dir, tokenizer=run.tokenizer, dtype=jnp.dtype(c.train.export_dtype),
+                name=name, model_card=model_card(c.to_dict(), name, summary))
         if c.train.push_to_hub and run.is_main:
             log.info("pushed %s to %s", export_dir, push_to_hub(local_dir(export_dir), c.train.push_to_hub))
+    if c.train.export_gguf:
+        name = rundir.run_name(run.output_dir)
+        if run.frozen is not None:
+            gguf_export.save_gguf_adapter(nnx.merge(run.graphdef, run.params, run.frozen),
+                                          rundir.join(run.output_dir, "adapter.gguf"), name=name)
+        gguf_export.save_gguf(run.model(), rundir.join(run.output_dir, "model.gguf"), run.tokenizer,
+                              c.train.export_gguf, name=name)
     if run.logger:
         run.logger.close()
-    gsm8k = run.history.get("gsm8k", [])
     if run.is_main and len(gsm8k) > 1 and c.gsm8k.show:
         print(side_by_side(gsm8k[0], gsm8k[-1], c.gsm8k.show), flush=True)
-    losses = [(r["step"], r["eval_loss"]) for r in run.history.get("heldout_loss", []) if "eval_loss" in r]
-    return {**run.step_metrics.last, "eval_loss": losses[-1][1] if losses else None, "steps": run.end,
-            "eval_losses": losses, "gsm8k_accuracy": [(r["step"], r["accuracy"]) for r in gsm8k],
-            "gsm8k_strict_match": [(r["step"], r["strict_match"]) for r in gsm8k]}
+    return summary
 
 
 @exit_on_failure

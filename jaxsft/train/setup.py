@@ -24,7 +24,8 @@ from jaxsft.checkpoint import Checkpointer, base_fingerprint
 from jaxsft.compile_cache import enable_compile_cache
 from jaxsft.data import DataPipeline
 from jaxsft.models import ConfigError, ModelConfig, load_model_config, load_tokenizer
-from jaxsft.models import lora, peft_io
+from jaxsft.models import gguf_export, lora, peft_io
+from jaxsft.models.hf_io import save_tokenizer as save_tokenizer_files
 from jaxsft.models.loading import model_for_run
 from jaxsft.sharding import make_mesh, optimizer_shardings, param_shardings
 from jaxsft.train.config import validate
@@ -99,6 +100,11 @@ def setup(config) -> Run:
         raise ConfigError(f"this run does not fit in memory:\n{plan.report}")
 
     tokenizer = load_tokenizer(config.data.tokenizer or m.path)
+    if config.train.export_gguf:  # refused now, not after the run
+        try:
+            gguf_export.check_supported(model_config, config.train.export_gguf, tokenizer)
+        except gguf_export.UnsupportedForGGUF as e:
+            raise ConfigError(f"train.export_gguf: {e}") from None
     data = DataPipeline(config.data, tokenizer, num_batch_devices=mesh.shape["data"] * mesh.shape["fsdp"],
                         process_index=jax.process_index(), process_count=jax.process_count())
     if is_main:
@@ -165,5 +171,5 @@ def save_tokenizer(tokenizer, directory: str) -> None:
     if (target / "tokenizer_config.json").exists():
         return
     with tempfile.TemporaryDirectory() as local:
-        tokenizer.save_pretrained(local)
+        save_tokenizer_files(tokenizer, local)
         rundir.copy_folder(local, directory)

@@ -1,0 +1,299 @@
+"""A run's exports read by their real consumers: transformers 5.x and 4.57 (tokenizer, config,
+chat template, model card), llama.cpp itself through llama-cpp-python (our GGUF, llama.cpp's own
+converter's GGUF of our hf/ export, the LoRA adapter GGUF) against transformers and PEFT.
+
+One tiny LoRA run (rsLoRA, so a wrong adapter scale shows) on a random Qwen2-shaped base with the
+real Qwen2.5 tokenizer is shared by every test. The transformers 4.57 check runs where
+JAXSFT_TRANSFORMERS4_PYTHON names a 4.57 interpreter (.ci/transformers4); llama.cpp's converter is
+read from the llama-cpp-python sdist that CI builds the wheel from (LLAMA_CPP_SRC, .ci/run).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import transformers as tf
+
+from tests.conftest import ASSETS
+
+CONFIGS = os.path.join(os.path.dirname(ASSETS), "..", "configs", "assets")
+QWEN_TOKENIZER = str(ASSETS / "tokenizers" / "qwen2.5-0.5b-instruct")
+TRANSFORMERS4 = os.environ.get("JAXSFT_TRANSFORMERS4_PYTHON")
+LLAMA_CPP_SRC = os.environ.get("LLAMA_CPP_SRC")
+
+
+def prompts(n=5):
+    """Real chat prompts: GSM8K questions, the first with a system message."""
+    with open(ASSETS / "data" / "gsm8k" / "test.jsonl") as f:
+        questions = [json.loads(line)["question"] for line in f.readlines()[:n]]
+    chats = [[{"role": "user", "content": q}] for q in questions]
+    chats[0].insert(0, {"role": "system", "content": "Answer step by step. Ünïcödé, 你好, 🦙."})
+    return chats
+
+
+def render(tokenizer, chat) -> list[int]:
+    """The chat template's token ids (transformers 5 returns a BatchEncoding, 4.x a list)."""
+    ids = tokenizer.apply_chat_template(chat, add_generation_prompt=True)
+    return ids if isinstance(ids, list) else ids["input_ids"]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A random Qwen2-shaped model (2 layers, the real 152k vocabulary) saved by transformers 5."""
+    path = tmp_path_factory.mktemp("base")
+    with open(os.path.join(CONFIGS, "tiny-qwen2", "config.json")) as f:
+        config = tf.Qwen2Config(**{**json.load(f), "num_hidden_layers": 2})
+    torch.manual_seed(0)
+    model = tf.Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():  # random norms, so a missing or swapped one shows
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(path)
+    tf.AutoTokenizer.from_pretrained(QWEN_TOKENIZER).save_pretrained(path)
+    return str(path)
+
+
+RUN_CONFIG = """
+from jaxsft.train import default_config
+
+def get_config():
+    c = default_config()
+    c.model.path = {base!r}
+    c.model.compute_dtype = "float32"
+    c.model.remat = "none"
+    c.data.sources = [{{"path": {train!r}, "format": "gsm8k"}}]
+    c.data.max_seq_len = 128
+    c.data.global_batch_size = 4
+    c.data.micro_batch_rows = 2
+    c.data.cache_dir = {cache!r}
+    c.optim.learning_rate = 2e-2
+    c.lora.r, c.lora.alpha, c.lora.use_rslora = 8, 16.0, True
+    c.train.num_steps = 3
+    c.train.eval_at_start = False
+    c.train.progress = False
+    c.train.export_hf = True
+    c.train.export_dtype = "float32"
+    c.train.export_gguf = "f32"
+    c.train.output_dir = {out!r}
+    return c
+"""
+
+
+def cli(*args, **env):
+    """`python -m ...` on one CPU device (the suite's 8 simulated ones multiply the logits' memory)."""
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": os.getcwd(), "XLA_FLAGS": "", **env})
+
+
+@pytest.fixture(scope="module")
+def run_dir(base, tmp_path_factory):
+    """3 steps of rsLoRA on GSM8K by the CLI; hf/ (float32), adapter/, model.gguf (f32), adapter.gguf."""
+    tmp = tmp_path_factory.mktemp("run")
+    train = tmp / "train.jsonl"
+    with open(ASSETS / "data" / "gsm8k" / "train.jsonl") as f:
+        train.write_text("".join(f.readlines()[:12]))
+    out = str(tmp / "gsm8k_lora")
+    (tmp / "config.py").write_text(RUN_CONFIG.format(base=base, train=str(train), cache=str(tmp / "cache"), out=out))
+    result = cli("jaxsft.train", "--config", str(tmp / "config.py"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def test_export_files(run_dir):
+    """What transformers 4.x cannot read is gone, the model card and name are there, and
+    transformers 5 renders the chat template into the base tokenizer's ids."""
+    hf = os.path.join(run_dir, "hf")
+    tok_config = json.load(open(os.path.join(hf, "tokenizer_config.json")))
+    assert not {"backend", "is_local", "local_files_only"} & set(tok_config)
+    assert tok_config["tokenizer_class"] == "Qwen2Tokenizer"
+    assert "extra_special_tokens" not in tok_config and "<|im_start|>" in tok_config["additional_special_tokens"]
+    assert json.load(open(os.path.join(hf, "config.json")))["_name_or_path"] == "gsm8k_lora"
+    card = open(os.path.join(hf, "README.md")).read()
+    assert card.startswith("---\nlibrary_name: transformers\nmodel_name: gsm8k_lora\n")
+    assert "LoRA (r=8, alpha=16.0, rsLoRA; merged into the weights)" in card
+    assert "train.jsonl`" in card and "- steps: 3" in card and "- train loss (last step): " in card
+    ours, ref = tf.AutoTokenizer.from_pretrained(hf), tf.AutoTokenizer.from_pretrained(QWEN_TOKENIZER)
+    for chat in prompts():
+        assert render(ours, chat) == render(ref, chat)
+
+
+TRANSFORMERS4_SCRIPT = """
+import json, sys, transformers as tf
+folders, chats = json.loads(sys.argv[1])
+out = {"version": tf.__version__}
+for folder in folders:
+    tok = tf.AutoTokenizer.from_pretrained(folder)
+    rendered = [tok.apply_chat_template(c, add_generation_prompt=True) for c in chats]
+    out[folder] = [r if isinstance(r, list) else r["input_ids"] for r in rendered]
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(not TRANSFORMERS4, reason="needs JAXSFT_TRANSFORMERS4_PYTHON (.ci/transformers4)")
+def test_exports_read_under_transformers4(run_dir, tmp_path):
+    """Tokenizers written by transformers 5 (our export's, Llama 3.2's, SmolLM2's from its GGUF)
+    give transformers 4.57 the same chat-template ids as 5.x; 4.57 loads the exported model and its
+    generation config; llama.cpp's converter, under 4.57 as its requirements pin, converts hf/."""
+    from jaxsft.models import load_tokenizer
+    from jaxsft.models.gguf import smollm2_path
+    from jaxsft.models.hf_io import save_tokenizer
+
+    folders = [os.path.join(run_dir, "hf")]
+    for name, source in (("llama", str(ASSETS / "tokenizers" / "llama-3.2-1b-instruct")), ("smollm2", smollm2_path())):
+        save_tokenizer(load_tokenizer(source), str(tmp_path / name))
+        folders.append(str(tmp_path / name))
+    chats = prompts()
+    result = subprocess.run([TRANSFORMERS4, "-c", TRANSFORMERS4_SCRIPT, json.dumps([folders, chats])],
+                            capture_output=True, text=True, check=True)
+    got = json.loads(result.stdout.strip().splitlines()[-1])
+    assert got["version"].startswith("4.57")
+    for folder in folders:
+        tok = tf.AutoTokenizer.from_pretrained(folder)
+        assert got[folder] == [render(tok, c) for c in chats], folder
+    load = ("import sys, transformers as tf; m = tf.AutoModelForCausalLM.from_pretrained(sys.argv[1]); "
+            "g = tf.GenerationConfig.from_pretrained(sys.argv[1]); print(type(m).__name__, g.eos_token_id)")
+    out = subprocess.run([TRANSFORMERS4, "-c", load, folders[0]], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["Qwen2ForCausalLM", "151645"]
+    if LLAMA_CPP_SRC:
+        subprocess.run([TRANSFORMERS4, os.path.join(LLAMA_CPP_SRC, "convert_hf_to_gguf.py"), folders[0],
+                        "--outtype", "f32", "--outfile", str(tmp_path / "converted.gguf")], check=True)
+        assert (tmp_path / "converted.gguf").stat().st_size > 0
+
+
+def test_gguf_refusals_leave_nothing(run_dir, tmp_path, monkeypatch):
+    """An unknown type is refused with one line and exit status 2; a write that fails half-way
+    leaves nothing at the path, not even its temporary file."""
+    out = tmp_path / "m.gguf"
+    result = cli("jaxsft.export", "--checkpoint", run_dir, "--gguf", str(out), "--gguf-type", "q4_k")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == \
+        "error: GGUF type 'q4_k' is not written; choose one of f32, f16, bf16, q8_0"
+    assert not out.exists()
+
+    import jax.numpy as jnp
+
+    import jaxsft
+    from jaxsft.models import gguf_export
+
+    model = jaxsft.load_model(os.path.join(run_dir, "hf"), dtype=jnp.float32, compute_dtype=jnp.float32)
+    tokenizer = tf.AutoTokenizer.from_pretrained(os.path.join(run_dir, "hf"))
+
+    real = gguf_export.hf_arrays
+
+    def fail_after_one(*args, **kwargs):
+        yield next(real(*args, **kwargs))
+        raise OSError("disk full")
+
+    monkeypatch.setattr(gguf_export, "hf_arrays", fail_after_one)
+    with pytest.raises(OSError, match="disk full"):
+        gguf_export.save_gguf(model, str(out), tokenizer, "f16")
+    assert os.listdir(tmp_path) == []
+
+
+# ---- llama.cpp itself -------------------------------------------------------------------------
+
+def llama(path, **kw):
+    from llama_cpp import Llama
+
+    return Llama(model_path=str(path), n_ctx=512, n_threads=2, logits_all=True, verbose=False, **kw)
+
+
+def llama_logits(llm, ids):
+    llm.reset()
+    llm.eval(ids)
+    return np.asarray(llm.scores[:len(ids)], np.float32)
+
+
+def llama_greedy(llm, ids, n):
+    llm.reset()
+    llm.eval(ids)
+    out = []
+    for _ in range(n):
+        out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+        llm.eval([out[-1]])
+    return out
+
+
+def torch_greedy(model, ids, n):
+    ids = list(ids)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[-n:]
+
+
+def rel_err(got, ref):
+    return float(np.abs(got - ref).max() / np.abs(ref).max())
+
+
+@pytest.fixture(scope="module")
+def chat_ids(run_dir):
+    tok = tf.AutoTokenizer.from_pretrained(os.path.join(run_dir, "hf"))
+    return tok, [render(tok, c) for c in prompts()]
+
+
+@pytest.mark.slow
+def test_gguf_runs_in_llama_cpp_like_transformers(run_dir, chat_ids, tmp_path):
+    """llama.cpp on our f32 GGUF and on its own converter's GGUF of hf/: transformers' logits
+    (<= 1e-4 relative) and greedy tokens, its tokenization of the rendered prompts, the chat
+    template; our q8_0 GGUF (the CLI's) keeps the greedy tokens on most prompts."""
+    pytest.importorskip("llama_cpp")
+    tok, ids = chat_ids
+    hf = tf.AutoModelForCausalLM.from_pretrained(os.path.join(run_dir, "hf"), dtype=torch.float32).eval()
+    files = {"ours": os.path.join(run_dir, "model.gguf")}
+    if LLAMA_CPP_SRC:
+        files["converter"] = str(tmp_path / "converted.gguf")
+        subprocess.run([sys.executable, os.path.join(LLAMA_CPP_SRC, "convert_hf_to_gguf.py"),
+                        os.path.join(run_dir, "hf"), "--outtype", "f32", "--outfile", files["converter"]],
+                       check=True, capture_output=True)
+    for label, path in files.items():
+        llm = llama(path)
+        assert llm.metadata["tokenizer.chat_template"] == tok.chat_template, label
+        for prompt in ids:
+            with torch.no_grad():
+                ref = hf(torch.tensor([prompt])).logits[0].numpy()
+            assert rel_err(llama_logits(llm, prompt), ref) <= 1e-4, label
+            assert llama_greedy(llm, prompt, 8) == torch_greedy(hf, prompt, 8), label
+            text = tok.decode(prompt)
+            assert llm.tokenize(text.encode(), add_bos=False, special=True) == prompt, label
+
+    q8 = tmp_path / "q8.gguf"
+    result = cli("jaxsft.export", "--checkpoint", run_dir, "--gguf", str(q8), "--gguf-type", "q8_0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    llm = llama(q8)
+    same = sum(llama_greedy(llm, p, 8) == torch_greedy(hf, p, 8) for p in ids)
+    print(f"q8_0: the same 8 greedy tokens as transformers on {same}/{len(ids)} prompts")
+    assert same >= len(ids) - 1
+
+
+@pytest.mark.slow
+def test_gguf_adapter_applies_like_peft(base, run_dir, chat_ids, tmp_path):
+    """llama.cpp with adapter.gguf on the base model's GGUF gives PEFT's logits (<= 1e-4 relative,
+    while the adapter moves them far more) and greedy tokens: rsLoRA's alpha / sqrt(r) is folded in."""
+    pytest.importorskip("llama_cpp")
+    from peft import PeftModel
+
+    import jax.numpy as jnp
+
+    import jaxsft
+    from jaxsft.models.gguf_export import save_gguf
+
+    _, ids = chat_ids
+    base_gguf = tmp_path / "base.gguf"
+    save_gguf(jaxsft.load_model(base, dtype=jnp.float32), str(base_gguf), tf.AutoTokenizer.from_pretrained(base), "f32")
+    plain = tf.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    peft = PeftModel.from_pretrained(plain, os.path.join(run_dir, "adapter")).eval()
+    llm = llama(base_gguf, lora_path=os.path.join(run_dir, "adapter.gguf"))
+    for prompt in ids:
+        with torch.no_grad():
+            ref = peft(torch.tensor([prompt])).logits[0].numpy()
+            with peft.disable_adapter():
+                without = peft(torch.tensor([prompt])).logits[0].numpy()
+        assert rel_err(without, ref) > 1e-2
+        assert rel_err(llama_logits(llm, prompt), ref) <= 1e-4
+        assert llama_greedy(llm, prompt, 8) == torch_greedy(peft, prompt, 8)
