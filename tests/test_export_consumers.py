@@ -198,9 +198,11 @@ def test_gguf_refusals_leave_nothing(run_dir, tmp_path, monkeypatch):
 # ---- llama.cpp itself -------------------------------------------------------------------------
 
 def llama(path, **kw):
-    from llama_cpp import Llama
+    """llama.cpp with a float32 KV cache (its default f16 cache alone costs ~2e-4 relative)."""
+    from llama_cpp import GGML_TYPE_F32, Llama
 
-    return Llama(model_path=str(path), n_ctx=512, n_threads=2, logits_all=True, verbose=False, **kw)
+    return Llama(model_path=str(path), n_ctx=512, n_threads=2, logits_all=True, verbose=False,
+                 type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32, **kw)
 
 
 def llama_logits(llm, ids):

@@ -206,7 +206,10 @@ def merged(model):
     stored in the base weights' dtype), as PEFT's merge_and_unload. An NF4 base is dequantized
     (to the embedding's dtype) first: the merged model is a full-precision one."""
     graphdef, state = nnx.split(model)
-    merged_model = nnx.merge(graphdef, state)  # a copy that shares the arrays
+    # New Variables holding the same arrays: merging into `state` itself would write W + scale A B
+    # into `model`'s base weights, and a second merge (a run's hf/ then GGUF export, or its GSM8K
+    # evals) would add the adapters again.
+    merged_model = nnx.merge(graphdef, jax.tree.map(lambda x: x, state))
     if model.config.base_quant:
         merged_model = dequantized(merged_model)
     for name, value in merged_layer_weights(merged_model).items():
