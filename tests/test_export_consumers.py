@@ -165,6 +165,21 @@ def test_exports_read_under_transformers4(run_dir, tmp_path):
         assert (tmp_path / "converted.gguf").stat().st_size > 0
 
 
+def test_run_gguf_holds_the_hf_export(run_dir):
+    """The run's model.gguf holds hf/'s tensors exactly (f32; q/k rows in llama.cpp's order), written
+    after hf/ from the same merged model: merging a LoRA run twice must not add the adapters twice."""
+    import gguf
+    from safetensors.numpy import load_file
+
+    hf = load_file(os.path.join(run_dir, "hf", "model.safetensors"))
+    tensors = {t.name: t for t in gguf.GGUFReader(os.path.join(run_dir, "model.gguf")).tensors}
+    assert len(tensors) == len(hf)
+    for hf_name, gguf_name in (("model.layers.1.self_attn.q_proj.weight", "blk.1.attn_q.weight"),
+                               ("model.layers.1.mlp.down_proj.weight", "blk.1.ffn_down.weight"),
+                               ("model.embed_tokens.weight", "token_embd.weight")):
+        np.testing.assert_array_equal(np.asarray(tensors[gguf_name].data).reshape(hf[hf_name].shape), hf[hf_name])
+
+
 def test_gguf_refusals_leave_nothing(run_dir, tmp_path, monkeypatch):
     """An unknown type is refused with one line and exit status 2; a write that fails half-way
     leaves nothing at the path, not even its temporary file."""
