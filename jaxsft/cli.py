@@ -3,7 +3,7 @@
 `--config configs/NAME.py[:ARG]` loads `get_config(ARG)` from that file; `--config.a.b=value`
 overrides a field. A mistyped key or a value of the wrong type is a one-line error naming the key
 and the closest valid ones, not a traceback. `exit_statuses` gives the errors a user acts on one
-line and a status each (2 usage, 3 checkpoint, 4 divergence).
+line and a status each (2 usage, 3 checkpoint, 4 divergence, 75 preempted).
 """
 
 from __future__ import annotations
@@ -26,7 +26,31 @@ class UsageError(SystemExit):
 
 
 # Exit statuses of the errors a user acts on; 1 is a bug or a failing environment, with its traceback.
-USAGE, CHECKPOINT, DIVERGED = 2, 3, 4
+# PREEMPTED (EX_TEMPFAIL of sysexits.h, "try again later"): the run saved its step on a preemption
+# notice; the same command resumes it (launch/ relaunches on it).
+USAGE, CHECKPOINT, DIVERGED, PREEMPTED = 2, 3, 4, 75
+
+
+def status_of(e: BaseException) -> tuple[int, str] | None:
+    """(exit status, one-line message) for an error a user acts on; None for anything else."""
+    from jaxsft.checkpoint import CheckpointCorrupt, CheckpointMismatch
+    from jaxsft.data import DataError
+    from jaxsft.metrics.health import TrainingDiverged
+    from jaxsft.models import CheckpointError, ConfigError
+    from jaxsft.train.preemption import Preempted
+    from jaxsft.writer_lock import RunDirInUse
+
+    if isinstance(e, UsageError):
+        return USAGE, e.code
+    if isinstance(e, (ConfigError, DataError, RunDirInUse)):
+        return USAGE, f"error: {e}"
+    if isinstance(e, (CheckpointCorrupt, CheckpointMismatch, CheckpointError)):
+        return CHECKPOINT, f"checkpoint error: {e}"
+    if isinstance(e, TrainingDiverged):
+        return DIVERGED, f"training diverged: {e}"
+    if isinstance(e, Preempted):
+        return PREEMPTED, f"preempted: {e}"
+    return None
 
 
 @contextlib.contextmanager
@@ -34,22 +58,15 @@ def exit_statuses():
     """Ends the process with one line on stderr and a status of its own for the errors a user acts
     on: USAGE for config and usage mistakes and unusable data, CHECKPOINT for a corrupt checkpoint,
     one that does not match the run, or a model folder that cannot be loaded, DIVERGED for a run
-    stopped by a health check. Anything else (a JAX shape error, a bug) raises on: a traceback, status 1."""
-    from jaxsft.checkpoint import CheckpointCorrupt, CheckpointMismatch
-    from jaxsft.data import DataError
-    from jaxsft.metrics.health import TrainingDiverged
-    from jaxsft.models import CheckpointError, ConfigError
-
+    stopped by a health check, PREEMPTED for a run that saved and stopped on a preemption notice.
+    Anything else (a JAX shape error, a bug) raises on: a traceback, status 1."""
     try:
         yield
-    except UsageError as e:
-        _exit(USAGE, e.code)
-    except (ConfigError, DataError) as e:
-        _exit(USAGE, f"error: {e}")
-    except (CheckpointCorrupt, CheckpointMismatch, CheckpointError) as e:
-        _exit(CHECKPOINT, f"checkpoint error: {e}")
-    except TrainingDiverged as e:
-        _exit(DIVERGED, f"training diverged: {e}")
+    except (Exception, UsageError) as e:
+        known = status_of(e)
+        if known is None:
+            raise
+        _exit(*known)
 
 
 def _exit(status: int, message: str):

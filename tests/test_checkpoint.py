@@ -1,9 +1,10 @@
 """Checkpoints: another mesh on restore, fallback from corrupt steps, mismatch errors, keep-best,
-exact resume after SIGKILL through the CLI, convert once / start from it, export to transformers."""
+exact resume after SIGKILL and after SIGTERM (preemption) through the CLI, convert once / start from it, export to transformers."""
 
 import json
 import logging
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -228,6 +229,7 @@ def test_exact_resume_after_sigkill(tmp_path):
 
     r = subprocess.run(cli(tmp_path, killed), cwd=REPO, env=ENV, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "taking over" in r.stderr and "is not running on this host" in r.stderr  # the killed run's lock
     # Resumed, not restarted: steps 1-2 are the killed run's lines (their timings included).
     assert (killed / "metrics.jsonl").read_text().splitlines()[:2] == before
 
@@ -242,6 +244,41 @@ def test_exact_resume_after_sigkill(tmp_path):
 
     # Export the run's checkpoint: transformers loads it and gives jaxsft's logits.
     export_and_compare(killed, tmp_path / "hf")
+
+    # SIGTERM at a random moment of step 2 or 3: the run saves the step it finished, exits 75,
+    # and the same command resumes to the uninterrupted run's losses.
+    termed = tmp_path / "termed"
+    proc = subprocess.Popen(cli(tmp_path, termed), cwd=REPO, env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    rng = random.Random()
+    after_line = rng.choice([1, 2])  # line k is logged once step k+1 is dispatched
+    wait_for(lambda: len(metrics_lines(termed)) >= after_line, proc)
+    time.sleep(rng.uniform(0, 0.3))
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err[-3000:]
+    saved = Checkpointer(str(termed / "checkpoints")).all_steps()[-1]
+    assert f"preempted: stopped after step {saved} of 4" in err
+    assert [x["step"] for x in metrics(termed)] == list(range(1, saved + 1))
+    r = subprocess.run(cli(tmp_path, termed), cwd=REPO, env=ENV, capture_output=True, text=True)
+    assert r.returncode == 0 and f"resumed from step {saved}" in r.stderr, r.stderr[-3000:]
+    assert [{k: x[k] for k in DETERMINISTIC} for x in metrics(termed)] == [{k: x[k] for k in DETERMINISTIC} for x in a]
+    pc = final_params(termed, 4)
+    for k in pa:
+        np.testing.assert_array_equal(pa[k], pc[k], err_msg=k)
+    print(f"SIGTERM {after_line} lines in: saved step {saved}")
+
+
+def metrics_lines(out):
+    path = out / "metrics.jsonl"
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def wait_for(condition, proc, timeout=240):
+    deadline = time.time() + timeout
+    while not condition():
+        assert proc.poll() is None and time.time() < deadline, "the run ended first"
+        time.sleep(0.05)
 
 
 def sigkill_after_checkpoint(cmd, run_dir, step=2, next_step=4):

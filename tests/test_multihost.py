@@ -1,10 +1,13 @@
 """Multi-process training on CPU with real processes (2 processes x 4 simulated devices against
-1 process x 8; 2 x 2 against 1 x 4 on hosts under 40 GB), checkpoints across process counts, LoRA in 2 processes, a failing worker, and the
+1 process x 8; 2 x 2 against 1 x 4 on hosts under 40 GB), checkpoints across process counts, LoRA in 2 processes, a failing worker, a preempted one (SIGTERM), and the
 launchers' dry runs."""
 
 import json
 import os
+import random
+import re
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -176,7 +179,7 @@ def test_two_processes_train_like_one_and_checkpoints_cross_process_counts(tmp_p
 
 
 @pytest.mark.slow
-def test_a_failed_worker_stops_the_job_and_the_same_command_resumes(tmp_path):
+def test_a_failed_or_preempted_worker_stops_the_job_and_the_same_command_resumes(tmp_path):
     cache, out = tmp_path / "cache", str(tmp_path / "run")
     # 2 x 2 devices: failing and resuming do not depend on the mesh size.
     args = train_args(out, cache, devices=4, **{"train.num_steps": 3})
@@ -195,6 +198,30 @@ def test_a_failed_worker_stops_the_job_and_the_same_command_resumes(tmp_path):
     texts = run_job(tmp_path, 2, args, devices=4)  # the same command again
     assert "resumed from step 2" in texts[0]
     assert sorted(losses(out)) == [1, 2, 3]
+
+    # A SIGTERM to process 1 alone (a preempted host) at a random moment of step 2 or 3: jax's
+    # preemption service makes both processes stop after the same step, save it and exit 75; the
+    # same command resumes to the losses of the job above.
+    termed = str(tmp_path / "termed")
+    args = train_args(termed, cache, devices=4, **{"train.num_steps": 3, "checkpoint.every_steps": 0})
+    procs = launch(tmp_path, 2, args, devices=4)
+    deadline = time.time() + 240
+    metrics = os.path.join(termed, "metrics.jsonl")
+    while not (os.path.exists(metrics) and open(metrics).read().endswith("\n")):  # step 1 logged
+        assert all(p.poll() is None for p, _ in procs) and time.time() < deadline, "the job ended first"
+        time.sleep(0.05)
+    time.sleep(random.uniform(0, 0.3))
+    procs[1][0].send_signal(signal.SIGTERM)
+    codes, texts = wait(procs, timeout=120)
+    assert codes == [75, 75], "\n".join(t[-3000:] for t in texts)
+    saved = [int(re.search(r"preempted: stopped after step (\d+) of 3", t).group(1)) for t in texts]
+    assert saved[0] == saved[1] and os.listdir(os.path.join(termed, "checkpoints")) == [str(saved[0])]
+    texts = run_job(tmp_path, 2, args, devices=4)
+    assert f"resumed from step {saved[0]}" in texts[0]
+    a, b = losses(out), losses(termed)
+    assert sorted(b) == [1, 2, 3]
+    np.testing.assert_allclose([b[s] for s in (1, 2, 3)], [a[s] for s in (1, 2, 3)], rtol=2e-5)
+    print(f"SIGTERM to process 1: both saved step {saved[0]}")
 
 
 # --- initialisation from the environment (no jax started) ---

@@ -1,7 +1,8 @@
 """python -m jaxsft.train --config configs/NAME.py [--config.section.key=value ...]
 
 Exit status: 0 done, 2 a config or usage mistake, 3 a checkpoint problem, 4 the run diverged,
-1 anything else (with its traceback). See `jaxsft.cli.exit_statuses`.
+75 preempted (the step it stopped at is saved: run the same command again), 1 anything else
+(with its traceback). See `jaxsft.cli.exit_statuses`.
 """
 
 import logging
@@ -11,7 +12,10 @@ from jaxsft.train import run
 
 
 def main(argv=None):
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    # force: importing orbax already configured the root logger (absl), which made this a no-op
+    # and hid every INFO line (the data summary, "resumed from step N").
+    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", force=True)
+    logging.getLogger("jaxsft").setLevel(logging.INFO)
     with exit_statuses():
         config, _ = parse_args(argv)
         result = run(config)

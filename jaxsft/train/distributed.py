@@ -110,8 +110,10 @@ def _jax_initialized() -> bool:
 
 def exit_on_failure(fn):
     """In a multi-process job, an exception (or a usage error) in `fn` prints its message and ends
-    this process at once with a non-zero status, so the other processes are stopped by the
-    heartbeat check within `JAXSFT_HEARTBEAT_TIMEOUT_S` instead of waiting for it.
+    this process at once with the status a single process would exit with (`jaxsft.cli.status_of`:
+    2 usage, 3 checkpoint, 4 diverged, 75 preempted; 1 with a traceback for anything else), so the
+    other processes are stopped by the heartbeat check within `JAXSFT_HEARTBEAT_TIMEOUT_S` instead
+    of waiting for it. A preempted job, whose processes all stop together, leaves the job cleanly.
     A single-process run raises as usual."""
 
     @functools.wraps(fn)
@@ -121,18 +123,28 @@ def exit_on_failure(fn):
         except BaseException as e:
             if not (_initialized or _jax_initialized()) or jax.process_count() == 1:
                 raise
+            from jaxsft.cli import PREEMPTED, status_of
+
             index = jax.process_index()
-            if isinstance(e, SystemExit):
+            known = status_of(e)
+            if known is not None:
+                status, message = known
+            elif isinstance(e, SystemExit):
                 status = e.code if isinstance(e.code, int) else 1
                 message = "" if isinstance(e.code, int) else str(e.code)
             else:
                 status, message = 1, "".join(traceback.format_exception(e))
-            sys.stderr.write(f"{message}\njaxsft: process {index} of {jax.process_count()} failed; "
-                             "stopping it now so that the whole job stops (the other processes exit "
-                             "when they miss its heartbeat)\n")
+            if status == PREEMPTED:  # every process saved the same step and stops here
+                sys.stderr.write(f"{message}\n")
+            else:
+                sys.stderr.write(f"{message}\njaxsft: process {index} of {jax.process_count()} failed; "
+                                 "stopping it now so that the whole job stops (the other processes exit "
+                                 "when they miss its heartbeat)\n")
             sys.stderr.flush()
             sys.stdout.flush()
             logging.shutdown()
+            if status == PREEMPTED:
+                jax.distributed.shutdown()  # waits for the others: process 0 serves the job
             os._exit(status or 1)
 
     return wrapper

@@ -12,14 +12,16 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxsft import metrics as metrics_lib
-from jaxsft import rundir
+from jaxsft import rundir, writer_lock
 from jaxsft.eval import side_by_side
 from jaxsft.hub import push_to_hub
 from jaxsft.model_card import model_card
 from jaxsft.models import gguf_export, peft_io, save_hf
 from jaxsft.models.hf_io import local_dir
-from jaxsft.train.distributed import exit_on_failure
+from jaxsft.train.config import validate
+from jaxsft.train.distributed import exit_on_failure, maybe_initialize_distributed
 from jaxsft.train.hooks import run_evals, save_checkpoint, to_global
+from jaxsft.train.preemption import Preempted, PreemptionNotice
 from jaxsft.train.setup import Run, setup
 
 log = logging.getLogger("jaxsft.train")
@@ -60,9 +62,10 @@ class StepMetrics:
         self.last = line
 
 
-def train(run: Run) -> Run:
+def train(run: Run, preemption: PreemptionNotice | None = None) -> Run:
     """Steps the run from `run.start` to `run.end`, calling its hooks; everything that traces
-    the model (steps and evals) runs under the mesh."""
+    the model (steps and evals) runs under the mesh. On a `preemption` notice it stops after the
+    step every process agrees on (`run.preempted_at`), which `finish` saves."""
     run.step_metrics = StepMetrics(run)
     with jax.set_mesh(run.mesh), _close_on_divergence(run):
         if run.start == 0 and run.config.train.eval_at_start:
@@ -75,23 +78,34 @@ def train(run: Run) -> Run:
             run.params, run.opt_state, device_metrics = run.fns.update(
                 run.params, run.opt_state, acc, jnp.int32(batch.num_loss_tokens), jnp.int32(step))
             run.step_metrics.push(step + 1, batch, device_metrics)
+            if preemption is not None and preemption.reached(step + 1):
+                run.preempted_at = step + 1
+                break
             if step + 1 < run.end:  # the last step's evals and checkpoint follow the loop
                 run_evals(run, [e for e in run.evals if e.every and (step + 1) % e.every == 0], step + 1)
                 for hook in run.hooks:
                     if (step + 1) % hook.every == 0:
                         hook.call(run, step + 1)
         run.step_metrics.flush()
-        run_evals(run, run.evals, run.end)
+        if run.preempted_at is None:
+            run_evals(run, run.evals, run.end)
     return run
 
 
 def finish(run: Run) -> dict:
     """Saves the last step, exports, closes everything; returns the run's summary: the last
-    step's metrics, the held-out loss and GSM8K accuracy histories."""
-    if not (run.resumed and run.start == run.end):
-        save_checkpoint(run, run.end)
+    step's metrics, the held-out loss and GSM8K accuracy histories. A preempted run saves the
+    step it stopped at and raises `Preempted`."""
+    last = run.end if run.preempted_at is None else run.preempted_at
+    if not (run.resumed and run.start == last):
+        save_checkpoint(run, last)
     run.checkpointer.close()
     run.data.close()
+    if run.preempted_at is not None:
+        if run.logger:
+            run.logger.close()
+        raise Preempted(f"stopped after step {last} of {run.end}, which is saved in "
+                        f"{run.checkpointer.directory}; run the same command again to resume")
     c = run.config
     if run.frozen is not None:  # a LoRA run: its adapters as a Hugging Face PEFT folder
         peft_io.save_adapter(nnx.merge(run.graphdef, run.params, run.frozen),
@@ -125,7 +139,15 @@ def finish(run: Run) -> dict:
 @exit_on_failure
 def run(config) -> dict:
     """Train as configured; returns `finish`'s summary."""
-    return finish(train(setup(config)))
+    validate(config)
+    maybe_initialize_distributed()
+    with writer_lock.holding(config.train.output_dir):
+        the_run = setup(config)
+        preemption = PreemptionNotice()  # once jax knows the processes (a SIGTERM before ends the process)
+        try:
+            return finish(train(the_run, preemption))
+        finally:
+            preemption.close()
 
 
 @contextlib.contextmanager

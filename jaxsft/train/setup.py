@@ -63,6 +63,7 @@ class Run:
     history: dict[str, list[dict]] = dataclasses.field(default_factory=dict)  # eval name -> results
     step_metrics: Any = None  # the loop's `StepMetrics`, while it runs
     frozen: Any = None  # a LoRA run's base weights (its params are the adapters)
+    preempted_at: int | None = None  # the step a preemption notice stopped the loop after
 
     @property
     def is_main(self) -> bool:
