@@ -182,8 +182,8 @@ def test_checkpoint_of_another_model_names_keys_and_shapes(tmp_path):
     with pytest.raises(CheckpointMismatch) as e:
         run(config)
     message = str(e.value)
-    assert "embed: checkpoint (151936, 32), run (151936, 64)" in message, message
-    assert "layers.gate" in message and "checkpoint.resume=False" in message
+    assert "embed: checkpoint float32[151936, 32], run float32[151936, 64]" in message, message
+    assert "\n" not in message and "(and " in message and "checkpoint.overwrite=True" in message
 
 
 # --- through the CLI, in subprocesses (one device each) ---
@@ -267,6 +267,26 @@ def test_exact_resume_after_sigkill(tmp_path):
     for k in pa:
         np.testing.assert_array_equal(pa[k], pc[k], err_msg=k)
     print(f"SIGTERM {after_line} lines in: saved step {saved}")
+
+    # A dtype change on resume: one line naming the config field, status 3, nothing renamed.
+    steps = sorted(os.listdir(termed / "checkpoints"))
+    r = subprocess.run(cli(tmp_path, termed, "--config.train.num_steps=5", "--config.optim.state_dtype=bfloat16"),
+                       cwd=REPO, env=ENV, capture_output=True, text=True)
+    assert r.returncode == 3, r.stderr[-3000:]
+    [line] = [x for x in r.stderr.splitlines() if x.startswith("checkpoint error:")]
+    assert "1.0.mu.embed: checkpoint float32[151936, 64], run bfloat16[151936, 64]" in line, line
+    assert "changed since it was saved: optim.state_dtype 'float32' -> 'bfloat16'." in line
+    assert sorted(os.listdir(termed / "checkpoints")) == steps
+    # checkpoint.resume=False is refused on a directory with steps, unless checkpoint.overwrite moves them aside.
+    r = subprocess.run(cli(tmp_path, termed, "--config.checkpoint.resume=False"), cwd=REPO, env=ENV,
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "holds steps [" in r.stderr and "checkpoint.overwrite=True" in r.stderr, r.stderr[-3000:]
+    r = subprocess.run(cli(tmp_path, termed, "--config.checkpoint.resume=False", "--config.checkpoint.overwrite=True",
+                           "--config.train.num_steps=1"), cwd=REPO, env=ENV, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    [aside] = [p for p in termed.iterdir() if p.name.startswith("checkpoints.overwritten-")]
+    assert sorted(os.listdir(aside)) == steps and sorted(os.listdir(termed / "checkpoints")) == ["1"]
+    assert [x["step"] for x in metrics(termed)] == [1]  # the new run's lines only
 
 
 def metrics_lines(out):

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 from orbax.checkpoint.checkpoint_managers import AnyPreservationPolicy, BestN, LatestN
 
 from jaxsft.sharding import path_name
@@ -47,6 +48,10 @@ def unflatten(like, flat: dict):
 
 def abstract(tree):
     return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding) for k, v in flatten(tree).items()}
+
+
+START_AFRESH = ("To start this run afresh, point checkpoint.dir elsewhere, or set checkpoint.resume=False "
+                "with checkpoint.overwrite=True (moves the steps aside).")
 
 
 class CheckpointMismatch(ValueError):
@@ -93,20 +98,26 @@ class Checkpointer:
     `keep_best` with the lowest eval loss), and restores the newest usable one. `base_model`:
     the `base_fingerprint` of a LoRA run's base weights, recorded and checked on restore."""
 
-    def __init__(self, directory: str, keep: int = 2, keep_best: int = 0, base_model: str | None = None):
+    def __init__(self, directory: str, keep: int = 2, keep_best: int = 0, base_model: str | None = None,
+                 config: dict | None = None):
+        """config: the run's config as a dict, to name what changed when a checkpoint does not fit."""
         self.directory = str(directory)
         self.base_model = base_model
-        policies = [LatestN(keep)]
+        self.config = config
+        self.policies = [LatestN(keep)]
         if keep_best:
-            policies.append(BestN(get_metric_fn=lambda m: m["eval_loss"], reverse=True, n=keep_best,
-                                  keep_checkpoints_without_metrics=False))
-        self.manager = ocp.CheckpointManager(
+            self.policies.append(BestN(get_metric_fn=lambda m: m["eval_loss"], reverse=True, n=keep_best,
+                                       keep_checkpoints_without_metrics=False))
+        self.manager = self._new_manager()
+
+    def _new_manager(self):
+        return ocp.CheckpointManager(
             self.directory,
             item_handlers={"params": ocp.StandardCheckpointHandler(),
                            "opt_state": ocp.StandardCheckpointHandler(),
                            "record": ocp.JsonCheckpointHandler()},
             options=ocp.CheckpointManagerOptions(
-                preservation_policy=AnyPreservationPolicy(policies),
+                preservation_policy=AnyPreservationPolicy(self.policies),
                 # Temporary directories of saves cut short by a kill are removed at start-up.
                 cleanup_tmp_directories=True,
                 enable_async_checkpointing=True))
@@ -136,8 +147,11 @@ class Checkpointer:
             metadata = self.manager.item_metadata(step)
         except Exception as e:  # an unreadable metadata file
             raise CheckpointCorrupt(f"{type(e).__name__}: {e}") from e
-        _check_shapes(metadata, step, "params", params)
-        _check_shapes(metadata, step, "opt_state", opt_state)
+        try:
+            _check_shapes(metadata, step, "params", params)
+            _check_shapes(metadata, step, "opt_state", opt_state)
+        except CheckpointMismatch as e:
+            raise CheckpointMismatch(str(e).replace("{changed}", self._changed_since(step))) from None
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(
                 params=ocp.args.StandardRestore(abstract(params)),
@@ -152,8 +166,7 @@ class Checkpointer:
             raise CheckpointMismatch(
                 f"checkpoint step {step} was trained on another base model (fingerprint "
                 f"{record.get('base_model')}, this run's base: {self.base_model}); LoRA adapters only fit "
-                "the weights they were trained on. Point checkpoint.dir elsewhere, or set "
-                "checkpoint.resume=False, to start this run afresh.")
+                f"the weights they were trained on. {START_AFRESH}")
         for item in ("params", "opt_state"):
             saved = record.get("fingerprints", {}).get(item, {})
             now = fingerprints(restored[item])
@@ -161,6 +174,17 @@ class Checkpointer:
             if bad:
                 raise CheckpointCorrupt(f"{item} arrays differ from what was saved: {', '.join(bad[:8])}")
         return unflatten(params, restored["params"]), unflatten(opt_state, restored["opt_state"]), record
+
+    def _changed_since(self, step: int) -> str:
+        """'changed since it was saved: FIELD old -> new; ' from the step's recorded config."""
+        if self.config is None:
+            return ""
+        try:
+            record = self.manager.restore(step, args=ocp.args.Composite(record=ocp.args.JsonRestore()))["record"]
+        except Exception:  # noqa: BLE001  (only a hint: the mismatch itself is reported)
+            return ""
+        fields = changed_fields(record.get("config", {}), self.config)
+        return f"changed since it was saved: {', '.join(fields)}. " if fields else ""
 
     def restore_latest(self, params, opt_state):
         """The newest usable step, as `restore` gives it, or None when there is none. Unusable
@@ -172,15 +196,42 @@ class Checkpointer:
             except CheckpointCorrupt as e:
                 log.warning("checkpoint %s/%d is unusable, falling back to the previous one: %s",
                             self.directory, step, str(e)[:500])
+                # Every process judged the same step (the checks use global arrays); the others
+                # wait until process 0 has moved it before listing the steps again.
+                multihost_utils.sync_global_devices(f"jaxsft checkpoint {step} unusable")
                 if jax.process_index() == 0:
                     path = epath.Path(self.directory) / str(step)
                     path.rename(path.parent / f"{step}.corrupt-{int(time.time())}")
+                multihost_utils.sync_global_devices(f"jaxsft checkpoint {step} set aside")
                 self.manager.reload()
         if steps:
             raise CheckpointCorrupt(
                 f"no usable checkpoint in {self.directory} (steps {steps} were all unreadable and were "
-                "renamed *.corrupt-*); delete them, or set checkpoint.dir elsewhere, to start afresh")
+                f"renamed *.corrupt-*). {START_AFRESH}")
         return None
+
+    def set_aside_or_refuse(self, overwrite: bool) -> None:
+        """For a run that starts afresh (checkpoint.resume=False): refuses (ConfigError) when the
+        directory holds steps, unless `overwrite`, which moves the directory to
+        `DIR.overwritten-TIME` (process 0; the others wait) and starts with an empty one."""
+        from jaxsft.models import ConfigError
+
+        steps = self.all_steps()
+        if not steps:
+            return
+        if not overwrite:
+            raise ConfigError(
+                f"checkpoint.resume=False but {self.directory} holds steps {steps}: saving there would "
+                "collide with them (or a later resume would pick them). Set checkpoint.overwrite=True to "
+                "move them aside, or point checkpoint.dir elsewhere.")
+        self.manager.close()
+        aside = f"{self.directory.rstrip('/')}.overwritten-{int(time.time())}"
+        multihost_utils.sync_global_devices("jaxsft checkpoints set aside: start")
+        if jax.process_index() == 0:
+            epath.Path(self.directory).rename(aside)
+            log.warning("checkpoint.overwrite: moved steps %s of %s to %s", steps, self.directory, aside)
+        multihost_utils.sync_global_devices("jaxsft checkpoints set aside: done")
+        self.manager = self._new_manager()
 
     def wait(self):
         self.manager.wait_until_finished()
@@ -191,17 +242,37 @@ class Checkpointer:
 
 
 def _check_shapes(metadata, step, item, like):
+    """Raises CheckpointMismatch (one line) when `like`'s keys, shapes or dtypes differ from the
+    saved ones. Checked before restoring: Orbax would cast a changed dtype, and the cast arrays'
+    checksums would then make a good step look corrupt."""
     stored = metadata[item]
     if stored is None:
         return
-    stored = {k: tuple(v.shape) for k, v in stored.items()}
-    wanted = {k: tuple(v.shape) for k, v in flatten(like).items()}
-    problems = [f"missing in checkpoint: {k} {wanted[k]}" for k in wanted if k not in stored]
-    problems += [f"not in this run: {k} {stored[k]}" for k in stored if k not in wanted]
-    problems += [f"{k}: checkpoint {stored[k]}, run {wanted[k]}"
+    stored = {k: (tuple(v.shape), str(v.dtype)) for k, v in stored.items()}
+    wanted = {k: (tuple(v.shape), str(v.dtype)) for k, v in flatten(like).items()}
+    problems = [f"{k} is missing in the checkpoint" for k in wanted if k not in stored]
+    problems += [f"{k} is not in this run" for k in stored if k not in wanted]
+    problems += [f"{k}: checkpoint {_describe(stored[k])}, run {_describe(wanted[k])}"
                  for k in wanted if k in stored and stored[k] != wanted[k]]
     if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
         raise CheckpointMismatch(
-            f"checkpoint step {step} ({item}) was saved by another model or optimizer and does not "
-            "fit this run:\n  " + "\n  ".join(problems[:20]) + "\nPoint checkpoint.dir elsewhere, "
-            "or set checkpoint.resume=False, to start this run afresh.")
+            f"checkpoint step {step} ({item}) does not fit this run: " + "; ".join(problems[:3]) + more
+            + f"; {{changed}}{START_AFRESH}")
+
+
+def _describe(shape_dtype):
+    shape, dtype = shape_dtype
+    return f"{dtype}{list(shape)}"
+
+
+def changed_fields(saved: dict, config: dict, sections=("model", "optim", "lora")) -> list[str]:
+    """`section.key saved -> now` for the fields of `sections` that differ between a checkpoint's
+    recorded config and this run's (what shapes and dtypes of the saved state follow from)."""
+    out = []
+    for section in sections:
+        before, now = saved.get(section, {}), config.get(section, {})
+        for key in sorted(set(before) | set(now)):
+            if before.get(key) != now.get(key):
+                out.append(f"{section}.{key} {before.get(key)!r} -> {now.get(key)!r}")
+    return out

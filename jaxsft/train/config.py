@@ -101,7 +101,8 @@ folder (`output_dir/adapter`; with `train.export_hf` also the merged model in `o
 | `keep` | `2` | Keep the newest N checkpoints. |
 | `keep_best` | `0` | Also keep the N checkpoints with the lowest eval loss (steps where an eval ran: `train.eval_every` multiples and the last). |
 | `dir` | `''` | Where; `''` = `output_dir/checkpoints`. May be `gs://`. |
-| `resume` | `True` | Continue from the newest checkpoint in `dir` when there is one. |
+| `resume` | `True` | Continue from the newest checkpoint in `dir` when there is one. `False` starts afresh, and is refused when `dir` holds steps unless `overwrite`. |
+| `overwrite` | `False` | With `resume=False`: move the steps already in `dir` to `DIR.overwritten-TIME` and start afresh. |
 
 ## gsm8k
 GSM8K test accuracy by greedy generation (`jaxsft/evals/gsm8k.py`), before training, every
@@ -123,6 +124,7 @@ from __future__ import annotations
 import ml_collections
 from etils import epath
 
+from jaxsft import rundir
 from jaxsft.compile_cache import default_compile_cache_dir
 from jaxsft.data import default_data_config, validate_data_config
 from jaxsft.hub import HUB_ID
@@ -164,7 +166,7 @@ def default_config() -> ml_collections.ConfigDict:
                   target_modules=ml_collections.FieldReference("all-linear", field_type=object), layers=[],
                   use_rslora=False, lr_ratio=1.0, adapter_path="", base_quant="")
     c.mesh = dict(data=1, fsdp=-1, tensor=1)
-    c.checkpoint = dict(every_steps=0, keep=2, keep_best=0, dir="", resume=True)
+    c.checkpoint = dict(every_steps=0, keep=2, keep_best=0, dir="", resume=True, overwrite=False)
     c.gsm8k = dict(file="", subset=0, k_shot=0, shots_file="", max_new_tokens=256, batch_size=32,
                    every=0, show=3)
     return c
@@ -183,7 +185,7 @@ def validate(c) -> None:
     if c.optim.offload != "none" and (c.lora.r or c.lora.adapter_path):
         raise ConfigError("optim.offload moves full fine-tuning's master weights and moments; LoRA's are small: "
                           "set optim.offload='none'")
-    if c.optim.offload == "disk" and not c.optim.offload_dir and c.train.output_dir.startswith("gs://"):
+    if c.optim.offload == "disk" and not c.optim.offload_dir and rundir.is_gcs(c.train.output_dir):
         raise ConfigError("optim.offload='disk' keeps its live state on local disk: set optim.offload_dir "
                           "(train.output_dir is gs://)")
     choices = {
@@ -212,6 +214,9 @@ def validate(c) -> None:
     for key, value in positive.items():
         if not value > 0:
             raise ConfigError(f"{key}={value!r} must be > 0")
+    if c.checkpoint.overwrite and c.checkpoint.resume:
+        raise ConfigError("checkpoint.overwrite=True moves old steps aside for a fresh start: set "
+                          "checkpoint.resume=False with it")
     if c.optim.warmup_steps and c.optim.warmup_fraction:
         raise ConfigError("optim.warmup_steps and optim.warmup_fraction are both set; use one")
     if not 0 <= c.optim.warmup_fraction < 1:

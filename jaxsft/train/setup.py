@@ -140,7 +140,9 @@ def setup(config) -> Run:
 
     checkpoint_dir = rundir.absolute(config.checkpoint.dir or rundir.join(out, "checkpoints"))
     checkpointer = Checkpointer(checkpoint_dir, keep=config.checkpoint.keep, keep_best=config.checkpoint.keep_best,
-                                base_model=None if frozen is None else base_fingerprint(frozen))
+                                base_model=None if frozen is None else base_fingerprint(frozen), config=config.to_dict())
+    if not config.checkpoint.resume:
+        checkpointer.set_aside_or_refuse(config.checkpoint.overwrite)
     if is_main:
         save_tokenizer(tokenizer, rundir.tokenizer_dir(out))
     start = 0
