@@ -12,7 +12,9 @@ Steps (each a gcloud command, printed before it runs; `--dry-run` prints them an
   3. run the training command on all workers at once (`--worker=all`), streaming their output;
      every worker runs the same command, worker 0 writes logs and metrics, every worker writes
      its own checkpoint shards to the same `gs://` directory. Re-running resumes from the newest
-     checkpoint there;
+     checkpoint there. A preempted run (SIGTERM or the TPU maintenance notice) saves its step and
+     exits 75; the launch then runs the same command again (`--max-restarts`), first re-creating
+     the TPU VM when it is gone and `--create` was given;
   4. delete the TPU VM (`--delete`, alone or after the run).
 
 Only the standard library: it runs wherever gcloud does.
@@ -29,6 +31,7 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REMOTE_DIR = "jaxsft"  # in each worker's home directory
+PREEMPTED = 75  # jaxsft.cli.PREEMPTED: the run saved its step on a preemption notice
 
 
 def parse(argv):
@@ -45,6 +48,8 @@ def parse(argv):
     p.add_argument("--install", action="store_true", help="copy this checkout and pip install it on every worker")
     p.add_argument("--extras", default="gcs", help="package extras to install (gs:// needs gcs)")
     p.add_argument("--delete", action="store_true", help="delete the TPU VM at the end (alone: only delete)")
+    p.add_argument("--max-restarts", type=int, default=10,
+                   help="run the training again this many times at most when it exits 75 (preempted, step saved)")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                    help="extra environment for the training processes (repeatable)")
     p.add_argument("--dry-run", action="store_true", help="print every command, run none")
@@ -76,6 +81,25 @@ def ssh(args, remote: str):
 
 def commands(args) -> list[list[str]]:
     """Every command the launch runs, in order."""
+    cmds = create_and_install(args)
+    if args.train_args:
+        cmds.append(train_command(args))
+    if args.delete:
+        if args.queued:
+            cmds.append(gcloud(args, "queued-resources", "delete", args.name, "--force", "--quiet"))
+        else:
+            cmds.append(gcloud(args, "tpu-vm", "delete", args.name, "--quiet"))
+    return cmds
+
+
+def train_command(args) -> list[str]:
+    # JAXSFT_DISTRIBUTED=1: every worker joins the job (jax finds the others via TPU metadata).
+    env = ["JAXSFT_DISTRIBUTED=1", *map(shlex.quote, args.env)]
+    train = " ".join(["python3", "-m", "jaxsft.train", *map(shlex.quote, args.train_args)])
+    return ssh(args, f"cd ~/{REMOTE_DIR} && {' '.join(env)} {train}")
+
+
+def create_and_install(args) -> list[list[str]]:
     cmds = []
     if args.create and args.queued:
         cmds.append(gcloud(args, "queued-resources", "create", args.name, f"--node-id={args.name}",
@@ -94,16 +118,6 @@ def commands(args) -> list[list[str]]:
             "python3 -m pip install -q -U pip",
             # jax[tpu] brings libtpu; the package's own dependencies follow from pyproject.toml.
             f"python3 -m pip install -q 'jax[tpu]' -e ~/{REMOTE_DIR}[{args.extras}]"])))
-    if args.train_args:
-        # JAXSFT_DISTRIBUTED=1: every worker joins the job (jax finds the others via TPU metadata).
-        env = ["JAXSFT_DISTRIBUTED=1", *map(shlex.quote, args.env)]
-        train = " ".join(["python3", "-m", "jaxsft.train", *map(shlex.quote, args.train_args)])
-        cmds.append(ssh(args, f"cd ~/{REMOTE_DIR} && {' '.join(env)} {train}"))
-    if args.delete:
-        if args.queued:
-            cmds.append(gcloud(args, "queued-resources", "delete", args.name, "--force", "--quiet"))
-        else:
-            cmds.append(gcloud(args, "tpu-vm", "delete", args.name, "--quiet"))
     return cmds
 
 
@@ -121,18 +135,48 @@ def wait_until_active(args, dry_run: bool) -> None:
         time.sleep(30)
 
 
+def run_command(args, cmd) -> int:
+    print("+", shlex.join(cmd), flush=True)
+    status = 0 if args.dry_run else subprocess.run(cmd).returncode
+    if cmd[3:5] == ["queued-resources", "create"]:
+        wait_until_active(args, args.dry_run)
+    return status
+
+
+def vm_gone(args) -> bool:
+    """Whether the TPU VM is no longer usable (a preempted spot VM is PREEMPTED, then deleted)."""
+    describe = gcloud(args, "tpu-vm", "describe", args.name, "--format=value(state)")
+    state = subprocess.run(describe, capture_output=True, text=True).stdout.strip()
+    return state != "READY"
+
+
+def train(args) -> int:
+    """The training command, run again after each preemption (status 75) up to --max-restarts times."""
+    status = run_command(args, train_command(args))
+    for restart in range(args.max_restarts):
+        if status != PREEMPTED:
+            break
+        print(f"launch: the run was preempted and saved its step; restart {restart + 1} of "
+              f"{args.max_restarts}", file=sys.stderr, flush=True)
+        if args.create and vm_gone(args):
+            cleanup = (gcloud(args, "queued-resources", "delete", args.name, "--force", "--quiet") if args.queued
+                       else gcloud(args, "tpu-vm", "delete", args.name, "--quiet"))
+            subprocess.run(cleanup)
+            for cmd in create_and_install(args):
+                if run_command(args, cmd):
+                    return status
+        status = run_command(args, train_command(args))
+    return status
+
+
 def main(argv=None) -> int:
     args = parse(argv)
     for cmd in commands(args):
-        print("+", shlex.join(cmd), flush=True)
-        if not args.dry_run:
-            status = subprocess.run(cmd).returncode
-            if status:
-                print(f"launch: command failed with status {status}; the TPU VM is left as it is "
-                      f"(re-run to resume; --delete to remove it)", file=sys.stderr)
-                return status
-        if cmd[3:5] == ["queued-resources", "create"]:
-            wait_until_active(args, args.dry_run)
+        status = train(args) if args.train_args and cmd == train_command(args) else run_command(args, cmd)
+        if status:
+            print(f"launch: command failed with status {status}; the TPU VM is left as it is "
+                  f"(re-run to resume; --delete to remove it)", file=sys.stderr)
+            return status
     return 0
 
 

@@ -20,6 +20,8 @@ from jaxsft.data.config import SOURCE_DEFAULTS
 from jaxsft.data.formats import is_hub_name, read_source
 from jaxsft.data.tokenize import load_or_tokenize
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 LLAMA_KWARGS = {"date_string": "26 Jul 2024"}
 END_OF_TURN = {"llama": "<|eot_id|>", "qwen": "<|im_end|>"}
 
@@ -496,6 +498,58 @@ def test_skip_counts_bad_records_by_reason(tokenizers, tmp_path):
     assert pipe.summary["records_read"] == 9 and pipe.samples_per_epoch == 2
 
 
+@pytest.mark.parametrize("name", ["bad.jsonl", "bad.jsonl.gz"])
+def test_non_utf8_line_is_a_bad_record_and_a_bom_is_accepted(name, tmp_path):
+    good = json.dumps(GOOD).encode() + b"\n"
+    data = b"\xef\xbb\xbf" + good + b'{"messages": "caf\xe9"}\n' + good  # BOM; line 2 in Latin-1
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(data) if name.endswith(".gz") else data)
+    source = {**SOURCE_DEFAULTS, "path": str(path)}
+    with pytest.raises(DataError, match=rf"{path}, line 2: not UTF-8 text"):
+        read_source(source, system_prompt="", on_bad_record="error")
+    read = read_source(source, system_prompt="", on_bad_record="skip")
+    assert read.format == "chat" and read.records == 3 and read.skipped == {"not_utf8": 1}
+    assert [c.where.rsplit(", ", 1)[1] for c in read.conversations] == ["line 1", "line 3"]
+
+
+@pytest.mark.slow
+def test_a_large_jsonl_streams_in_bounded_memory(tokenizers, tmp_path, gsm8k, assets):
+    """The same 200 GSM8K records, once plain (<0.1 MB) and once each padded with a 2.5 MB field
+    the format ignores (500 MB): tokenizing and caching either takes the same peak memory (also
+    measured at 10 MB x 200 = 2 GB: 650 MB peak for both)."""
+    records = [json.loads(x) for x in open(gsm8k).read().splitlines()[:200]]
+    small, big = tmp_path / "small.jsonl", tmp_path / "big.jsonl"
+    write_jsonl(small, records)
+    padding = "x" * (5 << 19)
+    with open(big, "w") as f:
+        for r in records:
+            f.write(json.dumps({**r, "padding": padding}) + "\n")
+    assert big.stat().st_size > 5e8
+    script = (
+        "import json, resource, sys\n"
+        "from transformers import AutoTokenizer\n"
+        "from jaxsft.data.config import SOURCE_DEFAULTS\n"
+        "from jaxsft.data.tokenize import load_or_tokenize\n"
+        "tok = AutoTokenizer.from_pretrained(sys.argv[2])\n"
+        "settings = dict(render='chat_template', loss_on='all_assistant', system_prompt='', on_bad_record='error',"
+        " template_kwargs={})\n"
+        "table = load_or_tokenize({**SOURCE_DEFAULTS, 'path': sys.argv[1], 'format': 'gsm8k'}, tok, settings, sys.argv[3])\n"
+        "print(json.dumps({'rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "
+        "'samples': len(table), 'tokens': int(table.offsets[-1])}))\n")
+    results = {}
+    for path in (small, big):
+        r = subprocess.run([sys.executable, "-c", script, str(path), str(assets / "tokenizers/qwen2.5-0.5b-instruct"),
+                            str(tmp_path / f"cache-{path.stem}")], capture_output=True, text=True, timeout=600,
+                           env={**os.environ, "PYTHONPATH": REPO})
+        assert r.returncode == 0, r.stderr[-3000:]
+        results[path.stem] = json.loads(r.stdout.strip().splitlines()[-1])
+    print("peak RSS (MB):", {k: round(v["rss_mb"]) for k, v in results.items()})
+    assert results["big"]["samples"] == results["small"]["samples"] == 200
+    assert results["big"]["tokens"] == results["small"]["tokens"]
+    # One 2.5 MB line (and its decoded copy) at a time: far below the file's 500 MB.
+    assert results["big"]["rss_mb"] - results["small"]["rss_mb"] < 150, results
+
+
 def test_template_refusing_a_record_is_a_bad_record(assets, tmp_path):
     tok = AutoTokenizer.from_pretrained(assets / "tokenizers/qwen2.5-0.5b-instruct")
     tok.chat_template = (
@@ -548,8 +602,8 @@ def test_config_validation_names_the_key():
 
 def test_second_build_reads_the_cache_without_tokenizing(tokenizers, tmp_path, gsm8k, monkeypatch):
     calls = []
-    real = tokenize_module.tokenize_conversations
-    monkeypatch.setattr(tokenize_module, "tokenize_conversations", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = tokenize_module.tokenized
+    monkeypatch.setattr(tokenize_module, "tokenized", lambda *a, **k: calls.append(1) or real(*a, **k))
     source = write_jsonl(tmp_path / "part.jsonl", open(gsm8k).read().splitlines()[:50])
     cfg = make_cfg(tmp_path / "cache", [source], global_batch_size=8, prefetch=0)
     first = DataPipeline(cfg, tokenizers["qwen"])

@@ -204,7 +204,10 @@ def test_a_failed_or_preempted_worker_stops_the_job_and_the_same_command_resumes
     # same command resumes to the losses of the job above.
     termed = str(tmp_path / "termed")
     args = train_args(termed, cache, devices=4, **{"train.num_steps": 3, "checkpoint.every_steps": 0})
-    procs = launch(tmp_path, 2, args, devices=4)
+    # A longer heartbeat timeout than the failure test above needs: on a loaded CI host a process
+    # compiling the step can miss 10 s of heartbeats.
+    patient = {"JAXSFT_HEARTBEAT_TIMEOUT_S": "60"}
+    procs = launch(tmp_path, 2, args, devices=4, **patient)
     deadline = time.time() + 240
     metrics = os.path.join(termed, "metrics.jsonl")
     while not (os.path.exists(metrics) and open(metrics).read().endswith("\n")):  # step 1 logged
@@ -216,7 +219,7 @@ def test_a_failed_or_preempted_worker_stops_the_job_and_the_same_command_resumes
     assert codes == [75, 75], "\n".join(t[-3000:] for t in texts)
     saved = [int(re.search(r"preempted: stopped after step (\d+) of 3", t).group(1)) for t in texts]
     assert saved[0] == saved[1] and os.listdir(os.path.join(termed, "checkpoints")) == [str(saved[0])]
-    texts = run_job(tmp_path, 2, args, devices=4)
+    texts = run_job(tmp_path, 2, args, devices=4, **patient)
     assert f"resumed from step {saved[0]}" in texts[0]
     a, b = losses(out), losses(termed)
     assert sorted(b) == [1, 2, 3]
@@ -344,3 +347,41 @@ def test_lora_in_two_processes_resumes_trains_and_saves_like_one(tmp_path):
 
 def metrics_by_step(out):
     return {x["step"]: x for x in map(json.loads, open(os.path.join(out, "metrics.jsonl")))}
+
+
+def fake_commands(tmp_path, **scripts):
+    """An environment whose PATH finds these bash `scripts` first (every call is logged to calls)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in scripts.items():
+        (bin_dir / name).write_text(f'#!/bin/bash\necho "{name} $*" >> {tmp_path / "calls"}\n{body}\n')
+        (bin_dir / name).chmod(0o755)
+    return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+
+
+def test_launchers_relaunch_a_preempted_run(tmp_path):
+    calls = tmp_path / "calls"
+    # Slurm: the run exits 75 (preempted, its step saved): the script requeues the job and says so.
+    env = fake_commands(tmp_path, srun="exit 75", scontrol="")
+    r = subprocess.run(["bash", "launch/slurm.sbatch", *TRAIN], cwd=REPO, env={**env, "SLURM_JOB_ID": "42"},
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 75 and calls.read_text().splitlines()[-1] == "scontrol requeue 42", r.stderr
+    assert "sbatch" not in r.stderr and "#SBATCH --requeue" in open(os.path.join(REPO, "launch/slurm.sbatch")).read()
+
+    # TPU pod: the training command exits 75 twice (the spot VM is gone after the first), then 0.
+    (tmp_path / "tpu").mkdir()
+    env = fake_commands(tmp_path / "tpu", gcloud=f'''calls={tmp_path / "tpu" / "calls"}
+case "$*" in
+  *jaxsft.train*) [ "$(grep -c jaxsft.train "$calls")" -lt 3 ] && exit 75; exit 0 ;;
+  *describe*) [ "$(grep -c jaxsft.train "$calls")" -eq 1 ] && echo PREEMPTED || echo READY ;;
+esac''')
+    r = subprocess.run([sys.executable, "launch/tpu_pod.py", "--name", "sft", "--zone", "z", "--create", "--spot",
+                        "--", *TRAIN], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    words = [line.split()[:5] for line in (tmp_path / "tpu" / "calls").read_text().splitlines()]
+    kinds = [" ".join(w[3:5]) for w in words]
+    assert kinds == ["tpu-vm create", "tpu-vm scp", "tpu-vm ssh", "tpu-vm ssh",  # create, install, train: 75
+                     "tpu-vm describe", "tpu-vm delete", "tpu-vm create", "tpu-vm scp", "tpu-vm ssh",  # gone: again
+                     "tpu-vm ssh",  # train: 75
+                     "tpu-vm describe", "tpu-vm ssh"], kinds  # the VM is up: train again, 0
+    assert r.stderr.count("was preempted and saved its step") == 2

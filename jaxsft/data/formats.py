@@ -10,10 +10,12 @@ counted by `DataError.reason` instead.
 
 from __future__ import annotations
 
+import codecs
 import collections
 import functools
 import glob
 import hashlib
+import io
 import json
 import os
 import re
@@ -118,36 +120,47 @@ def iter_raw_records(source: dict):
                     for record in batch.to_pylist():
                         yield f"{name}, row {row}", functools.partial(_as_is, record)
                         row += 1
-            elif base.endswith(".json"):
-                text = fh.read().decode("utf-8")
+            elif base.endswith(".json"):  # one JSON document: read whole
+                try:
+                    text = fh.read().decode("utf-8-sig")
+                except UnicodeDecodeError as e:
+                    raise DataError(name, None, f"not UTF-8 text: {e}", "not_utf8") from None
                 try:
                     data = json.loads(text)
                 except json.JSONDecodeError:
-                    yield from _json_lines(name, text)  # a .json file holding JSON lines
+                    yield from _json_lines(name, io.BytesIO(text.encode()))  # a .json file holding JSON lines
                     continue
                 if isinstance(data, dict):  # {"data": [records]} as written by pandas/datasets, or one record
                     data = data["data"] if isinstance(data.get("data"), list) else [data]
                 for i, record in enumerate(data if isinstance(data, list) else [data]):
                     yield f"{name}, record {i}", functools.partial(_as_is, record)
             else:
-                yield from _json_lines(name, fh.read().decode("utf-8"))
+                yield from _json_lines(name, fh)
 
 
 def _as_is(record):
     return record
 
 
-def _json_lines(name: str, text: str):
-    # split("\n"), not splitlines(): JSON strings may hold raw U+2028 and other line breaks.
-    for lineno, line in enumerate(text.split("\n"), 1):
+def _json_lines(name: str, fh):
+    """(where, decode) per non-empty line of a binary file, read line by line (bounded memory).
+    Split on b"\n" only: JSON strings may hold raw U+2028 and other line breaks. A line that is
+    not UTF-8 is a bad record naming its line; a UTF-8 BOM before the first line is skipped."""
+    for lineno, line in enumerate(fh, 1):
+        if lineno == 1:
+            line = line.removeprefix(codecs.BOM_UTF8)
         if line.strip():
             where = f"{name}, line {lineno}"
             yield where, functools.partial(_decode_line, where, line)
 
 
-def _decode_line(where: str, line: str):
+def _decode_line(where: str, line: bytes):
     try:
-        return json.loads(line)
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return DataError(where, None, f"not UTF-8 text: {e}", "not_utf8")
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as e:
         return DataError(where, None, f"bad JSON: {e}", "bad_json")
 
@@ -175,13 +188,22 @@ def detect_format(record: dict, where: str) -> str:
 
 
 def read_source(source: dict, *, system_prompt: str, on_bad_record: str, shard: tuple[int, int] = (0, 1)) -> ReadResult:
-    """The conversations of the records numbered `index` mod `count` for `shard=(index, count)`.
+    """`stream_source` gathered into a list."""
+    result = ReadResult(format=source["format"])
+    result.conversations = list(stream_source(source, result, system_prompt=system_prompt,
+                                              on_bad_record=on_bad_record, shard=shard))
+    return result
+
+
+def stream_source(source: dict, result: ReadResult, *, system_prompt: str, on_bad_record: str,
+                  shard: tuple[int, int] = (0, 1)):
+    """Yields the conversations of the records numbered `index` mod `count` for
+    `shard=(index, count)`, one record at a time; counts records, skips and the format in `result`.
 
     The other records are not decoded, except that an auto-detected format comes from the
     source's first decodable record, so every shard detects the same one.
     """
     index, count = shard
-    result = ReadResult(format=source["format"])
     for number, (where, decode) in enumerate(iter_raw_records(source)):
         mine = number % count == index
         if not mine and result.format != "auto":
@@ -197,9 +219,6 @@ def read_source(source: dict, *, system_prompt: str, on_bad_record: str, shard: 
                 result.format = detect_format(record, where)
             if mine:
                 conversations = to_conversations(record, result.format, source["columns"], system_prompt, where)
-                for conversation in conversations:
-                    conversation.record = number
-                result.conversations.extend(conversations)
         except DataError as e:
             if e.reason == "unknown_format":
                 raise
@@ -208,7 +227,11 @@ def read_source(source: dict, *, system_prompt: str, on_bad_record: str, shard: 
             if on_bad_record == "error":
                 raise
             result.skipped[e.reason] += 1
-    return result
+            continue
+        if mine:
+            for conversation in conversations:
+                conversation.record = number
+                yield conversation
 
 
 def _text(record: dict, key: str, where: str, field_name: str | None = None, *, optional: bool = False) -> str:

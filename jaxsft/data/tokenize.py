@@ -22,7 +22,7 @@ import numpy as np
 
 from jaxsft.data.chat import TemplateMismatch, assistant_spans, special_strings
 from jaxsft.data.chat import render as render_chat
-from jaxsft.data.formats import Conversation, DataError, fingerprint_source, read_source
+from jaxsft.data.formats import Conversation, DataError, ReadResult, fingerprint_source, stream_source
 
 CACHE_VERSION = 3  # 3: spans located for templates that rewrite turns; tool calls; plain text
 TOKENIZER_FILES = (
@@ -94,7 +94,15 @@ def tokenize_conversations(conversations: list[Conversation], tokenizer, *, rend
                            template_kwargs: dict, on_bad_record: str):
     """Returns (token arrays, mask arrays, record numbers, Counter of skipped records by reason)."""
     skipped = collections.Counter()
-    all_ids, all_masks, records = [], [], []
+    samples = list(tokenized(conversations, tokenizer, skipped, render=render, loss_on=loss_on,
+                             template_kwargs=template_kwargs, on_bad_record=on_bad_record))
+    return [x[0] for x in samples], [x[1] for x in samples], [x[2] for x in samples], skipped
+
+
+def tokenized(conversations, tokenizer, skipped: collections.Counter, *, render: str, loss_on: str,
+              template_kwargs: dict, on_bad_record: str):
+    """Yields (token ids, loss mask, record number) per sample of an iterable of conversations,
+    a chunk at a time; counts the skipped records by reason in `skipped`."""
     bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
     eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
     if render == "raw":
@@ -107,10 +115,9 @@ def tokenize_conversations(conversations: list[Conversation], tokenizer, *, rend
             for conv, p, c in zip(chunk, prompts, completions):
                 ids = bos + p + c + eos
                 unlabelled = 0 if conv.text is not None else len(bos) + len(p)  # plain text: all labels
-                all_ids.append(np.array(ids, np.int32))
-                all_masks.append(np.array([0] * unlabelled + [1] * (len(ids) - unlabelled), np.uint8))
-                records.append(conv.record)
-        return all_ids, all_masks, records, skipped
+                yield (np.array(ids, np.int32),
+                       np.array([0] * unlabelled + [1] * (len(ids) - unlabelled), np.uint8), conv.record)
+        return
 
     special_ids = special_token_ids(tokenizer)
     specials = special_strings(tokenizer)
@@ -138,9 +145,7 @@ def tokenize_conversations(conversations: list[Conversation], tokenizer, *, rend
         for (conv, _, spans), ids, offsets in zip(rendered, encoded["input_ids"], encoded["offset_mapping"]):
             if spans is None:  # plain text: every token is a label
                 ids = np.array(bos + ids + eos, np.int32)
-                all_ids.append(ids)
-                all_masks.append(np.ones(len(ids), np.uint8))
-                records.append(conv.record)
+                yield ids, np.ones(len(ids), np.uint8), conv.record
                 continue
             ids = np.array(ids, np.int32)
             offsets = np.fromiter(itertools.chain.from_iterable(offsets), np.int64, 2 * len(offsets)).reshape(-1, 2)
@@ -150,15 +155,13 @@ def tokenize_conversations(conversations: list[Conversation], tokenizer, *, rend
                     raise DataError(conv.where, "messages", "no assistant token survives tokenization", "no_loss_tokens")
                 skipped["no_loss_tokens"] += 1
                 continue
-            all_ids.append(ids)
-            all_masks.append(mask)
-            records.append(conv.record)
-    return all_ids, all_masks, records, skipped
+            yield ids, mask, conv.record
 
 
 def _chunks(items):
-    for i in range(0, len(items), ENCODE_CHUNK):
-        yield items[i:i + ENCODE_CHUNK]
+    items = iter(items)
+    while chunk := list(itertools.islice(items, ENCODE_CHUNK)):
+        yield chunk
 
 
 def load_or_tokenize(source: dict, tokenizer, settings: dict, cache_dir: Path,
@@ -183,42 +186,63 @@ def load_or_tokenize(source: dict, tokenizer, settings: dict, cache_dir: Path,
     if (folder / "info.json").exists():
         return _load(folder)
 
-    read = read_source(source, system_prompt=settings["system_prompt"], on_bad_record=settings["on_bad_record"], shard=shard)
-    if settings["render"] == "raw" and any(c.prompt_completion is None and c.text is None for c in read.conversations):
-        raise ValueError(f"data.render='raw' needs single-turn data; {source['path']} is {read.format}")
-    ids, masks, records, skipped = tokenize_conversations(
-        read.conversations, tokenizer, render=settings["render"], loss_on=settings["loss_on"],
-        template_kwargs=settings["template_kwargs"], on_bad_record=settings["on_bad_record"],
-    )
-    lengths = np.array([len(t) for t in ids], np.int64)
-    tokens = np.concatenate(ids) if ids else np.zeros(0, np.int32)
-    loss_mask = np.concatenate(masks) if masks else np.zeros(0, np.uint8)
+    read = ReadResult(format=source["format"])
+    conversations = stream_source(source, read, system_prompt=settings["system_prompt"],
+                                  on_bad_record=settings["on_bad_record"], shard=shard)
+    if settings["render"] == "raw":
+        conversations = _single_turn(conversations, source, read)
+    skipped = collections.Counter()
+    # Streamed to disk sample by sample: memory stays bounded whatever the source's size.
+    tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    lengths, records, loss_tokens = [], [], 0
+    with open(tmp / "tokens.bin", "wb") as tokens, open(tmp / "loss_mask.bin", "wb") as masks:
+        for ids, mask, record in tokenized(
+                conversations, tokenizer, skipped, render=settings["render"], loss_on=settings["loss_on"],
+                template_kwargs=settings["template_kwargs"], on_bad_record=settings["on_bad_record"]):
+            tokens.write(ids.astype(np.int32).tobytes())
+            masks.write(mask.astype(np.uint8).tobytes())
+            lengths.append(len(ids))
+            records.append(record)
+            loss_tokens += int(mask.sum())
+    lengths = np.array(lengths, np.int64)
+    _raw_to_npy(tmp / "tokens.bin", np.int32)
+    _raw_to_npy(tmp / "loss_mask.bin", np.uint8)
+    np.save(tmp / "offsets.npy", np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+    np.save(tmp / "records.npy", np.array(records, np.int64))
     info = {
         "path": source["path"],
         "format": read.format,
         "records": read.records,
         "skipped": dict(read.skipped + skipped),
-        "samples": len(ids),
+        "samples": len(lengths),
         "tokens": int(lengths.sum()),
-        "loss_tokens": int(loss_mask.sum()),
+        "loss_tokens": loss_tokens,
         "cache_key": key,
     }
-    _save(folder, tokens, loss_mask, np.concatenate([[0], np.cumsum(lengths)]), np.array(records, np.int64), info)
-    return _load(folder)
-
-
-def _save(folder: Path, tokens, loss_mask, offsets, records, info) -> None:
-    tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
-    np.save(tmp / "tokens.npy", tokens.astype(np.int32))
-    np.save(tmp / "loss_mask.npy", loss_mask.astype(np.uint8))
-    np.save(tmp / "offsets.npy", offsets.astype(np.int64))
-    np.save(tmp / "records.npy", records)
     (tmp / "info.json").write_text(json.dumps(info, indent=1))
     try:
         os.replace(tmp, folder)
     except OSError:  # another process cached the same key first
         shutil.rmtree(tmp, ignore_errors=True)
+    return _load(folder)
+
+
+def _single_turn(conversations, source: dict, read: ReadResult):
+    for c in conversations:
+        if c.prompt_completion is None and c.text is None:
+            raise ValueError(f"data.render='raw' needs single-turn data; {source['path']} is {read.format}")
+        yield c
+
+
+def _raw_to_npy(raw: Path, dtype) -> None:
+    """`NAME.bin` (the values back to back) -> `NAME.npy`, copied in blocks; the .bin is removed."""
+    count = raw.stat().st_size // np.dtype(dtype).itemsize
+    with open(raw, "rb") as src, open(raw.with_suffix(".npy"), "wb") as dst:
+        np.lib.format.write_array_header_1_0(
+            dst, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": (count,)})
+        shutil.copyfileobj(src, dst, length=16 << 20)
+    raw.unlink()
 
 
 def _load(folder: Path) -> TokenizedSource:
