@@ -45,9 +45,15 @@ def tokenizer_dir(output_dir) -> str:
 
 
 def write_text(path, text: str) -> None:
+    """Writes the file whole: a GCS object appears complete; a local file is replaced by rename."""
     p = epath.Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(text)
+    if is_gcs(path):
+        p.write_text(text)
+        return
+    tmp = p.parent / f".{p.name}.tmp{os.getpid()}"
+    tmp.write_text(text)
+    os.replace(tmp, p)
 
 
 def write_json(path, obj) -> None:

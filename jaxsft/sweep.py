@@ -26,7 +26,7 @@ Sweep config fields (all required unless a default is given):
 | key | meaning |
 |---|---|
 | `base` | A run config (`jaxsft.train.default_config()` with changes); its data, model and optimizer settings are shared by all runs. |
-| `output_dir` | Sweep directory: one sub-directory per run, `sweep_state.json`, `sweep_report.md`, plots. |
+| `output_dir` | Sweep directory, local or `gs://`: one sub-directory per run, `sweep_state.json`, `sweep_report.md`, plots. |
 | `train_samples` | Training samples per run; each run does ceil(train_samples / batch size) steps. |
 | `batch_sizes`, `learning_rates`, `schedules`, `warmup_fractions` | The grid. `constant` means no warmup: it runs once per batch size and learning rate, with warmup 0. |
 | `rungs` | Fractions of training where runs are ranked, e.g. `[0.25, 0.5]`. |
@@ -41,12 +41,14 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import io
 import math
-import os
 
 import ml_collections
 import numpy as np
+from etils import epath
 
+from jaxsft import rundir
 from jaxsft.models import ConfigError
 from jaxsft.train import default_config, run, validate
 
@@ -88,7 +90,7 @@ def plan(s) -> dict[str, ml_collections.ConfigDict]:
         c.optim.warmup_steps, c.optim.warmup_fraction = 0, float(warmup)
         c.train.num_steps = math.ceil(s.train_samples / batch)
         name = f"bs{batch}_lr{lr:g}_{schedule}_wu{warmup:g}"
-        c.train.output_dir = os.path.join(s.output_dir, name)
+        c.train.output_dir = rundir.join(s.output_dir, name)
         runs[name] = c
     return runs
 
@@ -98,11 +100,11 @@ def rung_step(fraction: float, total_steps: int) -> int:
 
 
 def read_jsonl(path) -> dict[int, dict]:
-    """step -> line; a step logged twice (a resumed run) keeps its last line."""
-    if not os.path.exists(path):
+    """step -> line of a JSONL file, local or gs://; a step logged twice (a resumed run) keeps its last line."""
+    p = epath.Path(path)
+    if not p.exists():
         return {}
-    with open(path) as f:
-        return {x["step"]: x for x in map(json.loads, f)}
+    return {x["step"]: x for x in map(json.loads, p.read_text().splitlines())}
 
 
 def early_stats(metrics: dict[int, dict], fraction: float, window: float, total_steps: int) -> dict:
@@ -139,19 +141,15 @@ class Sweep:
         self.runs = plan(s)
         for c in self.runs.values():  # a bad grid point fails now, not hours into the sweep
             validate(c)
-        self.state_path = os.path.join(s.output_dir, "sweep_state.json")
+        self.state_path = rundir.join(s.output_dir, "sweep_state.json")
         self.state = {"runs": {}, "rungs": []}
-        if os.path.exists(self.state_path):
-            with open(self.state_path) as f:
-                self.state = json.load(f)
+        if epath.Path(self.state_path).exists():
+            self.state = json.loads(epath.Path(self.state_path).read_text())
         for k in self.runs:
             self.state["runs"].setdefault(k, {"steps_done": 0})
 
     def save_state(self):
-        os.makedirs(self.s.output_dir, exist_ok=True)
-        with open(self.state_path + ".tmp", "w") as f:
-            json.dump(self.state, f, indent=1)
-        os.replace(self.state_path + ".tmp", self.state_path)
+        rundir.write_text(self.state_path, json.dumps(self.state, indent=1))
 
     def pruned(self) -> dict[str, int]:
         """Run -> index of the rung that stopped it."""
@@ -167,11 +165,13 @@ class Sweep:
         c.train.stop_after_steps = target if target < c.train.num_steps else 0
         log.info("sweep: %s to step %d of %d", name, target, c.train.num_steps)
         result = run(c)
-        record.update(steps_done=result["steps"], eval_loss=result["eval_loss"])
+        record.update(steps_done=result["steps"], eval_loss=result["eval_loss"],
+                      train_time_s=record.get("train_time_s", 0.0) + result["train_time_s"],
+                      wall_time_s=record.get("wall_time_s", 0.0) + result["wall_time_s"])
         self.save_state()
 
     def metrics(self, name):
-        return read_jsonl(os.path.join(self.runs[name].train.output_dir, "metrics.jsonl"))
+        return read_jsonl(rundir.join(self.runs[name].train.output_dir, "metrics.jsonl"))
 
     def run(self):
         s = self.s
@@ -198,12 +198,14 @@ class Sweep:
 def run_summary(sweep: Sweep, name: str) -> dict:
     c, record = sweep.runs[name], sweep.state["runs"][name]
     metrics = sweep.metrics(name)
-    evals = read_jsonl(os.path.join(c.train.output_dir, "eval.jsonl"))
+    evals = read_jsonl(rundir.join(c.train.output_dir, "eval.jsonl"))
     last = metrics[max(metrics)] if metrics else {}
+    wall = record.get("wall_time_s", 0.0)
     return {"steps": record["steps_done"], "total": c.train.num_steps, "loss": last.get("loss"),
             "eval_loss": evals[max(evals)]["eval_loss"] if evals else None,
             "tokens": sum(m["tokens"] for m in metrics.values()),
-            "time_s": sum(m["step_time_s"] for m in metrics.values())}
+            # The steps' own time (no evals, saves or compiles) and its share of the runs' wall time.
+            "time_s": record.get("train_time_s", 0.0), "goodput": record.get("train_time_s", 0.0) / wall if wall else None}
 
 
 def write_report(sweep: Sweep):
@@ -224,14 +226,15 @@ def write_report(sweep: Sweep):
             decision = "survives" + "".join(
                 f"; rung {i} score {x['scores'][k]:.2f}" for i, x in enumerate(rungs) if k in x["scores"])
         fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+        goodput = "-" if r["goodput"] is None else f"{r['goodput']:.0%}"
         rows.append(f"| {k} | {r['steps']}/{r['total']} | {fmt(r['loss'])} | {fmt(r['eval_loss'])} | "
-                    f"{r['tokens']} | {r['time_s']:.0f} | {decision} |")
+                    f"{r['tokens']} | {r['time_s']:.0f} | {goodput} | {decision} |")
     lines = [f"# Sweep report: {out}", "",
              f"Runs: {len(sweep.runs)}; {s.train_samples} training samples each; rungs {list(s.rungs)} of "
              f"training; window {s.window:g}; prune fraction {s.prune_fraction:g}; score weights grad "
              f"{s.grad_weight:g}, loss {s.loss_weight:g}; action `{s.action}`.", "",
-             "| run | steps | final train loss | eval loss | tokens | time (s) | decision and evidence |",
-             "|---|---|---|---|---|---|---|", *rows, ""]
+             "| run | steps | final train loss | eval loss | tokens | training time (s) | goodput | decision and evidence |",
+             "|---|---|---|---|---|---|---|---|", *rows, ""]
     finished = {k: r["eval_loss"] for k, r in summaries.items()
                 if r["steps"] == r["total"] and r["eval_loss"] is not None}
     if len(finished) == len(sweep.runs) and rungs:
@@ -242,9 +245,7 @@ def write_report(sweep: Sweep):
                   f"Survivors: {', '.join(survivors)}. Do they include the best run? "
                   f"**{'yes' if best in survivors else 'no'}**.", ""]
     lines += ["![loss](loss.png)", "", "![grad norm](grad_norm.png)", ""]
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "sweep_report.md"), "w") as f:
-        f.write("\n".join(lines))
+    rundir.write_text(rundir.join(out, "sweep_report.md"), "\n".join(lines))
     plot_curves(sweep, stopped)
 
 
@@ -265,7 +266,9 @@ def plot_curves(sweep: Sweep, stopped: dict):
             ax.axvline(r, color="grey", lw=0.5)
         ax.set(xlabel="fraction of training (samples seen)", ylabel=key, yscale="log" if key == "grad_norm" else "linear")
         ax.legend(fontsize=7)
-        fig.savefig(os.path.join(sweep.s.output_dir, f"{key}.png"), dpi=100)
+        png = io.BytesIO()
+        fig.savefig(png, format="png", dpi=100)
+        epath.Path(rundir.join(sweep.s.output_dir, f"{key}.png")).write_bytes(png.getvalue())
         plt.close(fig)
 
 
@@ -282,7 +285,7 @@ def main(argv=None):
             sweep.write_report()
         else:
             sweep.run()
-    print(os.path.join(s.output_dir, "sweep_report.md"))
+    print(rundir.join(s.output_dir, "sweep_report.md"))
 
 
 if __name__ == "__main__":

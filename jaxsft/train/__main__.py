@@ -31,6 +31,9 @@ def summary_line(result: dict) -> str:
         if history:
             ends = [history[0], history[-1]] if len(history) > 1 else history
             parts.append(f"{name} " + " -> ".join(f"{value:.4g} (step {step})" for step, value in ends))
+    if "goodput" in result:
+        parts.append(f"goodput {result['goodput']:.0%} ({result['train_time_s']:.0f} s training of "
+                     f"{result['wall_time_s']:.0f} s)")
     return "done: " + "; ".join(p for p in parts if p)
 
 

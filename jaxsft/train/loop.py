@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 
 import jax
@@ -27,9 +28,18 @@ from jaxsft.train.setup import Run, setup
 log = logging.getLogger("jaxsft.train")
 
 
+# jax's compile phases (tracing, lowering, XLA): a step that compiles is timed without them.
+COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                  "/jax/core/compile/backend_compile_duration")
+PAUSES = ("eval_s", "checkpoint_s", "compile_s")
+
+
 class StepMetrics:
     """Each step's metrics are read once the next step is dispatched, so the host never waits
-    for the device between steps; a step's time is the interval between two steps finishing."""
+    for the device between steps. A step's time is the interval between two steps finishing,
+    less what ran in between that is not training: evals and checkpoint saves (`pause`) and
+    compiling. Those are logged on the next line as eval_s / checkpoint_s / compile_s, and
+    `train_time` sums the steps' own times (the numerator of goodput)."""
 
     def __init__(self, run: Run):
         self.run = run
@@ -38,6 +48,25 @@ class StepMetrics:
         self.pending = None
         self.finished_at = time.perf_counter()
         self.last: dict = {}
+        self.paused = dict.fromkeys(PAUSES, 0.0)  # since the last step finished
+        self.pausing = False
+        self.train_time = 0.0
+        jax.monitoring.register_event_duration_secs_listener(self._on_event)
+
+    def _on_event(self, event: str, duration: float, **_) -> None:
+        # Compiles inside a pause (an eval's) are part of that pause; other threads' overlap the step.
+        if event in COMPILE_EVENTS and not self.pausing and threading.current_thread() is threading.main_thread():
+            self.paused["compile_s"] += duration
+
+    @contextlib.contextmanager
+    def pause(self, key: str):
+        """Time spent in the block is not the next step's: it is logged as `key` instead."""
+        start, self.pausing = time.perf_counter(), True
+        try:
+            yield
+        finally:
+            self.pausing = False
+            self.paused[key] = self.paused.get(key, 0.0) + time.perf_counter() - start
 
     def push(self, step: int, batch, device_metrics) -> None:
         """Step `step` was dispatched: finish the one before it."""
@@ -51,15 +80,21 @@ class StepMetrics:
             return
         step, batch, device_metrics, flops = self.pending
         self.pending = None
+        values = jax.device_get(device_metrics)
         now = time.perf_counter()
-        info = metrics_lib.StepInfo(step, batch, jax.device_get(device_metrics), flops,
-                                    now - self.finished_at, self.peak_flops)
+        step_time = max(now - self.finished_at - sum(self.paused.values()), 1e-6)
+        info = metrics_lib.StepInfo(step, batch, values, flops, step_time, self.peak_flops)
         self.finished_at = now
-        line = self.health.check(step, metrics_lib.step_metrics(info))
+        line = {**self.health.check(step, metrics_lib.step_metrics(info)), **self.paused}
+        self.paused = dict.fromkeys(PAUSES, 0.0)
+        self.train_time += step_time
         every = self.run.config.train.log_every
         if self.run.logger and (step % every == 0 or step == self.run.end or "alerts" in line):
             self.run.logger.log(step, line)
         self.last = line
+
+    def close(self) -> None:
+        jax.monitoring.unregister_event_duration_listener(self._on_event)
 
 
 def train(run: Run, preemption: PreemptionNotice | None = None) -> Run:
@@ -69,7 +104,8 @@ def train(run: Run, preemption: PreemptionNotice | None = None) -> Run:
     run.step_metrics = StepMetrics(run)
     with jax.set_mesh(run.mesh), _close_on_divergence(run):
         if run.start == 0 and run.config.train.eval_at_start:
-            run_evals(run, run.evals, 0)
+            with run.step_metrics.pause("eval_s"):
+                run_evals(run, run.evals, 0)
         for step in range(run.start, run.end):
             batch = next(run.data)
             acc = run.fns.zero_accumulator(run.params, jnp.int32(step))
@@ -82,11 +118,17 @@ def train(run: Run, preemption: PreemptionNotice | None = None) -> Run:
                 run.preempted_at = step + 1
                 break
             if step + 1 < run.end:  # the last step's evals and checkpoint follow the loop
-                run_evals(run, [e for e in run.evals if e.every and (step + 1) % e.every == 0], step + 1)
-                for hook in run.hooks:
-                    if (step + 1) % hook.every == 0:
+                evals = [e for e in run.evals if e.every and (step + 1) % e.every == 0]
+                hooks = [h for h in run.hooks if (step + 1) % h.every == 0]
+                if evals or hooks:
+                    run.step_metrics.flush()  # this step is timed up to here, without them
+                with run.step_metrics.pause("eval_s"):
+                    run_evals(run, evals, step + 1)
+                for hook in hooks:
+                    with run.step_metrics.pause(f"{hook.name}_s"):
                         hook.call(run, step + 1)
         run.step_metrics.flush()
+        run.step_metrics.close()
         if run.preempted_at is None:
             run_evals(run, run.evals, run.end)
     return run
@@ -112,7 +154,8 @@ def finish(run: Run) -> dict:
                              rundir.join(run.output_dir, "adapter"), base_model_name_or_path=c.model.path)
     gsm8k = run.history.get("gsm8k", [])
     losses = [(r["step"], r["eval_loss"]) for r in run.history.get("heldout_loss", []) if "eval_loss" in r]
-    summary = {**run.step_metrics.last, "eval_loss": losses[-1][1] if losses else None, "steps": run.end,
+    summary = {**run.step_metrics.last, "train_time_s": run.step_metrics.train_time,
+               "eval_loss": losses[-1][1] if losses else None, "steps": run.end,
                "eval_losses": losses, "gsm8k_accuracy": [(r["step"], r["accuracy"]) for r in gsm8k],
                "gsm8k_strict_match": [(r["step"], r["strict_match"]) for r in gsm8k]}
     if c.train.export_hf:
@@ -138,16 +181,20 @@ def finish(run: Run) -> dict:
 
 @exit_on_failure
 def run(config) -> dict:
-    """Train as configured; returns `finish`'s summary."""
+    """Train as configured; returns `finish`'s summary with the run's wall time and goodput (the
+    steps' own time over the wall time, setup and the final save and export included)."""
+    started = time.perf_counter()
     validate(config)
     maybe_initialize_distributed()
     with writer_lock.holding(config.train.output_dir):
         the_run = setup(config)
         preemption = PreemptionNotice()  # once jax knows the processes (a SIGTERM before ends the process)
         try:
-            return finish(train(the_run, preemption))
+            summary = finish(train(the_run, preemption))
         finally:
             preemption.close()
+    wall = time.perf_counter() - started
+    return {**summary, "wall_time_s": wall, "goodput": summary["train_time_s"] / wall}
 
 
 @contextlib.contextmanager
