@@ -1,13 +1,17 @@
-"""Sweeps: the grid, the early ranking rule, and a small real sweep that prunes, resumes, skips
-finished runs, continues a pruned run by hand and writes its report."""
+"""Sweeps: the grid, the early ranking rule, and a small real sweep (in a gs:// directory on the
+fake GCS server) that prunes, resumes, skips finished runs, continues a pruned run by hand and
+writes its report."""
 
 import json
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+from etils import epath
 
+from gcs_server import gcs_bucket  # noqa: F401  (the session fixture)
 from jaxsft.sweep import decide, default_sweep_config, early_stats, plan, rank_runs, validate_sweep
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -81,16 +85,17 @@ def get_config():
 '''
 
 
-def sweep_runner(tmp_path, *flags):
-    """(out, sweep): the sweep of SWEEP_FILE on the tiny demo model in `tmp_path/sweep`; `sweep(*args)`
-    runs `python -m jaxsft.sweep` with `flags` and `args` and returns its sweep_state.json."""
+def sweep_runner(tmp_path, *flags, out=None):
+    """(out, sweep): the sweep of SWEEP_FILE on the tiny demo model in `out` (default
+    `tmp_path/sweep`); `sweep(*args)` runs `python -m jaxsft.sweep` with `flags` and `args` and
+    returns its sweep_state.json."""
     from test_metrics import tiny_model
 
     model, tokenizer = tiny_model(tmp_path)
     cfg = tmp_path / "sweep.py"
     cfg.write_text(f"MODEL = {str(model)!r}\nTOKENIZER = {tokenizer!r}\n"
                    f"DATA = {os.path.join(REPO, 'configs/assets/gsm8k/train.jsonl')!r}\n" + SWEEP_FILE)
-    out = tmp_path / "sweep"
+    out = out or tmp_path / "sweep"
 
     def sweep(*args):
         r = subprocess.run(
@@ -98,13 +103,14 @@ def sweep_runner(tmp_path, *flags):
              f"--config.base.data.cache_dir={tmp_path / 'cache'}", *flags, *args],
             cwd=REPO, capture_output=True, text=True, env={**os.environ, "XLA_FLAGS": ""})
         assert r.returncode == 0, r.stderr[-3000:]
-        return json.loads((out / "sweep_state.json").read_text())
+        return json.loads(epath.Path(out / "sweep_state.json").read_text())
     return out, sweep
 
 
 @pytest.mark.slow
-def test_sweep_prunes_skips_finished_runs_continues_by_hand_and_reports(tmp_path):
-    out, sweep = sweep_runner(tmp_path)
+def test_sweep_prunes_skips_finished_runs_continues_by_hand_and_reports(tmp_path, gcs_bucket):  # noqa: F811
+    """In a gs:// sweep directory (the fake GCS server): runs, state, report and plots in the bucket."""
+    out, sweep = sweep_runner(tmp_path, out=epath.Path(f"gs://{gcs_bucket}/{tmp_path.name}/sweep"))
     state = sweep()
     (rung,) = state["rungs"]
     assert len(rung["stopped"]) == 1 and len(rung["scores"]) == 3
@@ -114,7 +120,10 @@ def test_sweep_prunes_skips_finished_runs_continues_by_hand_and_reports(tmp_path
     assert (out / stopped / "checkpoints" / "2").exists()
     report = (out / "sweep_report.md").read_text()
     assert f"| {stopped} | 2/4 |" in report and "stopped at rung 0 (0.5): score" in report
-    assert (out / "loss.png").stat().st_size > 0 and (out / "grad_norm.png").stat().st_size > 0
+    assert all(np.isfinite(v) for v in rung["scores"].values())  # ranked on the runs' metrics in the bucket
+    goodputs = [float(x.split(" | ")[6].rstrip("%")) for x in report.splitlines() if x.startswith("| bs")]
+    assert len(goodputs) == 3 and all(0 < g < 100 for g in goodputs), report
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG" and (out / "grad_norm.png").read_bytes()[:4] == b"\x89PNG"
 
     # Started again: nothing left to do, no run is touched.
     before = {k: (out / k / "metrics.jsonl").read_text() for k in steps}
@@ -137,7 +146,6 @@ def test_a_lora_sweep_prunes_reports_and_trains_adapters_only(tmp_path):
     import jax
     import jax.numpy as jnp
     import ml_collections
-    import numpy as np
     from flax import nnx
 
     from jaxsft.models import load_model, peft_io
