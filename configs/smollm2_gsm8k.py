@@ -31,7 +31,6 @@ def get_config(size="cpu"):
     c.train.export_hf = True
     c.optim.learning_rate = 2e-5
     if size in ("cpu", "lora", "qlora"):
-        c.model.compute_dtype = "float32"  # CPU: bf16 matmuls are slower there
         c.model.remat = "none"
         c.data.eval_fraction = 0.02  # 40 held-out training problems: the 200 test ones cost minutes
         c.data.max_seq_len = 512

@@ -198,7 +198,7 @@ def _forward(model, layers, ids, pad, start, cache):
             v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(dtype), (0, start, 0, 0))
             return _cached_attention(q, k_cache, v_cache, mask, c.attention_scale), (k_cache, v_cache)
 
-        x, kv = decoder_layer(x, w, positions, inv_freq, c, attend, float32_dots=True)
+        x, kv = decoder_layer(x, w, positions, inv_freq, c, attend)
         new_cache.append(kv)
     hidden = rms_norm(x[:, -1:], model.final_norm[...], c.rms_norm_eps)
     return model.logits(hidden)[:, 0], new_cache

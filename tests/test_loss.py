@@ -27,8 +27,8 @@ def test_loss_chunk_fits_the_budget_for_any_length(seq_len, rows, vocab, devices
 
 
 class Head:
-    """What token_loss_sum reads of a model: hidden states, the output matrix, the logits scaling."""
-    config = SimpleNamespace(logits_scaling=2.0)
+    """What token_loss_sum reads of a model: hidden states, the logits, the vocabulary size."""
+    config = SimpleNamespace(logits_scaling=2.0, vocab_size=VOCAB)
 
     def __init__(self, params):
         self.embed, self.w = params
@@ -36,8 +36,8 @@ class Head:
     def hidden_states(self, input_ids, segment_ids, positions):
         return self.embed[input_ids] * (1 + positions[..., None] % 3)
 
-    def output_matrix(self):
-        return self.w
+    def logits(self, h):
+        return h @ self.w / self.config.logits_scaling
 
 
 def batch_of(seq_len, rows=3, seed=0):
@@ -53,7 +53,7 @@ def reference_loss(params, batch):
     """Whole-row float32 logits, no chunks."""
     model = Head(params)
     h = model.hidden_states(batch["input_ids"], batch["segment_ids"], batch["positions"])
-    logits = h @ model.output_matrix() / model.config.logits_scaling
+    logits = h @ model.w / model.config.logits_scaling
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
     return jnp.sum(losses * batch["loss_mask"])
 

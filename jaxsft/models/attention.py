@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from jaxsft.models import dots
+
 
 def resolve_backend(backend: str, head_dim: int, dtype, platform: str | None = None) -> str:
     """'auto' picks the fastest backend that is correct on `platform` (default: this machine's)."""
@@ -51,11 +53,11 @@ def xla_attention(q, k, v, segment_ids, *, scale, sliding_window):
     b, t, n, h = q.shape
     kv_heads = k.shape[2]
     q = q.reshape(b, t, kv_heads, n // kv_heads, h)
-    scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    scores = dots.einsum("btkgh,bskh->bkgts", q, k, out_dtype=jnp.float32) * scale
     mask = attention_mask(segment_ids, sliding_window)[:, None, None]
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
+    out = dots.einsum("bkgts,bskh->btkgh", probs, v)
     return out.reshape(b, t, n, h)
 
 

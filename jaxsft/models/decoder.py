@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxsft.models import nf4
+from jaxsft.models import dots, nf4
 from jaxsft.models.attention import attention, resolve_backend
 from jaxsft.models.config import ModelConfig
 
@@ -143,30 +143,27 @@ class Decoder(nnx.Module):
         x, _ = jax.lax.scan(body, x, (self.layers.arrays(), adapters))
         return rms_norm(x, self.final_norm[...], c.rms_norm_eps)
 
-    def output_matrix(self):
-        """(hidden, vocab) projection to logits in the compute dtype, tied or not."""
-        w = self.embed[...].T if self.config.tie_word_embeddings else self.lm_head[...]
-        return w.astype(self.compute_dtype)
-
     def logits(self, hidden):
-        out = jnp.einsum("bte,ev->btv", hidden, self.output_matrix(), preferred_element_type=jnp.float32)
-        return out / self.config.logits_scaling
+        """Float32 logits (B, T, vocab) of hidden states in the compute dtype. The stored output
+        weights (the embedding when tied) are cast inside the matmul, so their gradient stays
+        float32, and are used as laid out: a transposed tied embedding makes XLA:CPU fold the
+        transpose into the gradient's matmul, a form it cannot run in bf16."""
+        if self.config.tie_word_embeddings:
+            equation, w = "bte,ve->btv", self.embed[...]
+        else:
+            equation, w = "bte,ev->btv", self.lm_head[...]
+        return dots.einsum(equation, hidden, w, out_dtype=jnp.float32) / self.config.logits_scaling
 
 
-def decoder_layer(x, w, positions, inv_freq, c: ModelConfig, attend, adapt=None, float32_dots=False):
+def decoder_layer(x, w, positions, inv_freq, c: ModelConfig, attend, adapt=None):
     """One pre-norm block. `attend(q, k, v) -> (out, aux)` is the attention (packed for training,
     with a KV cache for generation); its aux comes back as the second result. `adapt(name, x, y)`,
-    when given, adds LoRA adapters to the projection `name` (input x, output y). `float32_dots`:
-    the projections produce float32 and round to x's dtype after (the same numbers: a bf16 matmul
-    accumulates in float32 anyway); XLA:CPU runs bf16 x bf16 -> float32 natively but converts
-    both operands to float32 for a bf16 output, 4x slower. Generation sets it (its outputs are
-    one token per row); training keeps the plain form, whose outputs stay bf16 on accelerators."""
+    when given, adds LoRA adapters to the projection `name` (input x, output y). Projections are
+    matmuls accumulated in float32 and rounded to x's dtype after, forward and backward
+    (`jaxsft.models.dots`)."""
 
     def project(equation, x, name):
-        if float32_dots:
-            y = jnp.einsum(equation, x, w[name], preferred_element_type=jnp.float32).astype(x.dtype)
-        else:
-            y = jnp.einsum(equation, x, w[name])
+        y = dots.einsum(equation, x, w[name])
         return y if adapt is None else adapt(name, x, y)
 
     h = rms_norm(x, w["attn_norm"], c.rms_norm_eps)

@@ -9,7 +9,7 @@ Any field can be overridden on the command line: `--config.optim.learning_rate=2
 | `path` | `''` | Hugging Face model folder, `.gguf` file or converted jaxsft checkpoint (`python -m jaxsft.convert`); local or `gs://`; or a Hugging Face Hub id (`owner/name`, not an existing local path): downloaded once into the HF cache, read from there offline (`jaxsft/hub.py`). |
 | `init` | `'pretrained'` | `'pretrained'`: weights from `path`; `'random'`: `path`'s config.json with random weights (demos, benchmarks). |
 | `param_dtype` | `'float32'` | Master weights (and with them Adam's second moment): `float32` or `bfloat16`. Full fine-tuning refuses `bfloat16` below `optim.learning_rate` 2^-13 ~ 1.2e-4, where it rounds the AdamW updates of most weights away (LoRA, whose adapters are float32, may keep bf16 base weights). |
-| `compute_dtype` | `'bfloat16'` | Matmul dtype. Softmax, norms and the loss always run in float32. |
+| `compute_dtype` | `'bfloat16'` | Matmul dtype: bf16 matmuls accumulate in float32, forward and backward (`jaxsft.models.dots`). Softmax, norms and the loss always run in float32. |
 | `remat` | `'full'` | Activation recomputation per layer: `none`, `full`, `dots` (save matmul outputs), `dots_no_batch`. |
 | `attention` | `'auto'` | `auto` (cuDNN on NVIDIA GPUs, splash on TPU, else xla), `xla`, `cudnn`, `splash`. |
 

@@ -28,15 +28,13 @@ def token_loss_sum(model, batch, chunk: int | None = None):
     """
     hidden = model.hidden_states(batch["input_ids"], batch["segment_ids"], batch["positions"])
     b, t, e = hidden.shape
-    w = model.output_matrix()
-    chunk = chunk or loss_chunk(b, t, w.shape[1], jax.device_count())
+    chunk = chunk or loss_chunk(b, t, model.config.vocab_size, jax.device_count())
     num_chunks = -(-t // chunk)
-    scaling = model.config.logits_scaling
 
     @jax.checkpoint
     def chunk_loss(total, xs):
         h, targets, mask = xs
-        logits = jnp.einsum("bte,ev->btv", h, w, preferred_element_type=jnp.float32) / scaling
+        logits = model.logits(h)  # the output weights' gradient sums over chunks in float32
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
         return total + jnp.sum(jnp.where(mask > 0, losses, 0.0)), None
 

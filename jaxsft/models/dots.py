@@ -1,0 +1,51 @@
+"""Matmuls in the compute dtype, accumulated in float32, forward and backward.
+
+In bfloat16 every matmul runs as bf16 x bf16 -> float32 (`preferred_element_type`), the result
+rounded to bf16 after where bf16 is wanted. That is the form TPUs and GPUs run natively and the
+one XLA:CPU runs natively too (avx512_bf16), while a bf16-output matmul is converted there to a
+float32 one, about 4x slower. Autodiff of that form would give the backward mixed float32 x bf16
+matmuls (the cotangent of a float32 result is float32), converted to float32 x float32 on CPU and
+GPU; the custom VJP rounds the cotangent to bf16 and runs both backward matmuls in the same
+bf16 x bf16 -> float32 form (what a TPU's default precision does to a float32 operand anyway).
+Where the cotangent was bf16 already (a bf16 result) the numbers are those of autodiff.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+
+def einsum(equation: str, x, w, out_dtype=None):
+    """`jnp.einsum(equation, x, w)` for two operands, computed in x's dtype with float32
+    accumulation; w is cast to x's dtype (a float32 master keeps a float32 gradient). The result
+    is `out_dtype` (default x's dtype). Every index of an operand must appear in the other operand
+    or in the output (no index summed within one operand), as in every matmul of the decoder."""
+    out_dtype = jnp.dtype(out_dtype or x.dtype)
+    if x.dtype == jnp.float32:
+        return jnp.einsum(equation, x, w.astype(x.dtype), preferred_element_type=jnp.float32).astype(out_dtype)
+    return _accumulated(equation, out_dtype, x, w)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _accumulated(equation, out_dtype, x, w):
+    return jnp.einsum(equation, x, w.astype(x.dtype), preferred_element_type=jnp.float32).astype(out_dtype)
+
+
+def _forward(equation, out_dtype, x, w):
+    return _accumulated(equation, out_dtype, x, w), (x, w)
+
+
+def _backward(equation, out_dtype, residuals, g):
+    x, w = residuals
+    inputs, out_axes = equation.replace(" ", "").split("->")
+    x_axes, w_axes = inputs.split(",")
+    g = g.astype(x.dtype)
+    dx = jnp.einsum(f"{out_axes},{w_axes}->{x_axes}", g, w.astype(x.dtype), preferred_element_type=jnp.float32)
+    dw = jnp.einsum(f"{out_axes},{x_axes}->{w_axes}", g, x, preferred_element_type=jnp.float32)
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+_accumulated.defvjp(_forward, _backward)
