@@ -14,12 +14,16 @@ def _skip_absent_tpu():
     Where no platform was chosen and no accelerator is attached, jax is told to use the CPU.
     (`jaxsft.memory --tpu` still compiles for a TPU: libtpu's compile-only client is separate.)"""
     import jax
-    from jax._src import hardware_utils
 
     if jax.config.jax_platforms or importlib.util.find_spec("libtpu") is None:
         return
-    if (hardware_utils.num_available_tpu_chips_and_device_id()[0] == 0
-            and not hardware_utils.has_visible_nvidia_gpu() and hardware_utils.num_available_amd_gpus(1) == 0):
+    try:  # jax's own device probes (private: a jax without them keeps its default)
+        from jax._src import hardware_utils as hw
+        no_accelerator = (hw.num_available_tpu_chips_and_device_id()[0] == 0 and not hw.has_visible_nvidia_gpu()
+                          and hw.num_available_amd_gpus(1) == 0)
+    except (ImportError, AttributeError, TypeError):
+        return
+    if no_accelerator:
         jax.config.update("jax_platforms", "cpu")
 
 
