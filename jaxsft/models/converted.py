@@ -17,6 +17,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
+from jaxsft import rundir
 from jaxsft.checkpoint import CheckpointCorrupt, CheckpointMismatch, flatten, unflatten
 from jaxsft.models.config import ModelConfig
 from jaxsft.models.decoder import Decoder
@@ -29,7 +30,7 @@ MARKER = "jaxsft_checkpoint.json"
 def join(path, name) -> str:
     """`path/name` for a local or gs:// path (local paths made absolute, as Orbax wants them)."""
     path = str(path)
-    return path.rstrip("/") + "/" + name if path.startswith("gs://") else os.path.join(os.path.abspath(path), name)
+    return rundir.join(rundir.absolute(path), name)
 
 
 def is_converted(path) -> bool:

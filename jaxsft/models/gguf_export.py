@@ -20,6 +20,7 @@ import tempfile
 import numpy as np
 from etils import epath
 
+from jaxsft import rundir
 from jaxsft.models.config import ModelConfig
 from jaxsft.models.gguf import GGUF_NAMES
 from jaxsft.models.hf_io import hf_arrays, hf_tensors, save_tokenizer
@@ -192,7 +193,7 @@ class _Writer:
         import gguf
 
         self.path = str(path)
-        fd, self.tmp = tempfile.mkstemp(suffix=".gguf.partial", dir=None if self.path.startswith("gs://")
+        fd, self.tmp = tempfile.mkstemp(suffix=".gguf.partial", dir=None if rundir.is_gcs(self.path)
                                         else os.path.dirname(os.path.abspath(self.path)))
         os.close(fd)
         self.writer = gguf.GGUFWriter(self.tmp, arch)
@@ -204,7 +205,7 @@ class _Writer:
         try:
             self.writer.close()
             if exc_type is None:
-                if self.path.startswith("gs://"):
+                if rundir.is_gcs(self.path):
                     epath.Path(self.path).write_bytes(epath.Path(self.tmp).read_bytes())
                 else:
                     os.replace(self.tmp, self.path)

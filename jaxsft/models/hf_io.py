@@ -117,7 +117,7 @@ def local_dir(path: str | os.PathLike) -> str:
     changed since it was copied (a model re-uploaded to the same path is never read stale).
     """
     path = str(path)
-    if not path.startswith("gs://"):
+    if not rundir.is_gcs(path):
         return path
     src = epath.Path(path)
     cache = os.path.join(
@@ -407,7 +407,7 @@ def save_hf(model: Decoder, out_dir: str | os.PathLike, tokenizer=None, dtype=jn
         file_names = [f"model-{i + 1:05d}-of-{len(sizes):05d}.safetensors" for i in range(len(sizes))]
 
     writer = jax.process_index() == 0
-    local = tempfile.mkdtemp(prefix="jaxsft-export-") if out_dir.startswith("gs://") else out_dir
+    local = tempfile.mkdtemp(prefix="jaxsft-export-") if rundir.is_gcs(out_dir) else out_dir
     if writer:
         os.makedirs(local, exist_ok=True)
     pending, current = {}, 0
