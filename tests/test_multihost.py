@@ -227,6 +227,49 @@ def test_a_failed_or_preempted_worker_stops_the_job_and_the_same_command_resumes
     print(f"SIGTERM to process 1: both saved step {saved[0]}")
 
 
+EXIT_ON_FAILURE = r"""
+import json, os, sys
+import jax
+from jaxsft.train import distributed
+distributed._initialized = True
+jax.process_count = lambda: 2  # as in a job of two processes, without starting one
+from jaxsft.checkpoint import CheckpointMismatch
+from jaxsft.metrics.health import TrainingDiverged
+from jaxsft.models import ConfigError
+from jaxsft.train.preemption import Preempted
+errors = {"usage": ConfigError("bad key"), "checkpoint": CheckpointMismatch("does not fit"),
+          "diverged": TrainingDiverged("nan"), "preempted": Preempted("step 3 saved"), "bug": RuntimeError("a bug")}
+results = {}
+for kind, error in errors.items():
+    log = os.path.join(sys.argv[1], kind)
+    pid = os.fork()
+    if pid == 0:  # the child is the failing process: its stderr goes to `log`
+        os.dup2(os.open(log, os.O_WRONLY | os.O_CREAT), 2)
+
+        @distributed.exit_on_failure
+        def run():
+            raise error
+
+        run()
+    results[kind] = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), open(log).read()]
+print(json.dumps(results))
+"""
+
+
+def test_a_process_of_a_job_exits_with_the_single_process_statuses(tmp_path):
+    r = subprocess.run([sys.executable, "-c", EXIT_ON_FAILURE, str(tmp_path)], cwd=REPO, capture_output=True,
+                       text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    results = json.loads(r.stdout.splitlines()[-1])
+    expected = {"usage": (2, "error: bad key"), "checkpoint": (3, "checkpoint error: does not fit"),
+                "diverged": (4, "training diverged: nan"), "preempted": (75, "preempted: step 3 saved"),
+                "bug": (1, "RuntimeError: a bug")}
+    for kind, (status, line) in expected.items():
+        code, stderr = results[kind]
+        assert code == status and line in stderr, (kind, code, stderr)
+        assert ("Traceback" in stderr) == (kind == "bug")  # one line for the errors a user acts on
+
+
 # --- initialisation from the environment (no jax started) ---
 
 def test_initialize_args_from_the_environment():
