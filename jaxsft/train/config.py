@@ -35,7 +35,7 @@ The `data` section is documented in `jaxsft/data/config.py` (sources, batch size
 ## train
 | key | default | meaning |
 |---|---|---|
-| `output_dir` | `'runs/run'` | Run directory: config, metrics, events, checkpoints, exports. |
+| `output_dir` | `'runs/run'` | Run directory: config, metrics, events, checkpoints, exports. One run writes to it at a time (`writer.lock`, `jaxsft/writer_lock.py`): a second is refused with status 2. |
 | `num_steps` | `0` | Optimizer steps; 0 = `num_epochs` passes over the data. |
 | `num_epochs` | `1.0` | Used when `num_steps` is 0. |
 | `seed` | `0` | Seeds random initialisation (model.init='random'). Data order has `data.seed`. |
