@@ -17,6 +17,7 @@ import transformers as tf
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 from peft import PeftModel
+from safetensors import safe_open
 
 import jaxsft
 from jaxsft.models import ConfigError, Decoder, ModelConfig, lora, nf4
@@ -24,7 +25,7 @@ from jaxsft.models.loading import quantized
 from jaxsft.sharding import make_mesh
 from jaxsft.train import default_config
 from jaxsft.train.setup import setup
-from tests.test_checkpoint import ASSETS, ENV, REPO, cli
+from tests.test_checkpoint import ASSETS, ENV, REPO, cli, metrics, sigkill_after_checkpoint
 
 IDS = np.random.RandomState(0).randint(1, 5000, (2, 12))
 BNB_NF4 = dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -111,8 +112,8 @@ def test_other_quantizations_are_refused_by_name(folders, tmp_path, quantization
 @pytest.mark.slow
 def test_qlora_run_adapter_loads_in_peft_on_the_bnb_base(folders, tmp_path):
     """A QLoRA CLI run on the full-precision folder: its adapter, put by PEFT on the base quantized
-    by transformers + bitsandbytes, gives jaxsft's logits; its merged export loads in transformers.
-    Full fine-tuning of a quantized base is refused."""
+    by transformers + bitsandbytes, gives jaxsft's logits; its merged export loads in transformers;
+    a run SIGKILLed after a checkpoint resumes exactly. Full fine-tuning of a quantized base is refused."""
     flags = (f"--config.model.path={folders / 'base'}", "--config.model.init=pretrained",
              "--config.lora.r=4", "--config.lora.alpha=8", "--config.optim.learning_rate=2e-2")
     config = default_config()
@@ -124,11 +125,21 @@ def test_qlora_run_adapter_loads_in_peft_on_the_bnb_base(folders, tmp_path):
     with pytest.raises(ConfigError, match="lora.base_quant"):
         setup(config)
 
-    run = tmp_path / "run"
-    r = subprocess.run(cli(tmp_path, run, *flags, "--config.lora.base_quant=nf4", "--config.train.num_steps=2",
-                           "--config.train.export_hf=True", "--config.train.export_dtype=float32"),
-                       cwd=REPO, env=ENV, capture_output=True, text=True)
+    run, killed = tmp_path / "run", tmp_path / "killed"
+    r = subprocess.run(cli(tmp_path, run, *flags, "--config.lora.base_quant=nf4", "--config.train.export_hf=True",
+                           "--config.train.export_dtype=float32"), cwd=REPO, env=ENV, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
+    # SIGKILLed after checkpoint 2 and started again: the uninterrupted run's losses and adapter, bitwise.
+    sigkill_after_checkpoint(cli(tmp_path, killed, *flags, "--config.lora.base_quant=nf4"), killed)
+    r = subprocess.run(cli(tmp_path, killed, *flags, "--config.lora.base_quant=nf4"), cwd=REPO, env=ENV,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [m["loss"] for m in metrics(killed)] == [m["loss"] for m in metrics(run)]
+    with safe_open(str(run / "adapter" / "adapter_model.safetensors"), framework="numpy") as a, \
+            safe_open(str(killed / "adapter" / "adapter_model.safetensors"), framework="numpy") as b:
+        for k in a.keys():
+            np.testing.assert_array_equal(a.get_tensor(k), b.get_tensor(k), err_msg=k)
+
     _, ours = jax_logits(folders / "base", base_quant="nf4", lora_adapter=run / "adapter")
     base = tf.AutoModelForCausalLM.from_pretrained(
         folders / "base", quantization_config=tf.BitsAndBytesConfig(**BNB_NF4), device_map="cpu")
