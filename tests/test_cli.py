@@ -3,6 +3,7 @@ config and usage mistakes, 3 for checkpoint problems, 4 for a diverged run; anyt
 or a failing environment and keeps its traceback (status 1)."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -107,3 +108,18 @@ def test_a_missing_gsm8k_file_is_a_config_mistake_found_before_the_model_loads(t
         validate(config)
     (tmp_path / "test.jsonl").write_text('{"question": "1+1?", "answer": "#### 2"}\n')
     validate(config)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("lm_eval.limit=-1", "lm_eval.limit=-1 must be >= 0 (0 = all)"),
+    ("lm_eval.num_fewshot=-2", "lm_eval.num_fewshot=-2 must be >= 0, or -1 (each task's default)"),
+    ("lm_eval.batch_size=0", "lm_eval.batch_size=0 must be >= 1"),
+    ("lm_eval.include_path=/no/such/folder", "lm_eval.include_path='/no/such/folder': no such folder"),
+])
+def test_lm_eval_settings_are_validated(override, message):
+    from jaxsft.cli import parse_args
+    from jaxsft.train import validate
+
+    config, _ = parse_args(["--config", "configs/demo.py", f"--config.{override}"])
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate(config)

@@ -105,7 +105,8 @@ def test_both_metrics_are_reported_and_accuracy_is_flexible_extract():
     assert all(r["extracted"] == r["flexible_extract"] and r["correct"] == r["flexible_extract_correct"]
                for r in records)
     result = summarize(records)
-    assert result == {"total": 4, "primary_metric": "flexible-extract", "strict_match": 0.5,
+    assert result == {"total": 4, "primary_metric": "flexible-extract", "answer_form": 0.75, "answer_form_count": 3,
+                      "strict_match": 0.5,
                       "strict_match_correct": 2, "flexible_extract": 0.5, "flexible_extract_correct": 2,
                       "accuracy": 0.5, "correct": 2}
     assert summarize(records[:2])["strict_match"] == 0.5 and summarize(records[:2])["accuracy"] == 1.0

@@ -67,13 +67,14 @@ dataset_path: json
 dataset_name: null
 dataset_kwargs: {{data_files: {{train: {gsm8k / 'train.jsonl'}, test: {gsm8k / 'test.jsonl'}}}}}
 num_fewshot: 2
+generation_kwargs: {{until: ["Question:", "</s>", "<|im_end|>"], do_sample: false, temperature: 0.0, max_gen_toks: 16}}
 """)
     return folder
 
 
 @pytest.fixture(scope="module")
-def tasks(tmp_path_factory):
-    return TaskManager(include_path=str(write_tasks(tmp_path_factory.mktemp("t") / "tasks")))
+def task_dir(tmp_path_factory):
+    return write_tasks(tmp_path_factory.mktemp("t") / "tasks")
 
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -121,12 +122,12 @@ def evaluate(model, tasks, names, **kwargs):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family,chat", [("llama", False), ("qwen2", True)])
-def test_backend_equals_lm_evals_hf_backend(family, chat, tasks, tmp_path):
+def test_backend_equals_lm_evals_hf_backend(family, chat, task_dir, tmp_path):
     """Log-likelihoods, rolling log-likelihoods, accuracies and greedy generations; the Qwen2 run
     with lm-eval's chat template and few-shot as multi-turn on every task."""
     path = exported_model(family, tmp_path)
-    settings = dict(tasks=tasks, names=["mc_local", "rolling_local", "gsm8k_local"], limit=3, num_fewshot=None,
-                    gen_kwargs="max_gen_toks=16", apply_chat_template=chat, fewshot_as_multiturn=chat)
+    settings = dict(tasks=TaskManager(include_path=str(task_dir)), names=["mc_local", "rolling_local", "gsm8k_local"],
+                    limit=3, apply_chat_template=chat, fewshot_as_multiturn=chat)
     start = time.perf_counter()
     ours = evaluate(JaxsftLM(pretrained=str(path), compute_dtype="float32", batch_size=4), **settings)
     middle = time.perf_counter()
@@ -151,3 +152,4 @@ def test_backend_equals_lm_evals_hf_backend(family, chat, tasks, tmp_path):
     outputs = [[s["resps"][0][0] for s in r["samples"]["gsm8k_local"]] for r in (ours, theirs)]
     assert outputs[0] == outputs[1] and all(outputs[0])
     print(family, "greedy outputs", outputs[0])
+

@@ -137,13 +137,19 @@ def step_samples(dump, step):
 
 @pytest.mark.slow
 def test_two_processes_train_like_one_and_checkpoints_cross_process_counts(tmp_path):
+    from jaxsft.eval import main as eval_main
+    from tests.test_lm_eval import write_tasks
+
     cache = tmp_path / "cache"
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    # 1xN and 2x(N/2): the first two steps of the same 4-step run (same mesh: fsdp=N).
+    # 1xN and 2x(N/2): the first two steps of the same 4-step run (same mesh: fsdp=N), with an
+    # lm-eval evaluation at the end (step 2) of a multiple-choice and a generation task.
+    tasks = write_tasks(tmp_path / "tasks")
+    first = {"train.stop_after_steps": 2, "lm_eval.tasks": "mc_local,gsm8k_local", "lm_eval.limit": 2,
+             "lm_eval.include_path": tasks, "lm_eval.batch_size": 4}
     peak = {"JAXSFT_PEAK_FLOPS_PER_DEVICE": "1e12"}  # CPUs have no peak in the table: MFU is reported with one
-    run_job(tmp_path, 1, train_args(one, cache, **{"train.stop_after_steps": 2}), DUMP_ROWS=f"{one}-rows", **peak)
-    texts = run_job(tmp_path, 2, train_args(two, cache, **{"train.stop_after_steps": 2}), DUMP_ROWS=f"{two}-rows",
-                    **peak)
+    run_job(tmp_path, 1, train_args(one, cache, **first), DUMP_ROWS=f"{one}-rows", **peak)
+    texts = run_job(tmp_path, 2, train_args(two, cache, **first), DUMP_ROWS=f"{two}-rows", **peak)
     assert f"process 1 of 2, {DEVICES // 2} local devices of {DEVICES}" in texts[1]
     a, b = losses(one), losses(two)
     assert sorted(a) == sorted(b) == [1, 2]
@@ -155,6 +161,17 @@ def test_two_processes_train_like_one_and_checkpoints_cross_process_counts(tmp_p
             for out in (one, two)]
     assert work[0].keys() == {1, 2}
     np.testing.assert_allclose([work[1][s] for s in (1, 2)], [work[0][s] for s in (1, 2)], rtol=1e-9)
+
+    # Process 0 drives lm-eval, process 1 joins its model calls: the same results as one process.
+    (lm_one,), (lm_two,) = ([json.loads(line) for line in open(os.path.join(out, "eval.jsonl"))] for out in (one, two))
+    assert lm_one["step"] == 2 and {"lm_eval/mc_local/acc", "lm_eval/gsm8k_local/exact_match/strict-match"} <= lm_one.keys()
+    assert lm_two == pytest.approx(lm_one, rel=1e-6)
+    assert json.load(open(os.path.join(two, "eval", "lm_eval_step2.json")))["config"]["limit"] == 2
+    # `python -m jaxsft.eval --model RUN` evaluates the run's newest checkpoint (step 2): the same again.
+    eval_main(["--config", "configs/demo.py", "--model", one, "--tasks", "mc_local", "--include-path", str(tasks),
+               "--limit", "2", "--batch-size", "4", "--output", str(tmp_path / "cli.json")])
+    cli = json.load(open(tmp_path / "cli.json"))["results"]["mc_local"]
+    assert [cli["acc,none"], cli["acc_norm,none"]] == [lm_one["lm_eval/mc_local/acc"], lm_one["lm_eval/mc_local/acc_norm"]]
 
     # Each process packs the samples it read (records p mod 2) into its half of every micro-batch;
     # together the two hold exactly the single process's samples of each step, none twice.

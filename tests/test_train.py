@@ -195,7 +195,7 @@ def test_every_config_field_is_documented():
 
     doc = module.__doc__
     c = default_config()
-    for section in ("model", "optim", "train", "mesh", "checkpoint", "gsm8k"):
+    for section in ("model", "optim", "train", "mesh", "checkpoint", "gsm8k", "lm_eval"):
         for key in c[section]:
             assert f"`{key}`" in doc, f"{section}.{key} is not documented in jaxsft/train/config.py"
     from jaxsft.data import config as data_config

@@ -160,10 +160,13 @@ def score(example: dict, output: str) -> dict:
 
 
 def summarize(records: list[dict]) -> dict:
-    """Accuracy and counts per metric; `accuracy` and `correct` are the primary metric's."""
+    """Accuracy and counts per metric; `accuracy` and `correct` are the primary metric's;
+    `answer_form`: the share of outputs that give a `#### N` line, GSM8K's final-answer form."""
     total = len(records)
     counts = {m: sum(r[f"{m}_correct"] for r in records) for m in ("strict_match", "flexible_extract")}
-    result = {"total": total, "primary_metric": PRIMARY_METRIC}
+    form = sum(r["strict_match"] is not None for r in records)
+    result = {"total": total, "primary_metric": PRIMARY_METRIC, "answer_form": form / total if total else 0.0,
+              "answer_form_count": form}
     for metric, correct in counts.items():
         result[metric] = correct / total if total else 0.0
         result[f"{metric}_correct"] = correct

@@ -1,10 +1,11 @@
-"""A jaxsft model backend for lm-evaluation-harness: `lm_eval --model jaxsft` and the in-loop eval.
+"""A jaxsft model backend for lm-evaluation-harness: `python -m jaxsft.eval --tasks ...`, the in-loop
+`lm_eval` eval and `lm_eval.simple_evaluate(model="jaxsft", ...)`.
 
 `JaxsftLM` (registered as `jaxsft`) answers lm-eval's three request types as its `hf` backend
 does, token for token: the same tokenization (context/continuation split, BOS handling, rolling
 windows), the same log-likelihoods (float32 log-softmax, right-padded batches) and greedy
 generation through `jaxsft.generate` with lm-eval's stop strings. Batches are sorted by length and
-padded to a few bucket shapes (BATCH rows, lengths rounded up to powers of two), so a task
+padded to a few bucket shapes (`batch_size` rows, lengths rounded up to powers of two), so a task
 compiles a handful of times.
 
 In a multi-process job, process 0 drives lm-eval and every other process runs `ModelCalls.serve`:
@@ -15,7 +16,7 @@ computation on the global mesh.
 from __future__ import annotations
 
 import contextlib
-import logging
+import json
 import pickle
 
 import jax
@@ -27,9 +28,8 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, has_bos_prefix, normalize_gen_kwargs, postprocess_generated_text
 
+from jaxsft import rundir
 from jaxsft.generation import generate
-
-log = logging.getLogger("jaxsft.lm_eval")
 
 SAMPLING_ARGS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed")
 
@@ -128,7 +128,7 @@ def load_for_eval(source: str, mesh, compute_dtype=jnp.bfloat16, adapter: str | 
 class JaxsftLM(TemplateLM):
     """lm-eval's LM interface over a jaxsft model.
 
-    From lm-eval's CLI or `simple_evaluate(model="jaxsft", model_args="pretrained=SOURCE,...")`:
+    From `simple_evaluate(model="jaxsft", model_args="pretrained=SOURCE,...")`:
     SOURCE is anything `jaxsft.load_model` reads, a training run, its checkpoint directory or step
     (a LoRA run's adapters are applied to its base), with optional `adapter=` (a PEFT LoRA
     folder), `compute_dtype=` (default bfloat16), `batch_size=`, `max_length=`, `max_gen_toks=`,
@@ -156,7 +156,6 @@ class JaxsftLM(TemplateLM):
         self.max_length = int(max_length or calls.model.config.max_position_embeddings)
         self.max_gen_toks = int(max_gen_toks)
         self.add_bos_token = None if add_bos_token is None else str(add_bos_token).lower() in ("1", "true")
-        self.model_name = str(pretrained or getattr(self.tokenizer, "name_or_path", "jaxsft"))
 
     # --- tokenization (as lm-eval's hf backend) ---
 
@@ -258,3 +257,50 @@ class JaxsftLM(TemplateLM):
         c = self.calls.model.config
         value = c.hf_generation_config.get("eos_token_id", c.eos_token_id)
         return [] if value is None else [value] if isinstance(value, int) else list(value)
+
+
+def run_tasks(settings, calls: ModelCalls) -> dict | None:
+    """lm-eval's `simple_evaluate` of the tasks in `settings` (a config's `lm_eval` section) on
+    process 0, which returns its results; the other processes serve its model calls and return None."""
+    if jax.process_index() != 0:
+        calls.serve()
+        return None
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    try:
+        return simple_evaluate(
+            model=JaxsftLM(calls=calls, batch_size=settings.batch_size),
+            tasks=[t.strip() for t in settings.tasks.split(",") if t.strip()],
+            num_fewshot=None if settings.num_fewshot < 0 else settings.num_fewshot,
+            limit=settings.limit or None, task_manager=TaskManager(include_path=settings.include_path or None),
+            apply_chat_template=settings.apply_chat_template, fewshot_as_multiturn=settings.apply_chat_template,
+            log_samples=False)
+    finally:
+        calls.stop()
+
+
+def figures(results: dict) -> dict[str, float]:
+    """Every task's metrics as `lm_eval/TASK/METRIC` numbers (`acc`, `exact_match/strict-match`;
+    no standard errors), for eval.jsonl and the metrics sinks."""
+    out = {}
+    for task, metrics in results["results"].items():
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and "_stderr" not in key:
+                out[f"lm_eval/{task}/{key.removesuffix(',none').replace(',', '/')}"] = float(value)
+    return out
+
+
+def summary(results: dict) -> str:
+    """One line: each task's metrics."""
+    per_task = {}
+    for name, value in figures(results).items():
+        _, task, metric = name.split("/", 2)
+        per_task.setdefault(task, []).append(f"{metric} {value:.4f}")
+    return "lm-eval: " + "; ".join(f"{task} {', '.join(m)}" for task, m in per_task.items())
+
+
+def write_results(results: dict, path: str) -> None:
+    """lm-eval's results JSON (as its own CLI writes it, without per-sample logs), local or gs://."""
+    rundir.write_text(path, json.dumps({k: v for k, v in results.items() if k != "samples"}, indent=2,
+                              default=lm_utils.handle_non_serializable, ensure_ascii=False))

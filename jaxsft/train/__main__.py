@@ -23,11 +23,13 @@ def main(argv=None):
 
 
 def summary_line(result: dict) -> str:
-    """The run's end in one line: training loss, and held-out loss and accuracy at their first and last evaluation."""
+    """The run's end in one line: training loss, and held-out loss, GSM8K accuracy and the share of
+    GSM8K answers in `#### N` form at their first and last evaluation."""
     parts = [f"{result['steps']} steps", f"training loss {result['loss']:.4g}" if "loss" in result else ""]
     for name, history in (("held-out loss", result["eval_losses"]),
                           ("GSM8K accuracy (flexible-extract)", result["gsm8k_accuracy"]),
-                          ("strict-match", result.get("gsm8k_strict_match", []))):
+                          ("strict-match", result.get("gsm8k_strict_match", [])),
+                          ("answers in `#### N` form", result.get("gsm8k_answer_form", []))):
         if history:
             ends = [history[0], history[-1]] if len(history) > 1 else history
             parts.append(f"{name} " + " -> ".join(f"{value:.4g} (step {step})" for step, value in ends))

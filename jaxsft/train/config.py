@@ -117,6 +117,22 @@ GSM8K test accuracy by greedy generation (`jaxsft/evals/gsm8k.py`), before train
 | `batch_size` | `32` | Prompts generated together. |
 | `every` | `0` | Also evaluate every N steps (0 = before training and at the end only). |
 | `show` | `3` | At the end, print this many questions with the first and the final answers side by side. |
+
+## lm_eval
+lm-evaluation-harness tasks through the jaxsft backend (`jaxsft/evals/lm_eval_backend.py`), before
+training, every `every` steps and at the end: process 0 drives lm-eval, every process joins the
+model calls. Each result goes to `output_dir/eval/lm_eval_step{N}.json` (lm-eval's results JSON),
+its metrics to eval.jsonl and the metrics sinks as `lm_eval/TASK/METRIC`.
+`python -m jaxsft.eval --config X --tasks ...` runs the same evaluation once.
+| key | default | meaning |
+|---|---|---|
+| `tasks` | `''` | Comma-separated lm-eval task or group names (`mmlu,gsm8k,arc_easy`); `''` = off. Tasks from the lm-eval package read their data from the Hugging Face Hub (cached); `include_path` adds tasks over local files. |
+| `every` | `0` | Also evaluate every N steps (0 = before training and at the end only). |
+| `limit` | `0` | Evaluate the first N documents of each task (0 = all). |
+| `num_fewshot` | `-1` | Few-shot examples per prompt (-1 = each task's own default, e.g. 5 for `gsm8k`). |
+| `apply_chat_template` | `False` | Render prompts with the tokenizer's chat template (few-shot examples as earlier turns). |
+| `include_path` | `''` | A folder of extra lm-eval task YAMLs (`TaskManager(include_path=...)`). |
+| `batch_size` | `16` | Rows per model call (log-likelihoods) and prompts generated together. |
 """
 
 from __future__ import annotations
@@ -169,6 +185,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.checkpoint = dict(every_steps=0, keep=2, keep_best=0, dir="", resume=True, overwrite=False)
     c.gsm8k = dict(file="", subset=0, k_shot=0, shots_file="", max_new_tokens=256, batch_size=32,
                    every=0, show=3)
+    c.lm_eval = dict(tasks="", every=0, limit=0, num_fewshot=-1, apply_chat_template=False, include_path="",
+                     batch_size=16)
     return c
 
 
@@ -246,6 +264,14 @@ def validate(c) -> None:
     for key in ("max_new_tokens", "batch_size"):
         if g[key] < 1:
             raise ConfigError(f"gsm8k.{key}={g[key]} must be >= 1")
+    e = c.lm_eval
+    for key, ok, rule in (("every", e.every >= 0, ">= 0"), ("limit", e.limit >= 0, ">= 0 (0 = all)"),
+                          ("num_fewshot", e.num_fewshot >= -1, ">= 0, or -1 (each task's default)"),
+                          ("batch_size", e.batch_size >= 1, ">= 1")):
+        if not ok:
+            raise ConfigError(f"lm_eval.{key}={e[key]!r} must be {rule}")
+    if e.include_path and not epath.Path(e.include_path).is_dir():
+        raise ConfigError(f"lm_eval.include_path={e.include_path!r}: no such folder")
     lo = c.lora
     for key, ok, rule in (("r", lo.r >= 0, ">= 0 (0 = off)"), ("alpha", lo.alpha > 0, "> 0"),
                           ("lr_ratio", lo.lr_ratio > 0, "> 0"), ("dropout", 0 <= lo.dropout < 1, "in [0, 1)")):

@@ -5,7 +5,7 @@ An eval is registered by name with `register_eval`: a factory that takes the run
 returns an `Eval` (or None when the config leaves it off). Every registered eval runs before the
 first step (`train.eval_at_start`), every `every` steps, and at the end; its result is kept in
 `run.history[name]` and its figures go to eval.jsonl (one line per step) and the metrics sinks. The held-out loss
-and GSM8K accuracy are two such evals; a user adds one the same way:
+and GSM8K accuracy are two such evals, lm-evaluation-harness tasks (`lm_eval.*`) a third; a user adds one the same way:
 
     @register_eval("my_eval")
     def my_eval(config):
@@ -137,4 +137,21 @@ def gsm8k(config) -> Eval | None:
     def measure(run: "Run", step: int) -> dict:
         return gsm8k_accuracy(run.config, run.model(), run.tokenizer, step)
     return Eval("gsm8k", config.gsm8k.every, measure,
-                figures=lambda r: {"gsm8k_accuracy": r["accuracy"], "gsm8k_strict_match": r["strict_match"]})
+                figures=lambda r: {"gsm8k_accuracy": r["accuracy"], "gsm8k_strict_match": r["strict_match"],
+                                   "gsm8k_answer_form": r["answer_form"]})
+
+
+@register_eval("lm_eval")
+def lm_eval_tasks(config) -> Eval | None:
+    if not config.lm_eval.tasks:
+        return None
+    from jaxsft.evals.lm_eval_backend import ModelCalls, figures, run_tasks, write_results
+
+    def measure(run: "Run", step: int) -> dict:
+        # Process 0 drives lm-eval; the others serve its model calls and report nothing.
+        results = run_tasks(run.config.lm_eval, ModelCalls(run.model(), run.tokenizer, run.mesh))
+        if results is None:
+            return {}
+        write_results(results, rundir.join(run.output_dir, "eval", f"lm_eval_step{step}.json"))
+        return figures(results)
+    return Eval("lm_eval", config.lm_eval.every, measure)

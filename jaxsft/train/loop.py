@@ -157,7 +157,8 @@ def finish(run: Run) -> dict:
     summary = {**run.step_metrics.last, "train_time_s": run.step_metrics.train_time,
                "eval_loss": losses[-1][1] if losses else None, "steps": run.end,
                "eval_losses": losses, "gsm8k_accuracy": [(r["step"], r["accuracy"]) for r in gsm8k],
-               "gsm8k_strict_match": [(r["step"], r["strict_match"]) for r in gsm8k]}
+               "gsm8k_strict_match": [(r["step"], r["strict_match"]) for r in gsm8k],
+               "gsm8k_answer_form": [(r["step"], r["answer_form"]) for r in gsm8k]}
     if c.train.export_hf:
         export_dir = rundir.join(run.output_dir, "hf")
         name = rundir.run_name(run.output_dir)
