@@ -78,11 +78,11 @@ def measure(r: int, rows: int, seq: int, steps: int, compute_dtype, nf4: bool = 
     # XLA's view of the two jitted steps: what they keep alive at their peak.
     acc = fns.zero_accumulator(params)
     accumulate = fns.accumulate.func.lower(frozen, acc, params, batch).compile().memory_analysis()
-    update = fns.update.lower(params, opt_state, acc, tokens, jnp.int32(0)).compile().memory_analysis()
+    update = fns.apply_update.lower(params, opt_state, acc, tokens, jnp.int32(0)).compile().memory_analysis()
 
     def step(params, opt_state, i):
         acc = fns.accumulate(fns.zero_accumulator(params), params, batch)
-        return fns.update(params, opt_state, acc, tokens, jnp.int32(i))
+        return fns.apply_update(params, opt_state, acc, tokens, jnp.int32(i))
 
     with jax.set_mesh(mesh):
         params, opt_state, metrics = step(params, opt_state, 0)  # compile

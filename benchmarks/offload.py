@@ -151,7 +151,7 @@ def bench_shape(name: str, directory: str, steps: int, seq: int, rows: int, samp
                 "loss_sum": jnp.float32(1.0)}
             jax.block_until_ready(acc)
             t0 = time.perf_counter()
-            params, opt_state, metrics = fns.update(params, opt_state, acc, jnp.int32(100), jnp.int32(i))
+            params, opt_state, metrics = fns.apply_update(params, opt_state, acc, jnp.int32(100), jnp.int32(i))
             jax.block_until_ready((params, metrics))
             times.append(time.perf_counter() - t0)
         result[tier] = {"update_s": float(np.median(times[1:])), "first_update_s": times[0]}

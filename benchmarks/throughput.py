@@ -100,7 +100,7 @@ def bench_jaxsft(shape, seq, rows, microbatches, steps, remat, profile_dir=None,
     zero = compiled(fns.zero_accumulator, params)
     acc = zero(params)
     accumulate = compiled(fns.accumulate, acc, params, batches[0])
-    update = compiled(fns.update, params, opt_state, acc, loss_tokens, jnp.int32(0))
+    update = compiled(fns.apply_update, params, opt_state, acc, loss_tokens, jnp.int32(0))
     compile_s = time.perf_counter() - t0
 
     def step(params, opt_state, i):

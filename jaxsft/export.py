@@ -38,11 +38,10 @@ from flax import nnx
 from jaxsft import rundir
 from jaxsft.checkpoint import CheckpointMismatch, abstract, base_fingerprint, unflatten
 from jaxsft.model_card import model_card
-from jaxsft.models import ModelConfig, load_tokenizer, lora, peft_io
+from jaxsft.models import ModelConfig, load_tokenizer, peft_io
 from jaxsft.models.converted import MARKER, converted_config, join, restore_params
 from jaxsft.models import gguf_export
 from jaxsft.models.hf_io import save_hf
-from jaxsft.models.loading import model_for_run
 from jaxsft.sharding import make_mesh
 
 
@@ -82,13 +81,15 @@ def lora_checkpoint_model(params_dir: str, record: dict, mesh, base: str | None 
     """A LoRA checkpoint's model: the run's base model (`base`, default `model.path` in the record's
     config; refused unless it has the recorded fingerprint) with the checkpoint's adapters, and the
     base model's path. The base is built and given adapters exactly as the run's setup does."""
+    from jaxsft.train.build import split
+    from jaxsft.train.setup import run_model
+
     run_config = ml_collections.ConfigDict(record["config"])
-    m, seed = run_config.model, run_config.train.seed
+    m = run_config.model
     if base:
         m.path = base
-    model = peft_io.add_adapters(model_for_run(m, mesh, seed=seed, base_quant=run_config.lora.get("base_quant", "")),
-                                 run_config.lora, seed, mesh)
-    graphdef, adapters, frozen = nnx.split(model, lora.LoraParam, nnx.Param)
+    run_config.lora.base_quant = run_config.lora.get("base_quant", "")  # absent from older checkpoints
+    graphdef, adapters, frozen = split(run_model(run_config, mesh), lora_run=True)
     if base_fingerprint(frozen) != record["base_model"]:
         raise CheckpointMismatch(
             f"{params_dir}: the base model at model.path={m.path!r} (init={m.init!r}) is not the one these "

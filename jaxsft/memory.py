@@ -29,8 +29,6 @@ import sys
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxsft.models import ConfigError, ModelConfig, lora
 
@@ -129,10 +127,10 @@ def _stats(lowered, resident: int = 0) -> dict[str, int]:
 
 def device_bytes_of(tree) -> int:
     """Bytes per device of a tree of ShapeDtypeStructs / arrays with shardings (the largest shard
-    set any one device holds)."""
+    set any one device holds; a leaf without a sharding is whole on every device)."""
     total = 0
     for x in jax.tree.leaves(tree):
-        shard = x.sharding.shard_shape(x.shape)
+        shard = x.shape if getattr(x, "sharding", None) is None else x.sharding.shard_shape(x.shape)
         total += math.prod(shard) * jnp.dtype(x.dtype).itemsize
     return total
 
@@ -158,70 +156,45 @@ def lora_spec(config, model_config: ModelConfig):
 
 def plan(config, model_config: ModelConfig, mesh=None, device_bytes=None, host_bytes=None,
          advise: bool = True) -> Plan:
-    """The run's memory plan on `mesh` (default: the config's mesh over all devices)."""
-    from jaxsft.models import Decoder
-    from jaxsft.sharding import make_mesh, optimizer_shardings, param_shardings
-    from jaxsft.train.offload import Offloaded, group_layers_that_fit
-    from jaxsft.train.optimizer import make_optimizer
-    from jaxsft.train.step import make_train_step
+    """The run's memory plan on `mesh` (default: the config's mesh over all devices): the programs
+    `jaxsft.train.build.build` makes for the loop, compiled on abstract inputs."""
+    from jaxsft.sharding import make_mesh
+    from jaxsft.train.build import abstract_batch, abstract_model, build
+    from jaxsft.train.offload import group_layers_that_fit
 
     mesh = mesh or make_mesh(**config.mesh)
     device_bytes = device_memory_bytes() if device_bytes is None else device_bytes  # 0: unknown
     host_bytes = host_memory_bytes() if host_bytes is None else host_bytes
     m, tier = config.model, config.optim.offload
     model_config = model_config.replace(remat=m.remat)
-    param_dtype, compute_dtype = jnp.dtype(m.param_dtype), jnp.dtype(m.compute_dtype)
-    spec = lora_spec(config, model_config)
-
-    def create():
-        model = Decoder(model_config, param_dtype=param_dtype, compute_dtype=compute_dtype)
-        if spec is not None:
-            model.lora = lora.Adapters(spec, model_config, nnx.Rngs(0))
-        return model
-
-    if spec is None:
-        graphdef, masters = nnx.split(nnx.eval_shape(create), nnx.Param)
-        frozen = frozen_sharding = None
-    else:  # a LoRA run differentiates and optimizes the adapters; the base is a frozen input
-        graphdef, masters, frozen = nnx.split(nnx.eval_shape(create), lora.LoraParam, nnx.Param)
-        frozen_sharding = param_shardings(frozen, mesh)
-        frozen = _abstract(frozen, frozen_sharding)
-    param_sharding = param_shardings(masters, mesh)
-    tx, schedule = make_optimizer(config.optim, 1000)
-    opt_sharding = optimizer_shardings(tx, masters, param_sharding, mesh)
-    batch_sharding = NamedSharding(mesh, P(("data", "fsdp"), None))
-    masters = _abstract(masters, param_sharding)
-    acc = {"grads": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32, sharding=x.sharding), masters),
-           "loss_sum": jax.ShapeDtypeStruct((), jnp.float32)}
-    rows = config.data.micro_batch_rows * mesh.shape["data"] * mesh.shape["fsdp"]
-    batch = {k: jax.ShapeDtypeStruct((rows, config.data.max_seq_len), jnp.float32 if k == "loss_mask" else jnp.int32,
-                                     sharding=batch_sharding)
-             for k in ("input_ids", "targets", "loss_mask", "segment_ids", "positions")}
-    scalar = jax.ShapeDtypeStruct((), jnp.int32)
     _, layer = parameter_count(model_config)
     shards = mesh.shape["fsdp"] * mesh.shape["tensor"]
-    state_bytes_per_param = param_dtype.itemsize + jnp.dtype(config.optim.state_dtype).itemsize + 4
+    state_bytes_per_param = jnp.dtype(m.param_dtype).itemsize + jnp.dtype(config.optim.state_dtype).itemsize + 4
     group_layers = 1
-
-    programs = {}
-    if tier == "none":
-        opt_state = _abstract(jax.eval_shape(tx.init, masters), opt_sharding)
-        fns = make_train_step(graphdef, tx, schedule, param_sharding, opt_sharding, batch_sharding,
-                              frozen=frozen, frozen_sharding=frozen_sharding)
-        params = masters
-        programs["accumulate"] = _stats(_lower(fns.accumulate, acc, params, batch),
-                                        resident=device_bytes_of(opt_state))
-        programs["update"] = _stats(fns.update.lower(params, opt_state, acc, scalar, scalar))
-        host = disk = 0
-    else:
-        spare = (HEADROOM * device_bytes if device_bytes else GROUP_BUDGET)
+    if tier != "none":
+        spare = HEADROOM * device_bytes if device_bytes else GROUP_BUDGET
         group_layers = group_layers_that_fit(model_config.num_layers, layer * state_bytes_per_param / shards,
                                              min(spare / 4, GROUP_BUDGET) if device_bytes else GROUP_BUDGET)
-        offload = Offloaded("host", "", masters, param_sharding, config.optim, schedule, compute_dtype,
-                            model_config.num_layers, group_layers)
-        params = offload.abstract_params()
-        fns = make_train_step(graphdef, tx, schedule, param_sharding, opt_sharding, batch_sharding, offload=offload)
-        programs["accumulate"] = _stats(_lower(fns.accumulate, acc, params, batch))
+    run = build(config, abstract_model(config, model_config, lora_spec(config, model_config)), mesh,
+                total_steps=1000, group_layers=group_layers, abstract=True)
+    fns, offload = run.fns, run.offload
+    params = run.params if offload is None else offload.abstract_params()
+    scalar = jax.ShapeDtypeStruct((), jnp.int32)
+    acc = jax.eval_shape(fns.zero_accumulator, params, scalar)  # with the accumulator's shardings
+    batch = abstract_batch(config, mesh, run.batch_sharding)
+    # Alive between the calls, beside each program's arguments: the optimizer state (on the
+    # devices with offload='none'), the accumulator (from the run's first step to its last).
+    opt_bytes = device_bytes_of(run.opt_state) if offload is None else 0
+    acc_bytes = device_bytes_of(acc)
+
+    programs = {"zero_accumulator": _stats(_lower(fns.zero_accumulator, params, scalar), resident=opt_bytes),
+                "accumulate": _stats(_lower(fns.accumulate, acc, params, batch), resident=opt_bytes)}
+    if config.data.eval_sources:  # the held-out loss runs between steps, the accumulator kept
+        programs["eval_loss"] = _stats(_lower(fns.eval_loss, params, batch), resident=opt_bytes + acc_bytes)
+    if offload is None:
+        programs["update"] = _stats(_lower(fns.apply_update, params, run.opt_state, acc, scalar, scalar))
+        host = disk = 0
+    else:
         first = {group.start is not None: i for i, group in reversed(list(enumerate(offload.groups)))}
         trees = {kind: _abstract(offload.like[i], offload.tree_shardings(i)) for kind, i in first.items()}
         sizes = {kind: device_bytes_of(tree) for kind, tree in trees.items()}
@@ -241,6 +214,7 @@ def plan(config, model_config: ModelConfig, mesh=None, device_bytes=None, host_b
         # (at most a layer group and the other parameters' group, around the last layer group).
         in_flight = (sizes[True] + max(sizes.values())) * local
         host, disk = (per_host, 0) if tier == "host" else (in_flight, per_host)
+    programs["clear_accumulator"] = _stats(_lower(fns.clear_accumulator, acc, scalar), resident=opt_bytes)
 
     peak_program = max(programs, key=lambda k: programs[k]["peak"])
     result = Plan(programs, programs[peak_program]["peak"], peak_program, host, disk, group_layers,

@@ -128,7 +128,7 @@ def train(fns, params, opt_state, batch, sharding, steps):
     for step in range(steps):
         acc = fns.zero_accumulator(params, jnp.int32(step))
         acc = fns.accumulate(acc, params, jax.device_put(batch, sharding))
-        params, opt_state, metrics = fns.update(params, opt_state, acc, jnp.int32(batch["loss_mask"].sum()),
+        params, opt_state, _, metrics = fns.update(params, opt_state, acc, jnp.int32(batch["loss_mask"].sum()),
                                                 jnp.int32(step))
         losses.append(float(metrics["loss"]))
     return params, opt_state, losses

@@ -41,11 +41,11 @@ def build(tier, mesh, directory, compute_dtype=jnp.float32, group_layers=2, tota
 
 def steps(fns, params, opt_state, sharding, batches, first=0):
     losses = []
+    acc = fns.zero_accumulator(params)
     for step, batch in enumerate(batches, first):
-        acc = fns.zero_accumulator(params)
         for mb in split_rows(batch, 2):
             acc = fns.accumulate(acc, params, jax.device_put(mb, sharding))
-        params, opt_state, metrics = fns.update(params, opt_state, acc, jnp.int32(batch["loss_mask"].sum()),
+        params, opt_state, acc, metrics = fns.update(params, opt_state, acc, jnp.int32(batch["loss_mask"].sum()),
                                                 jnp.int32(step))
         losses.append(float(metrics["loss"]))
     return params, opt_state, losses

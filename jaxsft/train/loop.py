@@ -106,12 +106,12 @@ def train(run: Run, preemption: PreemptionNotice | None = None) -> Run:
         if run.start == 0 and run.config.train.eval_at_start:
             with run.step_metrics.pause("eval_s"):
                 run_evals(run, run.evals, 0)
+        acc = run.fns.zero_accumulator(run.params, jnp.int32(run.start))  # the one gradient tree of the run
         for step in range(run.start, run.end):
             batch = next(run.data)
-            acc = run.fns.zero_accumulator(run.params, jnp.int32(step))
             for mb in batch.microbatches:
                 acc = run.fns.accumulate(acc, run.params, to_global(mb, run.batch_sharding))
-            run.params, run.opt_state, device_metrics = run.fns.update(
+            run.params, run.opt_state, acc, device_metrics = run.fns.update(
                 run.params, run.opt_state, acc, jnp.int32(batch.num_loss_tokens), jnp.int32(step))
             run.step_metrics.push(step + 1, batch, device_metrics)
             if preemption is not None and preemption.reached(step + 1):
@@ -127,6 +127,7 @@ def train(run: Run, preemption: PreemptionNotice | None = None) -> Run:
                 for hook in hooks:
                     with run.step_metrics.pause(f"{hook.name}_s"):
                         hook.call(run, step + 1)
+        del acc  # the final evals and the export need its memory
         run.step_metrics.flush()
         run.step_metrics.close()
         if run.preempted_at is None:

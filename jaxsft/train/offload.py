@@ -3,12 +3,13 @@
 
 The devices hold only the compute-dtype parameters and the float32 gradient accumulator. The
 update runs in two parts:
-1. `prepare`, one jitted call on the devices: the accumulated gradients are divided by the step's
-   loss-token count and clipped by their global norm, in place (the accumulator is donated).
+1. `prepare`, one jitted call on the devices: the step's loss and the global norm of the
+   accumulated gradients divided by the step's loss-token count.
 2. Per group (a slice of the stacked `layers` axis, and one group of the other parameters): the
-   group's master weights and moments come to the devices, `adamw` (the elementwise part of the
-   optimizer) updates them, the new weights are cast into the device params and the new state goes
-   back. Group i+1 is read while group i updates and group i-1 is written back, so no more than
+   group's master weights and moments come to the devices, its gradients are divided and clipped
+   by that norm, `adamw` (the elementwise part of the optimizer) updates them, the new weights are
+   cast into the device params and the new state goes back. The accumulator is read, never copied;
+   `TrainStep.update` then zeroes it in place for the next step. Group i+1 is read while group i updates and group i-1 is written back, so no more than
    three groups of state are in flight, and in `disk` mode host memory never holds the whole state.
 
 The elementwise part gives the same bits on any subset of the parameters as on all of them, so
@@ -189,14 +190,6 @@ class DiskStore:
 
     def close(self):
         self.writer.shutdown(wait=True)
-
-
-def for_run(config, masters, param_sharding, schedule, num_layers: int, group_layers: int) -> Offloaded:
-    """The `optim.offload` tier of a run ('host' or 'disk'); the disk tier's live store is
-    `optim.offload_dir` (default `output_dir/offload`)."""
-    directory = config.optim.offload_dir or os.path.join(config.train.output_dir, "offload")
-    return Offloaded(config.optim.offload, directory, masters, param_sharding, config.optim, schedule,
-                     config.model.compute_dtype, num_layers, group_layers)
 
 
 def snapshot_dir(checkpoint_dir: str, step: int) -> str:

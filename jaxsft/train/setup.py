@@ -16,7 +16,7 @@ import jax
 import ml_collections
 from etils import epath
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
 
 from jaxsft import memory, rundir
 from jaxsft import metrics as metrics_lib
@@ -24,16 +24,16 @@ from jaxsft.checkpoint import Checkpointer, base_fingerprint
 from jaxsft.compile_cache import enable_compile_cache
 from jaxsft.data import DataPipeline
 from jaxsft.models import ConfigError, ModelConfig, load_model_config, load_tokenizer
-from jaxsft.models import gguf_export, lora, peft_io
+from jaxsft.models import gguf_export, peft_io
 from jaxsft.models.hf_io import save_tokenizer as save_tokenizer_files
 from jaxsft.models.loading import model_for_run
-from jaxsft.sharding import make_mesh, optimizer_shardings, param_shardings
+from jaxsft.sharding import make_mesh
 from jaxsft.train.config import validate
 from jaxsft.train.distributed import maybe_initialize_distributed
 from jaxsft.train.hooks import Eval, Hook, make_evals, make_hooks
-from jaxsft.train.optimizer import make_optimizer
-from jaxsft.train.offload import for_run as offloaded_state, restore_for_none
-from jaxsft.train.step import TrainStep, make_train_step
+from jaxsft.train.build import build, is_lora
+from jaxsft.train.offload import restore_for_none
+from jaxsft.train.step import TrainStep
 
 log = logging.getLogger("jaxsft.train")
 
@@ -64,6 +64,7 @@ class Run:
     step_metrics: Any = None  # the loop's `StepMetrics`, while it runs
     frozen: Any = None  # a LoRA run's base weights (its params are the adapters)
     preempted_at: int | None = None  # the step a preemption notice stopped the loop after
+    plan: memory.Plan | None = None  # the memory plan the run was checked against
 
     @property
     def is_main(self) -> bool:
@@ -113,30 +114,12 @@ def setup(config) -> Run:
         rundir.write_json(rundir.join(out, "data_summary.json"), data.summary)
     total_steps = config.train.num_steps or math.ceil(config.train.num_epochs * data.steps_per_epoch)
 
-    model = model_for_run(m, mesh, seed=config.train.seed, base_quant=config.lora.base_quant)
+    model = run_model(config, mesh)
     model_config = model.config  # with what the weights' file adds (generation config)
-    frozen = None
-    if config.lora.r or config.lora.adapter_path:  # only the adapters train; the base is a frozen input
-        model = peft_io.add_adapters(model, config.lora, config.train.seed, mesh)
-        graphdef, params, frozen = nnx.split(model, lora.LoraParam, nnx.Param)
-    else:
-        graphdef, params = nnx.split(model, nnx.Param)
+    built = build(config, model, mesh, total_steps, plan.group_layers)
     del model
-    tx, schedule = make_optimizer(config.optim, total_steps)
-    tx = lora.lora_plus(tx, config.lora.lr_ratio)
-    param_sharding = param_shardings(params, mesh)
-    opt_sharding = optimizer_shardings(tx, params, param_sharding, mesh)
-    offload = None
-    if config.optim.offload == "none":
-        opt_state = jax.jit(tx.init, out_shardings=opt_sharding)(params)
-    else:  # master weights and moments in host memory or on disk; the devices keep compute params
-        offload = opt_state = offloaded_state(config, params, param_sharding, schedule,
-                                              model_config.num_layers, plan.group_layers)
-    batch_sharding = NamedSharding(mesh, P(("data", "fsdp"), None))
-    fns = make_train_step(graphdef, tx, schedule, param_sharding, opt_sharding, batch_sharding,
-                          offload=offload, frozen=frozen,
-                          frozen_sharding=None if frozen is None else param_shardings(frozen, mesh),
-                          dropout_seed=config.train.seed if frozen is not None and config.lora.dropout else None)
+    graphdef, params, frozen, opt_state, fns = built.graphdef, built.params, built.frozen, built.opt_state, built.fns
+    offload, batch_sharding = built.offload, built.batch_sharding
 
     checkpoint_dir = rundir.absolute(config.checkpoint.dir or rundir.join(out, "checkpoints"))
     checkpointer = Checkpointer(checkpoint_dir, keep=config.checkpoint.keep, keep_best=config.checkpoint.keep_best,
@@ -165,7 +148,16 @@ def setup(config) -> Run:
                graphdef=graphdef, params=params, opt_state=opt_state, fns=fns, batch_sharding=batch_sharding,
                checkpointer=checkpointer, logger=logger, evals=make_evals(config), hooks=make_hooks(config),
                eval_batches=data.eval_microbatches(), resumed=restored is not None, start=start, end=end,
-               total_steps=total_steps, frozen=frozen)
+               total_steps=total_steps, frozen=frozen, plan=plan)
+
+
+def run_model(config, mesh):
+    """The model a run starts from, on `mesh`: its weights (or random ones) and, for LoRA, its
+    adapters (`lora.adapter_path`'s, or fresh ones). `jaxsft.export` rebuilds a LoRA run's with it."""
+    model = model_for_run(config.model, mesh, seed=config.train.seed, base_quant=config.lora.base_quant)
+    if is_lora(config):
+        model = peft_io.add_adapters(model, config.lora, config.train.seed, mesh)
+    return model
 
 
 def save_tokenizer(tokenizer, directory: str) -> None:

@@ -6,8 +6,11 @@ the step's total loss-token count. So the loss is an exact per-token mean over t
 however the samples were split into micro-batches (the classic accumulation bug, averaging
 per-micro-batch means, cannot happen).
 
-Three jitted functions, each compiled once per run: `zero_accumulator`, `accumulate` (per
-micro-batch) and `update` (per step). All run on sharded global arrays; donated buffers are reused.
+Jitted functions, each compiled once per run: `zero_accumulator` (once, at the run's start),
+`accumulate` (per micro-batch), `apply_update` and `clear_accumulator` (per step). `update`, the
+step's end, applies the update and hands back the accumulator zeroed in place for the next step
+(donated: its buffers are reused), so one float32 gradient tree is alive at any moment, in every
+memory tier. All run on sharded global arrays.
 """
 
 from __future__ import annotations
@@ -29,10 +32,19 @@ BATCH_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions")
 @dataclasses.dataclass(frozen=True)
 class TrainStep:
     """The jitted functions of one run, bound to its model structure, optimizer and shardings."""
-    zero_accumulator: Callable
-    accumulate: Callable
-    update: Callable
+    zero_accumulator: Callable  # (params, step) -> a new accumulator for `step`
+    accumulate: Callable  # (acc, params, micro-batch) -> acc (donated)
+    apply_update: Callable  # (params, opt_state, acc, num_loss_tokens, step) -> (params, opt_state, metrics)
+    clear_accumulator: Callable  # (acc, step) -> acc zeroed in place for step + 1 (donated)
     eval_loss: Callable
+
+    def update(self, params, opt_state, acc, num_loss_tokens, step):
+        """The step's update; returns (params, opt_state, the accumulator of step + 1, metrics).
+        `acc` is consumed: its buffers become the next step's accumulator, so no second gradient
+        tree is ever allocated (zeroing is its own program: in one with the update, XLA copies the
+        accumulator to order its reads before the zeros' writes)."""
+        params, opt_state, metrics = self.apply_update(params, opt_state, acc, num_loss_tokens, step)
+        return params, opt_state, self.clear_accumulator(acc, step), metrics
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, param_sharding,
@@ -41,9 +53,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, param_
     """param_sharding / opt_sharding: trees (or prefixes) of shardings of the params and the
     optimizer state on the device; batch_sharding: the sharding of every micro-batch array.
     With `offload` (a `jaxsft.train.offload.Offloaded`: optim.offload 'host' or 'disk') params are
-    the devices' compute-dtype copy, the master weights and optimizer state live in host memory or
-    on disk, and `update` is `offload.update`, which streams them (its opt_state is `offload`).
-    The gradient accumulator is donated to `update`: one float32 gradient tree is alive at a time.
+    on disk, and `apply_update` is `offload.update`, which streams them (its opt_state is `offload`).
     With `frozen` (a LoRA run's base weights, `nnx.split(model, LoraParam, nnx.Param)`) params are
     the adapters alone: the frozen state is an input of every function but never differentiated,
     so no gradient of it is computed or stored. `dropout_seed`: LoRA dropout masks are drawn from
@@ -60,6 +70,9 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, param_
         if dropout_seed is not None:
             acc["dropout_key"] = jax.random.fold_in(jax.random.key(dropout_seed), step)
         return acc
+
+    def clear_accumulator(acc, step):
+        return zero_accumulator(acc["grads"], step + 1)
 
     def accumulate(frozen, acc, params, batch):
         acc = dict(acc)
@@ -90,13 +103,15 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, param_
     batch_shardings = {k: batch_sharding for k in BATCH_KEYS}
     return TrainStep(
         zero_accumulator=jax.jit(zero_accumulator, out_shardings=acc_sharding),
+        clear_accumulator=jax.jit(clear_accumulator, in_shardings=(acc_sharding, None),
+                                  out_shardings=acc_sharding, donate_argnums=0, keep_unused=True),
         # The frozen weights are bound here, so the loop calls the same functions with or without LoRA.
         accumulate=functools.partial(jax.jit(
             accumulate, in_shardings=(frozen_sharding, acc_sharding, param_sharding, batch_shardings),
             out_shardings=acc_sharding, donate_argnums=1), frozen),
-        update=offload.update if offload else jax.jit(
+        apply_update=offload.update if offload else jax.jit(
             update, in_shardings=(param_sharding, opt_sharding, acc_sharding, None, None),
-            out_shardings=(param_sharding, opt_sharding, None), donate_argnums=(0, 1, 2)),
+            out_shardings=(param_sharding, opt_sharding, None), donate_argnums=(0, 1)),
         eval_loss=functools.partial(
             jax.jit(eval_loss, in_shardings=(frozen_sharding, param_sharding, batch_shardings)), frozen),
     )

@@ -1,0 +1,113 @@
+"""The one builder of a run's arrays and programs: `build(config, model, mesh, ...)`.
+
+`setup` builds a run from its loaded model, `jaxsft.memory.plan` from the same model's abstract
+shapes (`abstract_model`), before any weight is read; so the plan compiles exactly the programs the
+loop runs, with their shardings and donation. `jaxsft.export` and the tests split a LoRA model
+with `split`, as the run does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxsft.checkpoint import flatten, unflatten
+from jaxsft.models import Decoder, ModelConfig, lora
+from jaxsft.sharding import optimizer_shardings, param_shardings
+from jaxsft.train.offload import Offloaded
+from jaxsft.train.optimizer import make_optimizer
+from jaxsft.train.step import BATCH_KEYS, TrainStep, make_train_step
+
+
+@dataclasses.dataclass
+class Built:
+    """A run's trees (arrays, or ShapeDtypeStructs with shardings when built abstract) and programs."""
+    graphdef: Any
+    params: Any  # what trains: the model's params, a LoRA run's adapters; offloaded: before `init`
+    frozen: Any  # a LoRA run's base weights, else None
+    opt_state: Any  # optax's state on the devices, or the `Offloaded` state (not yet initialized)
+    tx: optax.GradientTransformation
+    schedule: Any
+    param_sharding: Any
+    frozen_sharding: Any
+    opt_sharding: Any
+    batch_sharding: NamedSharding
+    fns: TrainStep
+
+    @property
+    def offload(self) -> Offloaded | None:
+        return self.opt_state if isinstance(self.opt_state, Offloaded) else None
+
+
+def is_lora(config) -> bool:
+    return bool(config.lora.r or config.lora.adapter_path)
+
+
+def split(model, lora_run: bool):
+    """(graphdef, params, frozen): a LoRA run trains the adapters, the base is frozen (None otherwise)."""
+    if lora_run:
+        return nnx.split(model, lora.LoraParam, nnx.Param)
+    return (*nnx.split(model, nnx.Param), None)
+
+
+def abstract_model(config, model_config: ModelConfig, lora_spec=None):
+    """The run's model (with its adapters, given their `lora_spec`) as shapes: nothing allocated."""
+    m = config.model
+
+    def create():
+        model = Decoder(model_config, param_dtype=jnp.dtype(m.param_dtype), compute_dtype=jnp.dtype(m.compute_dtype))
+        if lora_spec is not None:
+            model.lora = lora.Adapters(lora_spec, model_config, nnx.Rngs(0))
+        return model
+    return nnx.eval_shape(create)
+
+
+def with_shardings(tree, shardings):
+    """`tree`'s leaves as ShapeDtypeStructs carrying the matching leaves of `shardings`."""
+    flat = flatten(shardings)
+    return unflatten(tree, {k: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=flat[k])
+                            for k, x in flatten(tree).items()})
+
+
+def build(config, model, mesh, total_steps: int, group_layers: int, abstract: bool = False) -> Built:
+    """The run's trees and step functions for `model` (a loaded model, or `abstract_model`'s shapes
+    with `abstract=True`). Offloaded tiers get their `Offloaded` state, still empty: `setup` fills
+    it (`resume_or_init`); built abstract, it never touches a store."""
+    graphdef, params, frozen = split(model, is_lora(config))
+    tx, schedule = make_optimizer(config.optim, total_steps)
+    tx = lora.lora_plus(tx, config.lora.lr_ratio)
+    param_sharding = param_shardings(params, mesh)
+    frozen_sharding = None if frozen is None else param_shardings(frozen, mesh)
+    opt_sharding = optimizer_shardings(tx, params, param_sharding, mesh)
+    if abstract:
+        params = with_shardings(params, param_sharding)
+        frozen = None if frozen is None else with_shardings(frozen, frozen_sharding)
+    tier = config.optim.offload
+    if tier == "none":
+        init = jax.jit(tx.init, out_shardings=opt_sharding)
+        opt_state = with_shardings(jax.eval_shape(tx.init, params), opt_sharding) if abstract else init(params)
+    else:  # master weights and moments in host memory or on disk; the devices keep compute params
+        directory = config.optim.offload_dir or os.path.join(config.train.output_dir, "offload")
+        opt_state = Offloaded("host" if abstract else tier, directory, params, param_sharding, config.optim,
+                              schedule, config.model.compute_dtype, model.config.num_layers, group_layers)
+    batch_sharding = NamedSharding(mesh, P(("data", "fsdp"), None))
+    dropout = is_lora(config) and config.lora.dropout
+    fns = make_train_step(graphdef, tx, schedule, param_sharding, opt_sharding, batch_sharding,
+                          offload=opt_state if tier != "none" else None, frozen=frozen,
+                          frozen_sharding=frozen_sharding, dropout_seed=config.train.seed if dropout else None)
+    return Built(graphdef, params, frozen, opt_state, tx, schedule, param_sharding, frozen_sharding, opt_sharding,
+                 batch_sharding, fns)
+
+
+def abstract_batch(config, mesh, batch_sharding) -> dict:
+    """One micro-batch of the run as shapes (every process's rows)."""
+    rows = config.data.micro_batch_rows * mesh.shape["data"] * mesh.shape["fsdp"]
+    return {k: jax.ShapeDtypeStruct((rows, config.data.max_seq_len), jnp.float32 if k == "loss_mask" else jnp.int32,
+                                    sharding=batch_sharding) for k in BATCH_KEYS}
