@@ -137,8 +137,8 @@ def bench_train(args):
     compile_and_first_s = timed(ours)[0]
     # One torch model at a time (each holds weights, gradients and AdamW moments).
     warmup = {}
-    for name, autocast in (("float32", False), ("bfloat16_autocast", True)):
-        warmup[name] = timed(torch_train_step(batches, autocast))[0]
+    for name in args.torch_forms.split(","):
+        warmup[name] = timed(torch_train_step(batches, autocast=name == "bfloat16_autocast"))[0]
     fastest = min(warmup, key=warmup.get)
     theirs = torch_train_step(batches, autocast=fastest != "float32")
     theirs()  # its own warm-up
@@ -216,6 +216,8 @@ def main():
     parser.add_argument("--only", choices=("train", "generate"))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--jaxsft-dtype", default="bfloat16", help="jaxsft's train compute dtype")
+    parser.add_argument("--torch-forms", default="float32,bfloat16_autocast",
+                        help="the PyTorch train-step forms to try (the faster one is timed)")
     parser.add_argument("--batch", default="16,64", help="generation batch sizes")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--out", default=os.path.join(HERE, "results", "cpu_vs_torch.json"))
