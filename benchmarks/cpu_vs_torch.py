@@ -64,13 +64,13 @@ def jaxsft_train_step(batches, compute_dtype):
     batch_sharding = NamedSharding(mesh, P(("data", "fsdp"), None))
     fns = make_train_step(graphdef, tx, schedule, shardings, opt_sharding, batch_sharding)
     loss_tokens = jnp.int32(sum(int(b["loss_mask"].sum()) for b in batches))
-    state = {"params": params, "opt_state": opt_state, "step": 0}
+    state = {"params": params, "opt_state": opt_state, "acc": fns.zero_accumulator(params), "step": 0}
 
     def step():
-        acc = fns.zero_accumulator(state["params"])
+        acc = state["acc"]
         for b in batches:
             acc = fns.accumulate(acc, state["params"], jax.device_put(b, batch_sharding))
-        state["params"], state["opt_state"], metrics = fns.update(
+        state["params"], state["opt_state"], state["acc"], metrics = fns.update(
             state["params"], state["opt_state"], acc, loss_tokens, jnp.int32(state["step"]))
         state["step"] += 1
         return float(metrics["loss"])
