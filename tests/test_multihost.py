@@ -145,8 +145,10 @@ def test_two_processes_train_like_one_and_checkpoints_cross_process_counts(tmp_p
     # 1xN and 2x(N/2): the first two steps of the same 4-step run (same mesh: fsdp=N), with an
     # lm-eval evaluation at the end (step 2) of a multiple-choice and a generation task.
     tasks = write_tasks(tmp_path / "tasks")
-    first = {"train.stop_after_steps": 2, "lm_eval.tasks": "mc_local,gsm8k_local", "lm_eval.limit": 2,
-             "lm_eval.include_path": tasks, "lm_eval.batch_size": 4}
+    # float32 compute: the CLI below evaluates the checkpoint on another mesh (8 devices) and must
+    # reach the same accuracies.
+    first = {"train.stop_after_steps": 2, "model.compute_dtype": "float32", "lm_eval.tasks": "mc_local,gsm8k_local",
+             "lm_eval.limit": 2, "lm_eval.include_path": tasks, "lm_eval.batch_size": 4}
     peak = {"JAXSFT_PEAK_FLOPS_PER_DEVICE": "1e12"}  # CPUs have no peak in the table: MFU is reported with one
     run_job(tmp_path, 1, train_args(one, cache, **first), DUMP_ROWS=f"{one}-rows", **peak)
     texts = run_job(tmp_path, 2, train_args(two, cache, **first), DUMP_ROWS=f"{two}-rows", **peak)
@@ -168,7 +170,7 @@ def test_two_processes_train_like_one_and_checkpoints_cross_process_counts(tmp_p
     assert lm_two == pytest.approx(lm_one, rel=1e-6)
     assert json.load(open(os.path.join(two, "eval", "lm_eval_step2.json")))["config"]["limit"] == 2
     # `python -m jaxsft.eval --model RUN` evaluates the run's newest checkpoint (step 2): the same again.
-    eval_main(["--config", "configs/demo.py", "--model", one, "--tasks", "mc_local", "--include-path", str(tasks),
+    eval_main(["--config", "configs/demo.py", "--config.model.compute_dtype=float32", "--model", one, "--tasks", "mc_local", "--include-path", str(tasks),
                "--limit", "2", "--batch-size", "4", "--output", str(tmp_path / "cli.json")])
     cli = json.load(open(tmp_path / "cli.json"))["results"]["mc_local"]
     assert [cli["acc,none"], cli["acc_norm,none"]] == [lm_one["lm_eval/mc_local/acc"], lm_one["lm_eval/mc_local/acc_norm"]]

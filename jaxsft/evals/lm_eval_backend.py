@@ -286,7 +286,8 @@ def figures(results: dict) -> dict[str, float]:
     out = {}
     for task, metrics in results["results"].items():
         for key, value in metrics.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and "_stderr" not in key:
+            is_metric = "_stderr" not in key and key != "sample_len"  # sample_len: the documents evaluated
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and is_metric:
                 out[f"lm_eval/{task}/{key.removesuffix(',none').replace(',', '/')}"] = float(value)
     return out
 
