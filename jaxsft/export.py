@@ -43,6 +43,7 @@ from jaxsft.models.converted import MARKER, converted_config, join, restore_para
 from jaxsft.models import gguf_export
 from jaxsft.models.hf_io import save_hf
 from jaxsft.sharding import make_mesh
+from jaxsft.train.offload import read_masters, saved_offloaded
 
 
 def find_params(path: str) -> tuple[str, dict | None]:
@@ -128,6 +129,11 @@ def export(checkpoint: str, out: str | None = None, dtype: str = "bfloat16", ada
         model = peft_io.merged(model)
     else:  # read in float32 and cast per tensor while writing
         model = restore_params(params_dir, config, jnp.float32, jnp.float32, mesh=mesh)
+        checkpoint_dir = str(epath.Path(params_dir).parent.parent)
+        if record is not None and jnp.dtype(dtype) == jnp.float32 and saved_offloaded(checkpoint_dir, record["step"]):
+            # An offloaded run's checkpoint holds its compute copy; its float32 masters are in the snapshot.
+            graphdef, params = nnx.split(model, nnx.Param)
+            model = nnx.merge(graphdef, read_masters(checkpoint_dir, record["step"], params))
     tokenizer = load_tokenizer(tokenizer_dir)
     if out:
         card = {}

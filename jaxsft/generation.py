@@ -190,7 +190,7 @@ def _forward(model, layers, ids, pad, start, cache):
     if c.sliding_window is not None:
         mask &= key_columns[None, None, :] > columns[None, :, None] - c.sliding_window
     inv_freq = rope_frequencies(c)
-    x = model.embed[...].astype(dtype)[ids] * c.embedding_multiplier
+    x = model.embed[...][ids].astype(dtype) * c.embedding_multiplier  # the rows, not the whole table, cast
     new_cache = []
     for w, (k_cache, v_cache) in zip(layers, cache):
         def attend(q, k, v, k_cache=k_cache, v_cache=v_cache):

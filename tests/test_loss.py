@@ -94,3 +94,32 @@ def test_odd_lengths_are_chunked_and_exact(seq_len, monkeypatch):
     sizes = logits_sizes(jax.make_jaxpr(jax.value_and_grad(chunked))(params).jaxpr)
     assert sizes and max(sizes) == rows * chunk * VOCAB
     assert max(logits_sizes(jax.make_jaxpr(jax.value_and_grad(reference_loss))(params, batch).jaxpr)) == rows * seq_len * VOCAB
+
+
+def test_head_and_embedding_gradients_are_summed_in_float32():
+    """#24: with bf16 compute, the gradients of the LM head (summed over 64 loss chunks) and of the
+    embedding (summed over every occurrence of a token: 8 distinct tokens in 4096) stay within
+    bf16's rounding of a float32 reference step; summed in bf16 they were 3x-20x further off."""
+    from flax import nnx
+
+    from jaxsft.models import Decoder, ModelConfig
+
+    config = ModelConfig(architecture="LlamaForCausalLM", vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                         num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8, remat="none", attention="xla")
+    rng = np.random.RandomState(0)
+    ids = rng.randint(0, 8, (1, 4096)).astype(np.int32)
+    batch = {"input_ids": ids, "targets": np.roll(ids, -1, axis=1), "loss_mask": np.ones(ids.shape, np.float32),
+             "segment_ids": np.ones(ids.shape, np.int32),
+             "positions": np.arange(4096, dtype=np.int32)[None] % 256}
+
+    def grads(compute_dtype):
+        model = Decoder(config, param_dtype=jnp.float32, compute_dtype=compute_dtype, rngs=nnx.Rngs(0))
+        graphdef, params = nnx.split(model, nnx.Param)
+        g = jax.grad(lambda p: token_loss_sum(nnx.merge(graphdef, p), batch, chunk=64))(params)
+        return np.asarray(g["embed"][...])[:8], np.asarray(g["lm_head"][...])
+
+    reference, bf16 = grads(jnp.float32), grads(jnp.bfloat16)
+    for name, ref, got in zip(("embed", "lm_head"), reference, bf16):
+        error = np.linalg.norm(got - ref) / np.linalg.norm(ref)
+        print(name, error)
+        assert error < 0.02, (name, error)

@@ -338,3 +338,41 @@ def test_disk_tier_host_memory_holds_two_groups_in_flight_not_the_state(tmp_path
     print(m, m["peak_over_baseline"] / m["layer_group"], "groups")
     assert m["state"] > 15 * m["layer_group"]  # 16 layers of 48 MiB: 774 MiB
     assert 0 < m["peak_over_baseline"] <= 3.5 * m["layer_group"] + 16 * 2**20, m
+
+
+@pytest.mark.slow
+def test_float32_exports_of_an_offloaded_run_are_its_master_weights(tmp_path):
+    """#24: the run's own export and `jaxsft.export` of its checkpoint, in float32, write the
+    float32 master weights (from the store / the checkpoint's snapshot), not the bf16 compute copy."""
+    import subprocess
+    import sys
+
+    from safetensors.numpy import load_file
+
+    from tests.test_checkpoint import ENV, REPO, cli
+
+    out = tmp_path / "run"
+    r = subprocess.run(cli(tmp_path, out, "--config.optim.offload=host", "--config.train.num_steps=2",
+                           "--config.train.export_hf=True", "--config.train.export_dtype=float32"),
+                       cwd=REPO, env=ENV, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = subprocess.run([sys.executable, "-m", "jaxsft.export", "--checkpoint", str(out), "--out", str(tmp_path / "hf"),
+                        "--dtype", "float32"], cwd=REPO, env=ENV, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    own, exported = (load_file(str(d / "model.safetensors")) for d in (out / "hf", tmp_path / "hf"))
+    assert_bitwise(own, exported)
+    masters = {k: snapshot_array(str(out / "checkpoints"), 2, "master." + k) for k in ("embed", "final_norm")}
+    np.testing.assert_array_equal(own["model.embed_tokens.weight"], masters["embed"])
+    np.testing.assert_array_equal(own["model.norm.weight"], masters["final_norm"])
+    # Trained float32 weights, not bf16 values in float32 containers.
+    embed = own["model.embed_tokens.weight"]
+    assert np.mean(embed != embed.astype(jnp.bfloat16).astype(np.float32)) > 0.5
+
+
+def snapshot_array(checkpoint_dir: str, step: int, key: str) -> np.ndarray:
+    import tensorstore as ts
+
+    from jaxsft.train.offload import snapshot_dir
+
+    spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": f"{snapshot_dir(checkpoint_dir, step)}/{key}"}}
+    return ts.open(spec, open=True).result().read().result()

@@ -8,6 +8,8 @@ logical names onto a mesh.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -122,7 +124,7 @@ class Decoder(nnx.Module):
             segment_ids = jnp.ones(input_ids.shape, jnp.int32)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
-        x = self.embed[...].astype(self.compute_dtype)[input_ids] * c.embedding_multiplier
+        x = embed_lookup(self.embed[...], input_ids, self.compute_dtype) * c.embedding_multiplier
         backend = resolve_backend(c.attention, c.head_dim, self.compute_dtype)
         inv_freq = rope_frequencies(c)
 
@@ -153,6 +155,29 @@ class Decoder(nnx.Module):
         else:
             equation, w = "bte,ev->btv", self.lm_head[...]
         return dots.einsum(equation, hidden, w, out_dtype=jnp.float32) / self.config.logits_scaling
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def embed_lookup(table, ids, dtype):
+    """The rows `ids` of `table`, in `dtype`. Its gradient is summed in float32 over every
+    occurrence of a token (a frequent one occurs hundreds of times in a micro-batch), then
+    rounded to `dtype` once, as every compute-dtype gradient is (so a float32 table and its bf16
+    copy in the offloaded tiers get the same bits); the transpose of a bf16 gather would add
+    them in bf16."""
+    return table[ids].astype(dtype)
+
+
+def _embed_lookup_fwd(table, ids, dtype):
+    return embed_lookup(table, ids, dtype), (table, ids)
+
+
+def _embed_lookup_bwd(dtype, residuals, g):
+    table, ids = residuals
+    grad = jnp.zeros(table.shape, jnp.float32).at[ids].add(g.astype(jnp.float32))
+    return grad.astype(dtype).astype(table.dtype), None
+
+
+embed_lookup.defvjp(_embed_lookup_fwd, _embed_lookup_bwd)
 
 
 def decoder_layer(x, w, positions, inv_freq, c: ModelConfig, attend, adapt=None):

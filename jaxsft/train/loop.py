@@ -163,7 +163,8 @@ def finish(run: Run) -> dict:
     if c.train.export_hf:
         export_dir = rundir.join(run.output_dir, "hf")
         name = rundir.run_name(run.output_dir)
-        save_hf(run.model(), export_dir, tokenizer=run.tokenizer, dtype=jnp.dtype(c.train.export_dtype),
+        dtype = jnp.dtype(c.train.export_dtype)
+        save_hf(run.model(masters=dtype == jnp.float32), export_dir, tokenizer=run.tokenizer, dtype=dtype,
                 name=name, model_card=model_card(c.to_dict(), name, summary))
         if c.train.push_to_hub and run.is_main:
             log.info("pushed %s to %s", export_dir, push_to_hub(local_dir(export_dir), c.train.push_to_hub))

@@ -212,6 +212,18 @@ def none_name(key: str) -> str:
     return name if kind == "master" else "1." + name
 
 
+def read_snapshot(checkpoint_dir: str, step: int, like: dict) -> dict:
+    """Arrays of checkpoint `step`'s snapshot, straight onto their shardings: `like` maps stored
+    names ("master.layers.q", "state.0.mu.embed") to ShapeDtypeStructs with shardings."""
+    directory = snapshot_dir(checkpoint_dir, step)
+    snapshot = DiskStore(directory, {k: (x.shape, x.dtype, x.shape) for k, x in like.items()}, create=False, shared=True)
+    arrays = {k: jax.make_array_from_callback(x.shape, x.sharding,
+                                              lambda index, key=k: snapshot.arrays[key][index].read().result())
+              for k, x in like.items()}
+    snapshot.close()
+    return arrays
+
+
 def restore_for_none(checkpointer, params, opt_state):
     """`checkpointer.restore_latest(params, opt_state)` for a run with optim.offload='none' (params:
     the master weights, opt_state: optax's state, arrays or ShapeDtypeStructs with shardings),
@@ -227,16 +239,20 @@ def restore_for_none(checkpointer, params, opt_state):
     compute = {k: jax.ShapeDtypeStruct(x.shape, stored[k].dtype, sharding=x.sharding) for k, x in flat_params.items()}
     counters = {"state." + k.removeprefix("1."): x for k, x in flat_opt.items() if not x.ndim}
     _, counters, record = checkpointer.restore(step, compute, counters)
-    directory = snapshot_dir(checkpointer.directory, step)
     like = {**{"master." + k: x for k, x in flat_params.items()},
             **{"state." + k.removeprefix("1."): x for k, x in flat_opt.items() if x.ndim}}
-    snapshot = DiskStore(directory, {k: (x.shape, x.dtype, x.shape) for k, x in like.items()}, create=False, shared=True)
-    arrays = {none_name(k): jax.make_array_from_callback(
-        x.shape, x.sharding, lambda index, key=k: snapshot.arrays[key][index].read().result()) for k, x in like.items()}
-    snapshot.close()
+    arrays = {none_name(k): v for k, v in read_snapshot(checkpointer.directory, step, like).items()}
     arrays.update({none_name(k): v for k, v in counters.items()})
     return (unflatten(params, {k: arrays[k] for k in flat_params}),
             unflatten(opt_state, {k: arrays[k] for k in flat_opt}), record)
+
+
+def read_masters(checkpoint_dir: str, step: int, params):
+    """The float32 master weights of an offloaded run's checkpoint `step`, as the tree `params`
+    (arrays or ShapeDtypeStructs with shardings) describes them (for exports)."""
+    flat = {k: jax.ShapeDtypeStruct(x.shape, jnp.float32, sharding=x.sharding) for k, x in flatten(params).items()}
+    arrays = read_snapshot(checkpoint_dir, step, {"master." + k: x for k, x in flat.items()})
+    return unflatten(params, {k: arrays["master." + k] for k in flat})
 
 
 class Offloaded:
@@ -302,8 +318,9 @@ class Offloaded:
         self._place = {layered: jax.jit(functools.partial(self._place_fn, layered=layered),
                                         out_shardings=param_sharding, donate_argnums=0)
                        for layered in (False, True)}
-        self._zeros = jax.jit(lambda: jax.tree.map(
-            lambda x: jnp.zeros(x.shape, self.compute_dtype), self.masters_like), out_shardings=param_sharding)
+        self._zeros = {kind: jax.jit(lambda dtype=dtype: jax.tree.map(lambda x: jnp.zeros(x.shape, dtype or x.dtype),
+                                                                      self.masters_like), out_shardings=param_sharding)
+                       for kind, dtype in (("compute", self.compute_dtype), ("master", None))}
         self._cast = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(self.compute_dtype), p),
                              out_shardings=param_sharding)
 
@@ -336,7 +353,7 @@ class Offloaded:
     def _place_fn(self, params, master, start, layered):
         flat = flatten(params)
         for k, p in master.items():
-            new = p.astype(self.compute_dtype)
+            new = p.astype(flat[k].dtype)
             flat[k] = jax.lax.dynamic_update_slice_in_dim(flat[k], new, start, 0) if layered else new
         return unflatten(params, flat)
 
@@ -401,13 +418,14 @@ class Offloaded:
         return self._cast(masters)
 
     def masters(self):
-        """The master weights as one tree of device arrays (for tests and exports)."""
-        flat = {}
+        """The master weights as one tree of device arrays (exports of float32), placed group by
+        group into one tree: a group is the only state on the devices beside it."""
+        masters = self._zeros["master"]()
         for i, group in enumerate(self.groups):
             arrays = self._read(i)()
-            for n in group.names:
-                flat.setdefault(n, []).append(arrays["master." + n])
-        return unflatten(self.structure, {n: v[0] if len(v) == 1 else jnp.concatenate(v) for n, v in flat.items()})
+            masters = self._place[group.start is not None](
+                masters, {n: arrays["master." + n] for n in group.names}, jnp.int32(group.start or 0))
+        return masters
 
     def state_arrays(self) -> dict:
         """Every stored array (masters and moments), full-shaped, on the host (for tests)."""
@@ -504,7 +522,7 @@ class Offloaded:
             raise FileNotFoundError(f"{directory}: the offloaded state of checkpoint {step} is missing or "
                                     f"incomplete ({META} missing); was the checkpoint saved with optim.offload='none'?")
         snapshot = DiskStore(directory, self.full_specs, create=False, shared=True)
-        params = self._zeros()
+        params = self._zeros["compute"]()
         for i, group in enumerate(self.groups):
             self.small[i] = {k: jnp.copy(v) for k, v in counters.items()}  # each group's are donated
             big = {k: s for k, s in self.shardings[i].items() if k not in self.small[i]}

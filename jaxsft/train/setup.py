@@ -32,7 +32,7 @@ from jaxsft.train.config import validate
 from jaxsft.train.distributed import maybe_initialize_distributed
 from jaxsft.train.hooks import Eval, Hook, make_evals, make_hooks
 from jaxsft.train.build import build, is_lora
-from jaxsft.train.offload import restore_for_none
+from jaxsft.train.offload import Offloaded, restore_for_none
 from jaxsft.train.step import TrainStep
 
 log = logging.getLogger("jaxsft.train")
@@ -74,8 +74,12 @@ class Run:
     def output_dir(self) -> str:
         return self.config.train.output_dir
 
-    def model(self):
-        """The trained model as evaluations and exports see it (a LoRA run's adapters merged)."""
+    def model(self, masters: bool = False):
+        """The trained model as evaluations and exports see it (a LoRA run's adapters merged).
+        `masters`: an offloaded run's master weights (float32), gathered from its store, instead
+        of the devices' compute-dtype copy (for float32 exports)."""
+        if masters and isinstance(self.opt_state, Offloaded):
+            return nnx.merge(self.graphdef, self.opt_state.masters())
         if self.frozen is None:
             return nnx.merge(self.graphdef, self.params)
         return peft_io.merged(nnx.merge(self.graphdef, self.params, self.frozen))
