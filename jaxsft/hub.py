@@ -22,16 +22,17 @@ def is_hub_id(path: str) -> bool:
     return bool(HUB_ID.fullmatch(path)) and not path.endswith(".gguf") and not os.path.exists(path)
 
 
-def resolve_model_path(path: str) -> str:
+def resolve_model_path(path: str, config_only: bool = False) -> str:
     """A local path, `gs://` path or `.gguf` file as given; a Hub id -> its snapshot folder in the
-    HF cache, downloaded there first if missing (or found there offline)."""
+    HF cache, downloaded there first if missing (or found there offline); `config_only`: its json
+    files alone (config.json first, the weights once the plan says the run fits)."""
     if not is_hub_id(path):
         return path
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import IncompleteSnapshotError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     try:
-        return snapshot_download(path, allow_patterns=MODEL_FILES)
+        return snapshot_download(path, allow_patterns=["*.json"] if config_only else MODEL_FILES)
     except RepositoryNotFoundError as e:
         raise FileNotFoundError(
             f"{path!r} is not a local path, and the Hugging Face Hub has no model {path!r} you can read "

@@ -11,7 +11,7 @@ import pytest
 from etils import epath
 
 from gcs_server import gcs_bucket  # noqa: F401  (the session fixture)
-from test_checkpoint import make_hf_qwen2, small_run_config
+from test_checkpoint import ASSETS, make_hf_qwen2, small_run_config
 
 
 def upload(local_dir, url):
@@ -83,6 +83,22 @@ def test_a_model_folder_re_uploaded_to_the_same_path_is_not_read_stale(tmp_path,
     assert open(os.path.join(folder, "config.json")).read() == '{"version": 2}'
     assert os.stat(os.path.join(folder, "tokenizer.json")).st_mtime_ns == kept  # unchanged: not copied again
     assert sorted(os.listdir(folder)) == ["config.json", "tokenizer.json"]
+
+
+def test_the_plan_reads_a_gcs_models_config_where_it_is(tmp_path, gcs_bucket, monkeypatch):  # noqa: F811
+    """#24: `load_model_config` (what the memory plan needs) reads config.json and
+    generation_config.json in the bucket; nothing is copied before the plan (the weights are read
+    with the model)."""
+    from jaxsft.models import load_model_config
+
+    monkeypatch.setenv("JAXSFT_CACHE", str(tmp_path / "cache"))
+    root = epath.Path(f"gs://{gcs_bucket}/{tmp_path.name}/model")
+    for name in ("config.json", "generation_config.json"):
+        (root / name).write_text((epath.Path(ASSETS) / "tiny-qwen2" / name).read_text())
+    (root / "model.safetensors").write_bytes(b"weights the plan must not read")
+    config = load_model_config(str(root))
+    assert config.vocab_size == 151936 and config.hf_generation_config
+    assert not (tmp_path / "cache").exists()
 
 
 def _bucket_files(root: str) -> list[str]:

@@ -123,6 +123,22 @@ def test_a_hub_id_is_downloaded_once_then_found_offline(tmp_path, monkeypatch):
     stub.shutdown()
 
 
+def test_the_plan_reads_a_hub_models_config_before_any_weight_is_downloaded(tmp_path, monkeypatch):
+    """#24: `load_model_config` (what the memory plan needs) downloads the json files alone; the
+    weights come with the model, after the plan."""
+    from jaxsft.models import load_model_config
+
+    stub = HubStub("someone/tiny-qwen2", model_files())
+    use_hub(monkeypatch, stub, tmp_path / "hf_cache")
+    assert load_model_config("someone/tiny-qwen2").vocab_size == 151936
+    downloaded = [p for method, p, _ in stub.requests if method == "GET" and "/resolve/" in p]
+    assert downloaded and all(p.endswith(".json") for p in downloaded), downloaded
+    assert any(f.endswith(".safetensors") for f in stub.files)
+    path = hub.resolve_model_path("someone/tiny-qwen2")  # the model itself: the weights now
+    assert sorted(os.listdir(path)) == sorted(f for f in stub.files if f != "pytorch_model.bin")
+    stub.shutdown()
+
+
 def test_a_missing_hub_id_offline_says_what_to_run(tmp_path, monkeypatch):
     from huggingface_hub import constants
 

@@ -149,11 +149,13 @@ class ModelConfig:
 
     @classmethod
     def from_json_file(cls, path, **run_options) -> "ModelConfig":
-        with open(path) as f:
-            try:
-                hf = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        """From a config.json, local or gs://."""
+        from etils import epath
+
+        try:
+            hf = json.loads(epath.Path(path).read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from None
         return cls.from_hf(hf, source=str(path), **run_options)
 
 

@@ -171,15 +171,14 @@ def _tensor_files(folder: str) -> dict[str, str]:
 
 
 def hf_model_config(folder: str, **run_options) -> ModelConfig:
-    """The ModelConfig of a local Hugging Face folder (config.json and generation_config.json)."""
-    config_path = os.path.join(folder, "config.json")
-    if not os.path.exists(config_path):
+    """The ModelConfig of a Hugging Face folder, local or gs:// (config.json and
+    generation_config.json, read where they are: nothing else is copied)."""
+    root = epath.Path(folder)
+    if not (root / "config.json").exists():
         raise CheckpointError(f"{folder}: no config.json; is this a Hugging Face model folder?")
-    config = ModelConfig.from_json_file(config_path, **run_options)
-    gen_path = os.path.join(folder, "generation_config.json")
-    if os.path.exists(gen_path):
-        with open(gen_path) as f:
-            config = config.replace(hf_generation_config=json.load(f))
+    config = ModelConfig.from_json_file(str(root / "config.json"), **run_options)
+    if (root / "generation_config.json").exists():
+        config = config.replace(hf_generation_config=json.loads((root / "generation_config.json").read_text()))
     return config
 
 

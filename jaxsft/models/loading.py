@@ -44,14 +44,16 @@ def load_model(path, dtype=jnp.float32, compute_dtype=jnp.bfloat16, mesh=None, r
 
 
 def load_model_config(path, **run_options) -> ModelConfig:
-    """The ModelConfig of the model at `path`, without reading its weights."""
-    path = resolve_model_path(str(path))
+    """The ModelConfig of the model at `path`, without reading or downloading its weights (a gs://
+    folder's config is read in the bucket, a Hub model's json files alone are downloaded): the
+    memory plan comes first."""
+    path = resolve_model_path(str(path), config_only=True)
     if converted.is_converted(path):
         return converted.converted_config(path, **run_options)
     gguf_file = gguf.find_gguf(path)
     if gguf_file is not None:
         return gguf.gguf_model_config(gguf_file, **run_options)
-    return hf_io.hf_model_config(hf_io.local_dir(path), **run_options)
+    return hf_io.hf_model_config(path, **run_options)
 
 
 def load_tokenizer(path):

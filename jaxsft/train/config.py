@@ -43,7 +43,7 @@ The `data` section is documented in `jaxsft/data/config.py` (sources, batch size
 | `eval_every` | `0` | Held-out loss every N steps (0 = at the start and the end only). |
 | `eval_at_start` | `True` | Evaluate before the first step. |
 | `export_hf` | `False` | Write a Hugging Face folder to `output_dir/hf` at the end. |
-| `export_dtype` | `'bfloat16'` | Dtype of that export. |
+| `export_dtype` | `'bfloat16'` | Dtype of that export. `float32` writes the float32 master weights, also of an offloaded run (`optim.offload='host'/'disk'`, whose devices hold only a compute-dtype copy). |
 | `export_gguf` | `''` | Also write GGUF files that llama.cpp and Ollama run as they are, at the end: `output_dir/model.gguf` (a LoRA run's merged model) with tensors of this type (`f32`, `f16`, `bf16`, `q8_0`), and for a LoRA run `output_dir/adapter.gguf` (the adapters as a llama.cpp LoRA adapter, float32, rsLoRA's scale folded in). Llama, Mistral, Qwen2, Qwen3 and Granite with a byte-level BPE tokenizer; anything else is refused at start-up. `''` = off. |
 | `progress` | `True` | Console progress bar with ETA. |
 | `stop_after_steps` | `0` | Stop (checkpoint, evaluate) after this many steps while the schedule still spans the whole run, so the run can be continued later (sweeps stop runs at a rung this way); 0 = run to the end. |
