@@ -82,8 +82,7 @@ def lora_checkpoint_model(params_dir: str, record: dict, mesh, base: str | None 
     """A LoRA checkpoint's model: the run's base model (`base`, default `model.path` in the record's
     config; refused unless it has the recorded fingerprint) with the checkpoint's adapters, and the
     base model's path. The base is built and given adapters exactly as the run's setup does."""
-    from jaxsft.train.build import split
-    from jaxsft.train.setup import run_model
+    from jaxsft.train.build import run_model, split
 
     run_config = ml_collections.ConfigDict(record["config"])
     m = run_config.model

@@ -214,7 +214,7 @@ class Checkpointer:
         """For a run that starts afresh (checkpoint.resume=False): refuses (ConfigError) when the
         directory holds steps, unless `overwrite`, which moves the directory to
         `DIR.overwritten-TIME` (process 0; the others wait) and starts with an empty one."""
-        from jaxsft.models import ConfigError
+        from jaxsft.models.config import ConfigError
 
         steps = self.all_steps()
         if not steps:

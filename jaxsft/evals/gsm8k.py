@@ -22,10 +22,13 @@ import os
 import re
 import time
 
+import jax
 from etils import epath
 
 from jaxsft import rundir
+from jaxsft.data import set_chat_template
 from jaxsft.data.chat import end_of_turn_id, prompt_tokens
+from jaxsft.data.config import as_dict
 from jaxsft.generation import generate
 
 # lm-evaluation-harness's gsm8k task (lm_eval/tasks/gsm8k/gsm8k.yaml): its two filters, the
@@ -177,3 +180,37 @@ def summarize(records: list[dict]) -> dict:
 def write_results(result: dict, path: str | os.PathLike) -> None:
     """The result as JSON (records included), local or gs://; the parent folder is created."""
     rundir.write_json(os.fspath(path), result)
+
+
+def gsm8k_accuracy(config, model, tokenizer, step: int) -> dict:
+    """Runs on every process (generation is collective); process 0 writes
+    `output_dir/eval/gsm8k_step{step}.json`."""
+    g = config.gsm8k
+    shots = load_jsonl(g.shots_file) if g.k_shot else None
+    set_chat_template(tokenizer, config.data.chat_template)  # prompted as training renders a user turn
+    result = evaluate_gsm8k(model, tokenizer, load_jsonl(g.file), k_shot=g.k_shot, shots=shots,
+                            max_new_tokens=g.max_new_tokens, batch_size=g.batch_size,
+                            subset=g.subset or None, system_prompt=config.data.system_prompt,
+                            template_kwargs=as_dict(config.data.chat_template_kwargs))
+    result["step"] = step
+    if jax.process_index() == 0:
+        write_results(result, rundir.join(config.train.output_dir, "eval", f"gsm8k_step{step}.json"))
+    return result
+
+
+def side_by_side(first: dict, last: dict, count: int) -> str:
+    """The first `count` questions with the answers at two evaluation points."""
+    blocks = []
+    for a, b in list(zip(first["records"], last["records"]))[:count]:
+        blocks.append(
+            f"Q: {a['question']}\n"
+            f"  expected {a['expected']}\n"
+            f"  step {first['step']:>5}: {_verdict(a)}\n"
+            f"  step {last['step']:>5}: {_verdict(b)}")
+    return "\n\n".join(blocks)
+
+
+def _verdict(record: dict, chars: int = 300) -> str:
+    text = " ".join(record["output"].split())
+    text = text if len(text) <= chars else text[:chars] + " [...]"
+    return f"answer {record['extracted']} ({'right' if record['correct'] else 'wrong'}): {text}"

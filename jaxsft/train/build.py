@@ -19,7 +19,8 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxsft.checkpoint import flatten, unflatten
-from jaxsft.models import Decoder, ModelConfig, lora
+from jaxsft.models import Decoder, ModelConfig, lora, peft_io
+from jaxsft.models.loading import model_for_run
 from jaxsft.sharding import optimizer_shardings, param_shardings
 from jaxsft.train.offload import Offloaded
 from jaxsft.train.optimizer import make_optimizer
@@ -48,6 +49,15 @@ class Built:
 
 def is_lora(config) -> bool:
     return bool(config.lora.r or config.lora.adapter_path)
+
+
+def run_model(config, mesh):
+    """The model a run starts from, on `mesh`: its weights (or random ones) and, for LoRA, its
+    adapters (`lora.adapter_path`'s, or fresh ones). `jaxsft.export` rebuilds a LoRA run's with it."""
+    model = model_for_run(config.model, mesh, seed=config.train.seed, base_quant=config.lora.base_quant)
+    if is_lora(config):
+        model = peft_io.add_adapters(model, config.lora, config.train.seed, mesh)
+    return model
 
 
 def split(model, lora_run: bool):

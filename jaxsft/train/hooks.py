@@ -132,7 +132,7 @@ def heldout_loss(config) -> Eval:
 def gsm8k(config) -> Eval | None:
     if not config.gsm8k.file:
         return None
-    from jaxsft.eval import gsm8k_accuracy
+    from jaxsft.evals.gsm8k import gsm8k_accuracy
 
     def measure(run: "Run", step: int) -> dict:
         return gsm8k_accuracy(run.config, run.model(), run.tokenizer, step)

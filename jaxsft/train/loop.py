@@ -14,7 +14,7 @@ from flax import nnx
 
 from jaxsft import metrics as metrics_lib
 from jaxsft import rundir, writer_lock
-from jaxsft.eval import side_by_side
+from jaxsft.evals.gsm8k import side_by_side
 from jaxsft.hub import push_to_hub
 from jaxsft.model_card import model_card
 from jaxsft.models import gguf_export, peft_io, save_hf

@@ -26,12 +26,11 @@ from jaxsft.data import DataPipeline
 from jaxsft.models import ConfigError, ModelConfig, load_model_config, load_tokenizer
 from jaxsft.models import gguf_export, peft_io
 from jaxsft.models.hf_io import save_tokenizer as save_tokenizer_files
-from jaxsft.models.loading import model_for_run
 from jaxsft.sharding import make_mesh
 from jaxsft.train.config import validate
 from jaxsft.train.distributed import maybe_initialize_distributed
 from jaxsft.train.hooks import Eval, Hook, make_evals, make_hooks
-from jaxsft.train.build import build, is_lora
+from jaxsft.train.build import build, run_model
 from jaxsft.train.offload import Offloaded, restore_for_none
 from jaxsft.train.step import TrainStep
 
@@ -153,15 +152,6 @@ def setup(config) -> Run:
                checkpointer=checkpointer, logger=logger, evals=make_evals(config), hooks=make_hooks(config),
                eval_batches=data.eval_microbatches(), resumed=restored is not None, start=start, end=end,
                total_steps=total_steps, frozen=frozen, plan=plan)
-
-
-def run_model(config, mesh):
-    """The model a run starts from, on `mesh`: its weights (or random ones) and, for LoRA, its
-    adapters (`lora.adapter_path`'s, or fresh ones). `jaxsft.export` rebuilds a LoRA run's with it."""
-    model = model_for_run(config.model, mesh, seed=config.train.seed, base_quant=config.lora.base_quant)
-    if is_lora(config):
-        model = peft_io.add_adapters(model, config.lora, config.train.seed, mesh)
-    return model
 
 
 def save_tokenizer(tokenizer, directory: str) -> None:
