@@ -131,7 +131,7 @@ def device_bytes_of(tree) -> int:
     total = 0
     for x in jax.tree.leaves(tree):
         shard = x.shape if getattr(x, "sharding", None) is None else x.sharding.shard_shape(x.shape)
-        total += math.prod(shard) * jnp.dtype(x.dtype).itemsize
+        total += math.prod(shard) * x.dtype.itemsize  # a PRNG key dtype too (LoRA dropout)
     return total
 
 

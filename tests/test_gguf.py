@@ -131,6 +131,8 @@ model = jaxsft.load_model(smollm2_path(), dtype=jnp.float32, compute_dtype=jnp.f
 text = tok.apply_chat_template([{"role": "user", "content": "What is 2 + 3?"}], tokenize=False, add_generation_prompt=True)
 prompt = tok(text, add_special_tokens=False)["input_ids"]
 print(tok.decode(jaxsft.generate(model, [prompt], 8, eos_token_id=tok.eos_token_id)[0]))
+from transformers.utils import is_torch_available
+print("torch available:", is_torch_available())
 """
 
 
@@ -141,7 +143,7 @@ def test_a_gguf_model_and_its_tokenizer_load_and_generate_without_torch(smollm2,
 
     r = subprocess.run([sys.executable, "-c", NO_TORCH], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "PyTorch was not found" in r.stderr  # transformers' own warning: torch really was absent
+    assert "torch available: False" in r.stdout  # transformers itself saw no torch
     tok = smollm2[3]  # transformers' tokenizer of the same file
     ours = load_gguf_tokenizer(smollm2[0])
     assert ours.chat_template == tok.chat_template and ours.eos_token_id == tok.eos_token_id

@@ -349,7 +349,9 @@ def test_export_of_a_lora_checkpoint_loads_in_peft_and_transformers(tmp_path):
 
     base = small_qwen2_with_tokenizer(tmp_path / "base")
     run = tmp_path / "run"
+    # float32 compute: the judges (PEFT, transformers) compute in float32.
     r = subprocess.run(cli(tmp_path, run, f"--config.model.path={base}", "--config.model.init=pretrained",
+                           "--config.model.compute_dtype=float32",
                            "--config.train.num_steps=2", "--config.lora.r=4", "--config.lora.alpha=8",
                            r"--config.lora.target_modules=.*\.(q_proj|v_proj|down_proj)",
                            "--config.optim.learning_rate=2e-2"),

@@ -75,7 +75,9 @@ def test_bf16_master_weights_are_refused_below_the_safe_lr(tmp_path):
 def test_optimizer_offload_lowers_the_held_out_loss_as_float32_masters_do(tmp_path):
     drops = {}
     for offload in ("none", "host"):
-        r, out = train_cli(tmp_path, f"--config.optim.offload={offload}")
+        # float32 compute: the tiers then differ only in where the float32 masters live (with the
+        # demo's bf16 compute the drops were 0.02032 and 0.02038: 3e-3 of the drop apart).
+        r, out = train_cli(tmp_path, f"--config.optim.offload={offload}", "--config.model.compute_dtype=float32")
         assert r.returncode == 0, r.stderr[-3000:]
         losses = [json.loads(line)["eval_loss"] for line in (out / "eval.jsonl").read_text().splitlines()]
         drops[offload] = losses[0] - losses[-1]
