@@ -4,10 +4,8 @@ launchers' dry runs."""
 
 import json
 import os
-import random
 import re
 import shlex
-import signal
 import socket
 import subprocess
 import sys
@@ -24,7 +22,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # of this process's own rows of the first steps, computed exactly as `run` computes them, and an
 # injected exception in one process at a given step (once that step's checkpoint is complete).
 WORKER = r'''
-import logging, os, sys, time
+import logging, os, signal, sys, time
 logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")  # before jax's own logging
 import jax
 import numpy as np
@@ -57,6 +55,19 @@ if jax.process_index() == 1 and fail_at >= 0:
         return original(self)
 
     DataPipeline.__next__ = failing
+term_at = int(os.environ.get("SIGTERM_AT_STEP", "-1"))
+if jax.process_index() == 1 and term_at >= 0:
+    original_next = DataPipeline.__next__
+
+    def terminated(self):
+        # The signal a preempted host gets, sent while this process fetches step term_at + 1's
+        # batch: the other process may already be past step term_at (it dispatches ahead), never
+        # past the run's last step, which a signal sent from outside could not promise.
+        if self._next_step == term_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original_next(self)
+
+    DataPipeline.__next__ = terminated
 from jaxsft.train.__main__ import main
 main(sys.argv[1:])
 '''
@@ -218,23 +229,16 @@ def test_a_failed_or_preempted_worker_stops_the_job_and_the_same_command_resumes
     assert "resumed from step 2" in texts[0]
     assert sorted(losses(out)) == [1, 2, 3]
 
-    # A SIGTERM to process 1 alone (a preempted host) at a random moment of step 2 or 3: jax's
-    # preemption service makes both processes stop after the same step, save it and exit 75; the
-    # same command resumes to the losses of the job above.
+    # A SIGTERM to process 1 alone (a preempted host) while it fetches step 2's batch: jax's
+    # preemption service makes both processes stop after the same step (2 or 3: process 0 may have
+    # passed step 2's sync point already), save it and exit 75; the same command resumes to the
+    # losses of the job above.
     termed = str(tmp_path / "termed")
     args = train_args(termed, cache, devices=4, **{"train.num_steps": 3, "checkpoint.every_steps": 0})
     # A longer heartbeat timeout than the failure test above needs: on a loaded CI host a process
     # compiling the step can miss 10 s of heartbeats.
     patient = {"JAXSFT_HEARTBEAT_TIMEOUT_S": "60"}
-    procs = launch(tmp_path, 2, args, devices=4, **patient)
-    deadline = time.time() + 600
-    metrics = os.path.join(termed, "metrics.jsonl")
-    while not (os.path.exists(metrics) and open(metrics).read().endswith("\n")):  # step 1 logged
-        assert all(p.poll() is None for p, _ in procs) and time.time() < deadline, "the job ended first"
-        time.sleep(0.05)
-    time.sleep(random.uniform(0, 0.3))
-    procs[1][0].send_signal(signal.SIGTERM)
-    codes, texts = wait(procs, timeout=300)
+    codes, texts = wait(launch(tmp_path, 2, args, devices=4, SIGTERM_AT_STEP="1", **patient), timeout=600)
     assert codes == [75, 75], "\n".join(t[-3000:] for t in texts)
     saved = [int(re.search(r"preempted: stopped after step (\d+) of 3", t).group(1)) for t in texts]
     assert saved[0] == saved[1] and os.listdir(os.path.join(termed, "checkpoints")) == [str(saved[0])]
