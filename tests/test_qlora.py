@@ -10,17 +10,19 @@ import bitsandbytes as bnb
 import bitsandbytes.functional as F
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 import torch
 import transformers as tf
 from flax import nnx
 from jax.sharding import PartitionSpec as P
-from peft import PeftModel
+from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
 
 import jaxsft
-from jaxsft.models import ConfigError, Decoder, ModelConfig, lora, nf4
+from jaxsft.data import DataPipeline
+from jaxsft.models import ConfigError, Decoder, ModelConfig, load_tokenizer, lora, nf4
 from jaxsft.models.loading import quantized
 from jaxsft.sharding import make_mesh
 from jaxsft.train import default_config
@@ -52,14 +54,18 @@ def test_nf4_is_bitsandbytes_bit_for_bit(shape, dtype):
         np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)), expected)
 
 
-def reference_logits(model, ids=IDS):
+def without_cpu_repacking(model):
     # bitsandbytes' CPU inference path repacks the weights into bf16 on machines with AVX512-BF16;
     # the reference is its dequantize-then-matmul path (what GPUs run), so switch the repacking off.
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
             module.support_avx512bf16_for_cpu = False
+    return model
+
+
+def reference_logits(model, ids=IDS):
     with torch.no_grad():
-        return model(torch.tensor(ids)).logits.float().numpy()
+        return without_cpu_repacking(model)(torch.tensor(ids)).logits.float().numpy()
 
 
 def jax_logits(path, ids=IDS, **options):
@@ -149,6 +155,59 @@ def test_qlora_run_adapter_loads_in_peft_on_the_bnb_base(folders, tmp_path):
     merged = tf.AutoModelForCausalLM.from_pretrained(run / "hf", dtype=torch.float32)
     with torch.no_grad():
         np.testing.assert_allclose(merged(torch.tensor(IDS)).logits.numpy(), ours, atol=2e-5)
+
+
+def peft_loss_sum(model, microbatch):
+    """PEFT's summed token loss over a packed jaxsft micro-batch: each packed sample is run alone."""
+    total = 0.0
+    for row in range(len(microbatch["input_ids"])):
+        segments = microbatch["segment_ids"][row]
+        for segment in np.unique(segments[segments > 0]):
+            at = segments == segment
+            np.testing.assert_array_equal(microbatch["positions"][row][at], np.arange(at.sum()))
+            with torch.no_grad():
+                logits = model(torch.tensor(microbatch["input_ids"][row][at][None])).logits[0].double()
+            losses = torch.nn.functional.cross_entropy(
+                logits, torch.tensor(microbatch["targets"][row][at]).long(), reduction="none")
+            total += float((losses * torch.tensor(microbatch["loss_mask"][row][at]).double()).sum())
+    return total
+
+
+@pytest.mark.slow
+def test_peft_qlora_adapter_continues_training_here(folders, tmp_path):
+    """An adapter trained by PEFT QLoRA (torch, on the bitsandbytes 4-bit folder) continues training
+    in a CLI run on the same folder, loaded as NF4: the first step's loss is PEFT's loss on that
+    step's batch, and the next steps lower it."""
+    peft = get_peft_model(without_cpu_repacking(tf.AutoModelForCausalLM.from_pretrained(folders / "nf4", device_map="cpu")),
+                          LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    adam = torch.optim.AdamW([p for p in peft.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        peft(torch.tensor(IDS), labels=torch.tensor(IDS)).loss.backward()
+        adam.step()
+        adam.zero_grad()
+    peft.save_pretrained(tmp_path / "adapter")
+    peft.eval()
+
+    with open(os.path.join(ASSETS, "gsm8k", "train.jsonl")) as f:  # 4 problems, 4 a step: the same every step
+        (tmp_path / "train.jsonl").write_text("".join(f.readlines()[:4]))
+    run = tmp_path / "run"
+    r = subprocess.run(cli(tmp_path, run, f"--config.model.path={folders / 'nf4'}", "--config.model.init=pretrained",
+                           f"--config.data.tokenizer={folders / 'base'}", f"--config.lora.adapter_path={tmp_path / 'adapter'}",
+                           "--config.model.compute_dtype=float32", "--config.optim.schedule=constant", "--config.optim.warmup_steps=0",
+                           "--config.optim.learning_rate=5e-3"), cwd=REPO, env=ENV, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    # The run's first batch, from its recorded config (one device, as it ran).
+    config = ml_collections.ConfigDict(json.loads((run / "config.json").read_text()))
+    first = next(DataPipeline(config.data, load_tokenizer(config.data.tokenizer)))
+    expected = sum(peft_loss_sum(peft, mb) for mb in first.microbatches) / first.num_loss_tokens
+    with peft.disable_adapter():
+        base = sum(peft_loss_sum(peft, mb) for mb in first.microbatches) / first.num_loss_tokens
+    losses = [m["loss"] for m in metrics(run)]
+    # PEFT's training moved the loss by 5.7e-3 (11.9283 -> 11.9226), ~500x the tolerance below; the
+    # first step repeated it to 2e-8 and the next three lowered it to 11.736 (when written).
+    assert abs(expected - base) > 1e-3, (expected, base)
+    np.testing.assert_allclose(losses[0], expected, rtol=1e-6)
+    assert losses == sorted(losses, reverse=True) and losses[-1] < losses[0] - 0.1, losses
 
 
 @pytest.mark.slow
