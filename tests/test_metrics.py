@@ -298,13 +298,14 @@ def get_config():
 '''
 
 
-def tiny_model(tmp_path):
-    """The demo model's files with a much smaller body (the 152k vocabulary dominates anyway)."""
+def tiny_model(tmp_path, hidden_size=16):
+    """The demo model's files with a much smaller body (the 152k vocabulary dominates anyway);
+    `hidden_size=64` makes every projection's input a multiple of NF4's 64-value blocks (QLoRA)."""
     src = os.path.join(REPO, "configs/assets/tiny-qwen2")
     model = tmp_path / "model"
     shutil.copytree(src, model)
     config = json.loads((model / "config.json").read_text())
-    config.update(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+    config.update(hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=1, num_attention_heads=2,
                   num_key_value_heads=1)
     (model / "config.json").write_text(json.dumps(config))
     return model, src

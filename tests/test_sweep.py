@@ -85,13 +85,13 @@ def get_config():
 '''
 
 
-def sweep_runner(tmp_path, *flags, out=None):
-    """(out, sweep): the sweep of SWEEP_FILE on the tiny demo model in `out` (default
-    `tmp_path/sweep`); `sweep(*args)` runs `python -m jaxsft.sweep` with `flags` and `args` and
-    returns its sweep_state.json."""
+def sweep_runner(tmp_path, *flags, out=None, hidden_size=16):
+    """(out, sweep): the sweep of SWEEP_FILE on the tiny demo model (of `hidden_size`) in `out`
+    (default `tmp_path/sweep`); `sweep(*args)` runs `python -m jaxsft.sweep` with `flags` and `args`
+    and returns its sweep_state.json."""
     from test_metrics import tiny_model
 
-    model, tokenizer = tiny_model(tmp_path)
+    model, tokenizer = tiny_model(tmp_path, hidden_size)
     cfg = tmp_path / "sweep.py"
     cfg.write_text(f"MODEL = {str(model)!r}\nTOKENIZER = {tokenizer!r}\n"
                    f"DATA = {os.path.join(REPO, 'configs/assets/gsm8k/train.jsonl')!r}\n" + SWEEP_FILE)
@@ -139,10 +139,10 @@ def test_sweep_prunes_skips_finished_runs_continues_by_hand_and_reports(tmp_path
 
 
 @pytest.mark.slow
-def test_a_lora_sweep_prunes_reports_and_trains_adapters_only(tmp_path):
-    """The same sweep with LoRA runs (r=4 on a 2-learning-rate grid): ranked and pruned on the
-    adapters' gradient norms; every run writes a PEFT adapter that loads onto the base model, and its
-    merged export equals base + adapter, so the base weights never changed."""
+def test_a_qlora_sweep_prunes_reports_and_trains_adapters_only(tmp_path):
+    """The same sweep with QLoRA runs (r=4 on an NF4 base, a 2-learning-rate grid): ranked and pruned
+    on the adapters' gradient norms; every run writes a PEFT adapter that loads onto the NF4 base
+    model, and its merged export equals dequantized base + adapter, so the base never changed."""
     import jax
     import jax.numpy as jnp
     import ml_collections
@@ -152,8 +152,9 @@ def test_a_lora_sweep_prunes_reports_and_trains_adapters_only(tmp_path):
     from jaxsft.models.loading import model_for_run
 
     out, sweep = sweep_runner(tmp_path, "--config.base.lora.r=4", "--config.base.lora.alpha=8",
-                              "--config.learning_rates=(0.01, 0.1)", "--config.prune_fraction=0.5",
-                              "--config.base.train.export_hf=True", "--config.base.train.export_dtype=float32")
+                              "--config.base.lora.base_quant=nf4", "--config.learning_rates=(0.01, 0.1)",
+                              "--config.prune_fraction=0.5", "--config.base.train.export_hf=True",
+                              "--config.base.train.export_dtype=float32", hidden_size=64)
     state = sweep()
     (rung,) = state["rungs"]
     assert sorted(rung["scores"]) == sorted(state["runs"]) and len(rung["stopped"]) == 1
@@ -168,7 +169,8 @@ def test_a_lora_sweep_prunes_reports_and_trains_adapters_only(tmp_path):
         assert all(np.isfinite(x["grad_norm"]) and x["grad_norm"] > 0 for x in lines), lines
         c = ml_collections.ConfigDict(json.loads((run / "config.json").read_text()))
         assert c.lora.r == 4
-        base = model_for_run(c.model, seed=c.train.seed)  # the random base the run started from
+        base = model_for_run(c.model, seed=c.train.seed, base_quant=c.lora.base_quant)  # the run's start
+        assert base.layers.q.packed[...].dtype == jnp.uint8
         with_adapter = peft_io.load_adapter(base, run / "adapter")
         b = np.asarray(with_adapter.lora.q.b[...])
         assert np.abs(b).max() > 0  # trained (B starts at zero)
