@@ -1,5 +1,5 @@
 """Multi-process training on CPU with real processes (2 processes x 4 simulated devices against
-1 process x 8; 2 x 2 against 1 x 4 on hosts under 40 GB), checkpoints across process counts, LoRA in 2 processes, a failing worker, a preempted one (SIGTERM), and the
+1 process x 8; 2 x 2 against 1 x 4 on hosts under 40 GB), checkpoints across process counts, QLoRA in 2 processes, a failing worker, a preempted one (SIGTERM), and the
 launchers' dry runs."""
 
 import json
@@ -375,22 +375,28 @@ def test_slurm_script_dry_run(tasks):
 
 
 @pytest.mark.slow
-def test_lora_in_two_processes_resumes_trains_and_saves_like_one(tmp_path):
-    """LoRA (with LoRA+) on the tiny demo model: a 2 process x 1 device job resumes a 1-process
-    (2-device) adapters-only checkpoint, and its next step, its checkpoint (read back by
-    `python -m jaxsft.export`) and its gathered PEFT adapter equal the 1-process run's. Dropout is
-    left out: its masks follow each row's place in the batch, which the process count changes."""
+def test_qlora_in_two_processes_resumes_trains_and_saves_like_one(tmp_path):
+    """QLoRA (an NF4 base, its packed weights sharded over both processes' devices; with LoRA+) on
+    the tiny demo model: a 2 process x 1 device job resumes a 1-process (2-device) adapters-only
+    checkpoint, and its next step, its checkpoint (read back by `python -m jaxsft.export`) and its
+    gathered PEFT adapter equal the 1-process run's. Dropout is left out: its masks follow each
+    row's place in the batch, which the process count changes."""
     import shutil
 
+    import jax.numpy as jnp
+    import ml_collections
     from safetensors.numpy import load_file
     from test_metrics import tiny_model
 
     from jaxsft.export import main as export_main
+    from jaxsft.models import load_model, peft_io
+    from jaxsft.models.loading import model_for_run
 
-    model, tokenizer = tiny_model(tmp_path)
+    model, tokenizer = tiny_model(tmp_path, hidden_size=64)  # projections' inputs in NF4's 64-value blocks
     cache, one, two = tmp_path / "cache", tmp_path / "one", tmp_path / "two"
     lora = {"model.path": model, "data.tokenizer": tokenizer, "data.global_batch_size": 4, "train.num_steps": 3,
-            "lora.r": 4, "lora.alpha": 8, "lora.lr_ratio": 4, "optim.learning_rate": 1e-2, "checkpoint.keep": 3,
+            "lora.r": 4, "lora.alpha": 8, "lora.lr_ratio": 4, "lora.base_quant": "nf4", "optim.learning_rate": 1e-2,
+            "checkpoint.keep": 3,
             "model.compute_dtype": "float32"}  # in the demo's bf16 the 2-process grad norm is 8e-5 off
     run_job(tmp_path, 1, train_args(one, cache, devices=2, **lora), devices=2)
     shutil.copytree(one / "checkpoints", tmp_path / "ckpt", ignore=shutil.ignore_patterns("3"))
@@ -410,6 +416,14 @@ def test_lora_in_two_processes_resumes_trains_and_saves_like_one(tmp_path):
         assert sorted(got) == sorted(expected)
         for k, v in expected.items():
             np.testing.assert_allclose(got[k], v, rtol=1e-4, atol=1e-6, err_msg=f"{adapter}: {k}")
+    # The base was NF4: the merged export's kernels are the dequantized random base + the adapter.
+    c = ml_collections.ConfigDict(json.loads((one / "config.json").read_text()))
+    nf4_base = model_for_run(c.model, seed=c.train.seed, base_quant="nf4")
+    merged = peft_io.merged(peft_io.load_adapter(nf4_base, two / "adapter"))
+    exported = load_model(tmp_path / "hf", dtype=jnp.float32)
+    np.testing.assert_allclose(exported.layers.down[...], merged.layers.down[...], rtol=1e-5, atol=1e-6)
+    full_precision = model_for_run(c.model, seed=c.train.seed).layers.down[...]
+    assert np.abs(np.asarray(full_precision) - np.asarray(merged.layers.down[...])).max() > 1e-4
 
 
 def metrics_by_step(out):
