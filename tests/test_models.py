@@ -11,9 +11,11 @@ import pytest
 import torch
 import transformers as tf
 from flax import nnx
+from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 import jaxsft
+from jaxsft.models import hf_io
 from jaxsft.models.hf_io import hf_arrays
 from jaxsft.sharding import make_mesh
 from tests.hf_models import FAMILIES, make_hf_model
@@ -172,12 +174,34 @@ def test_packed_row_equals_samples_one_by_one(tmp_path, backend, total, name):
         start += n
 
 
-def test_sharded_load_on_8_devices_gives_same_logits(tmp_path):
+def test_sharded_load_on_8_devices_reads_each_tensor_once_and_gives_same_logits(tmp_path, monkeypatch):
     assert jax.device_count() == 8
     hf = make_hf_model("qwen2")
     hf.save_pretrained(tmp_path)
     mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    reads = []
+
+    class CountingSafeOpen:  # safetensors' handle, with every tensor read recorded
+        def __init__(self, *args, **kw):
+            self.handle = safe_open(*args, **kw)
+
+        def get_tensor(self, name):
+            reads.append(name)
+            return self.handle.get_tensor(name)
+
+        def __getattr__(self, attr):
+            return getattr(self.handle, attr)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return self.handle.__exit__(*exc)
+
+    monkeypatch.setattr(hf_io, "safe_open", CountingSafeOpen)
     model = load_fp32(tmp_path, mesh=mesh)
+    # 8 devices, 4 distinct shards of every layer weight: each tensor is still read once.
+    assert sorted(reads) == sorted(load_file(tmp_path / "model.safetensors"))
     q = model.layers.q[...]
     assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
     assert len(q.addressable_shards) == 8 and q.addressable_shards[0].data.shape == (2, 32, 2, 16)

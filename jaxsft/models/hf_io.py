@@ -229,7 +229,7 @@ def _read_bnb_nf4(read, files, config: ModelConfig, hf_name: str) -> dict[str, n
 def build_model(config: ModelConfig, read_hf_tensor, dtype, compute_dtype, mesh=None, rules=None,
                 read_nf4=None) -> Decoder:
     """A Decoder whose parameters are read with `read_hf_tensor(hf_name) -> np.ndarray` (HF layout),
-    straight into their target sharding: each device shard reads only the layers it holds.
+    straight into their target sharding: each process reads each tensor its devices hold once.
     With `config.base_quant='nf4'` the linear projections are quantized as they are read, one layer
     at a time, or come from `read_nf4(hf_name)` (a checkpoint stored as NF4)."""
     from jaxsft.sharding import param_shardings
@@ -246,33 +246,53 @@ def build_model(config: ModelConfig, read_hf_tensor, dtype, compute_dtype, mesh=
 
     pure = nnx.to_pure_dict(state)
     if config.base_quant:
-        # Each device shard asks for every layer it holds: keep one stacked weight's layers.
+        # Each part of an NF4 weight (packed, absmax, ...) asks for every layer: quantize each once.
         read_nf4 = functools.lru_cache(maxsize=config.num_layers + 1)(
             read_nf4 or (lambda hf_name: nf4.quantize(read_hf_tensor(hf_name), config.base_double_quant)))
     for name, path_in_state in model_param_paths(config).items():
         leaf = _get(pure, path_in_state)
         layers = hf_names[name]
+        sharding = _get(shardings, path_in_state)
         if isinstance(leaf, dict):  # an NF4 weight: its arrays, each stacked over the layers
             for key, part in leaf.items():
-                def nf4_shard(index, key=key, part=part, layers=layers):
-                    picked = range(config.num_layers)[index[0]]
-                    return np.stack([np.asarray(read_nf4(layers[i])[key], part.dtype)[index[1:]] for i in picked])
-                leaf[key] = jax.make_array_from_callback(part.shape, _get(shardings, path_in_state + (key,)), nf4_shard)
+                def read_part(i, key=key, part=part, layers=layers):
+                    return np.asarray(read_nf4(layers[i])[key], part.dtype)
+                leaf[key] = _sharded(part, sharding[key], read_layer=read_part)
             read_nf4.cache_clear()
-            continue
-
-        def shard(index, name=name, leaf=leaf, layers=layers):
-            if None in layers:  # a global weight
-                return np.asarray(read(layers[None], name, leaf.shape)[index], dtype=leaf.dtype)
-            picked = range(config.num_layers)[index[0]]
-            per_layer = leaf.shape[1:]
-            return np.stack([
-                np.asarray(read(layers[i], name, per_layer)[index[1:]], dtype=leaf.dtype) for i in picked])
-
-        sharding = _get(shardings, path_in_state)
-        _set(pure, path_in_state, jax.make_array_from_callback(leaf.shape, sharding, shard))
+        elif None in layers:  # a global weight
+            value = np.asarray(read(layers[None], name, leaf.shape), dtype=leaf.dtype)
+            _set(pure, path_in_state, _sharded(leaf, sharding, value=value))
+        else:
+            def read_layer(i, name=name, leaf=leaf, layers=layers):
+                return np.asarray(read(layers[i], name, leaf.shape[1:]), dtype=leaf.dtype)
+            _set(pure, path_in_state, _sharded(leaf, sharding, read_layer=read_layer))
     nnx.replace_by_pure_dict(state, pure)
     return nnx.merge(graphdef, state)
+
+
+def _sharded(leaf, sharding, *, value=None, read_layer=None) -> jax.Array:
+    """The global array `leaf` (shape, dtype) in `sharding`, from `value` or, for a weight stacked
+    over layers, from `read_layer(i)`: each layer this process's devices hold is read once (not
+    once per device, as `jax.make_array_from_callback` would) and sliced for each of them."""
+    indices = sharding.addressable_devices_indices_map(leaf.shape)
+    distinct = {_key(index): index for index in indices.values()}  # replicas share one buffer
+    if value is not None:
+        shards = {k: value[index] for k, index in distinct.items()}
+    else:
+        held = {k: range(leaf.shape[0])[index[0]] for k, index in distinct.items()}
+        shards = {k: np.empty([len(range(n)[s]) for n, s in zip(leaf.shape, index)], leaf.dtype)
+                  for k, index in distinct.items()}
+        for i in sorted(set().union(*held.values())):
+            layer = read_layer(i)
+            for k, index in distinct.items():
+                if i in held[k]:
+                    shards[k][held[k].index(i)] = layer[index[1:]]
+    return jax.make_array_from_single_device_arrays(
+        leaf.shape, sharding, [jax.device_put(shards[_key(index)], device) for device, index in indices.items()])
+
+
+def _key(index: tuple[slice, ...]) -> tuple:
+    return tuple((s.start, s.stop, s.step) for s in index)
 
 
 def _check_tensors(folder, files, expected, config):
