@@ -12,6 +12,7 @@ transformers in float32, its fastest on this CPU (in bfloat16 it is about 5x slo
 timed alternately, repeat by repeat, so a machine shared with other work slows all alike; the load
 average is recorded. The greedy tokens are compared with transformers' up to the first end token
 jaxsft emits (transformers is kept from emitting it by min_new_tokens): float32 must equal them.
+Each figure is the median of `repeats` (default 3) timed calls.
 Writes benchmarks/results/generate_<device>.json.
 """
 
@@ -21,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import time
 from importlib.metadata import version
 
@@ -73,7 +75,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", default="16,64", help="comma-separated batch sizes")
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtypes", default="float32,bfloat16", help="jaxsft's decode dtypes (weights, "
                         "activations and KV cache); transformers runs in float32, its fastest on CPU")
     parser.add_argument("--out", default=None)
@@ -101,7 +103,7 @@ def main():
         "python": platform.python_version(), "model": os.path.basename(path), "jaxsft_dtypes": dtypes,
         "transformers_dtype": "float32", "new_tokens": args.new_tokens, "repeats": args.repeats,
         "torch_threads": torch.get_num_threads(),
-        "note": ("jaxsft (each dtype) and transformers timed alternately in one process (best of `repeats`), "
+        "note": ("jaxsft (each dtype) and transformers timed alternately in one process (median of `repeats`), "
                  "so a machine shared with other jobs (see load_average_1m) slows all alike. Greedy rows are "
                  "compared with transformers' up to jaxsft's first end token."),
         "runs": [],
@@ -120,7 +122,7 @@ def main():
                 lambda: transformers_run(hf, tokenizer, prompts, args.new_tokens))
             times["transformers"].append(seconds)
             loads.append(os.getloadavg()[0])
-        best = {impl: min(t) for impl, t in times.items()}
+        best = {impl: statistics.median(t) for impl, t in times.items()}
         run = {"batch": batch, "prompt_lengths": [len(p) for p in prompts],
                "transformers": {"seconds": best["transformers"], "tokens_per_s": generated / best["transformers"],
                                 "all_seconds": times["transformers"]},
