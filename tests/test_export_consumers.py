@@ -4,14 +4,18 @@ converter's GGUF of our hf/ export, the LoRA adapter GGUF) against transformers 
 
 One tiny LoRA run (rsLoRA, so a wrong adapter scale shows) on a random Qwen2-shaped base with the
 real Qwen2.5 tokenizer is shared by every test. The transformers 4.57 check runs where
-JAXSFT_TRANSFORMERS4_PYTHON names a 4.57 interpreter (.ci/transformers4); llama.cpp's converter is
-read from the llama-cpp-python sdist that CI builds the wheel from (LLAMA_CPP_SRC, .ci/run).
+JAXSFT_TRANSFORMERS4_PYTHON names a 4.57 interpreter (.ci/transformers4). llama-cpp-python comes
+with the `test` extra (a missing one fails these tests); llama.cpp's converter is read from the
+source of the same version (`llama_cpp_src`).
 """
 
+import importlib.metadata
 import json
 import os
 import subprocess
 import sys
+import tarfile
+import tempfile
 
 import numpy as np
 import pytest
@@ -23,7 +27,39 @@ from tests.conftest import ASSETS
 CONFIGS = os.path.join(os.path.dirname(ASSETS), "..", "configs", "assets")
 QWEN_TOKENIZER = str(ASSETS / "tokenizers" / "qwen2.5-0.5b-instruct")
 TRANSFORMERS4 = os.environ.get("JAXSFT_TRANSFORMERS4_PYTHON")
-LLAMA_CPP_SRC = os.environ.get("LLAMA_CPP_SRC")
+
+
+def llama_cpp_version() -> str:
+    """The installed llama-cpp-python's version; without it the llama.cpp tests fail, never skip."""
+    try:
+        return importlib.metadata.version("llama-cpp-python")
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    pytest.fail("llama-cpp-python is not installed: it is the judge of the GGUF exports, in the `test` "
+                "extra (pip install -e '.[test]' builds llama.cpp from source, ~10+ min on 2 cores)", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def llama_cpp_src():
+    """llama.cpp's source tree (convert_hf_to_gguf.py) of the installed llama-cpp-python's version:
+    LLAMA_CPP_SRC where set, else that version's sdist, fetched from PyPI once into ~/.cache/jaxsft."""
+    if os.environ.get("LLAMA_CPP_SRC"):
+        return os.environ["LLAMA_CPP_SRC"]
+    version = llama_cpp_version()
+    cache = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "jaxsft")
+    src = os.path.join(cache, f"llama_cpp_python-{version}", "vendor", "llama.cpp")
+    if not os.path.exists(os.path.join(src, "convert_hf_to_gguf.py")):
+        os.makedirs(cache, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cache) as tmp:
+            fetch = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary",
+                                    "llama-cpp-python", "-d", tmp, f"llama-cpp-python=={version}"],
+                                   capture_output=True, text=True)
+            assert fetch.returncode == 0, f"fetching llama.cpp's converter from PyPI failed (or set " \
+                                          f"LLAMA_CPP_SRC to a llama.cpp source tree): {fetch.stderr[-2000:]}"
+            with tarfile.open(os.path.join(tmp, f"llama_cpp_python-{version}.tar.gz")) as sdist:
+                sdist.extractall(tmp, filter="data")
+            os.replace(os.path.join(tmp, f"llama_cpp_python-{version}"), os.path.dirname(os.path.dirname(src)))
+    return src
 
 
 def prompts(n=5):
@@ -135,7 +171,7 @@ print(json.dumps(out))
 
 
 @pytest.mark.skipif(not TRANSFORMERS4, reason="needs JAXSFT_TRANSFORMERS4_PYTHON (.ci/transformers4)")
-def test_exports_read_under_transformers4(run_dir, tmp_path):
+def test_exports_read_under_transformers4(run_dir, llama_cpp_src, tmp_path):
     """Tokenizers written by transformers 5 (our export's, Llama 3.2's, SmolLM2's from its GGUF)
     give transformers 4.57 the same chat-template ids as 5.x; 4.57 loads the exported model and its
     generation config; llama.cpp's converter, under 4.57 as its requirements pin, converts hf/."""
@@ -159,10 +195,9 @@ def test_exports_read_under_transformers4(run_dir, tmp_path):
             "g = tf.GenerationConfig.from_pretrained(sys.argv[1]); print(type(m).__name__, g.eos_token_id)")
     out = subprocess.run([TRANSFORMERS4, "-c", load, folders[0]], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["Qwen2ForCausalLM", "151645"]
-    if LLAMA_CPP_SRC:
-        subprocess.run([TRANSFORMERS4, os.path.join(LLAMA_CPP_SRC, "convert_hf_to_gguf.py"), folders[0],
-                        "--outtype", "f32", "--outfile", str(tmp_path / "converted.gguf")], check=True)
-        assert (tmp_path / "converted.gguf").stat().st_size > 0
+    subprocess.run([TRANSFORMERS4, os.path.join(llama_cpp_src, "convert_hf_to_gguf.py"), folders[0],
+                    "--outtype", "f32", "--outfile", str(tmp_path / "converted.gguf")], check=True)
+    assert (tmp_path / "converted.gguf").stat().st_size > 0
 
 
 def test_gguf_refusals_leave_nothing(run_dir, tmp_path, monkeypatch):
@@ -196,6 +231,7 @@ def test_gguf_refusals_leave_nothing(run_dir, tmp_path, monkeypatch):
 
 def llama(path, **kw):
     """llama.cpp with a float32 KV cache (its default f16 cache alone costs ~2e-4 relative)."""
+    llama_cpp_version()
     from llama_cpp import GGML_TYPE_F32, Llama
 
     return Llama(model_path=str(path), n_ctx=512, n_threads=2, logits_all=True, verbose=False,
@@ -241,22 +277,19 @@ def chat_ids(run_dir):
 
 
 @pytest.mark.slow
-def test_gguf_runs_in_llama_cpp_like_transformers(run_dir, chat_ids, tmp_path):
+def test_gguf_runs_in_llama_cpp_like_transformers(run_dir, chat_ids, llama_cpp_src, tmp_path):
     """llama.cpp on our f32 GGUF and on its own converter's GGUF of hf/: transformers' logits
     (<= 1e-4 relative) and greedy tokens, its tokenization of the rendered prompts, the chat
     template; our q8_0 GGUF (the CLI's) keeps the greedy tokens on most prompts. model.gguf is
     written after hf/ from the same merged model: merging a LoRA run twice must not add the
     adapters twice (it did)."""
-    pytest.importorskip("llama_cpp")
     tok, ids = chat_ids
     hf = tf.AutoModelForCausalLM.from_pretrained(os.path.join(run_dir, "hf"), dtype=torch.float32).eval()
     reference = [torch_run(hf, prompt) for prompt in ids]
-    files = {"ours": os.path.join(run_dir, "model.gguf")}
-    if LLAMA_CPP_SRC:
-        files["converter"] = str(tmp_path / "converted.gguf")
-        subprocess.run([sys.executable, os.path.join(LLAMA_CPP_SRC, "convert_hf_to_gguf.py"),
-                        os.path.join(run_dir, "hf"), "--outtype", "f32", "--outfile", files["converter"]],
-                       check=True, capture_output=True)
+    files = {"ours": os.path.join(run_dir, "model.gguf"), "converter": str(tmp_path / "converted.gguf")}
+    subprocess.run([sys.executable, os.path.join(llama_cpp_src, "convert_hf_to_gguf.py"),
+                    os.path.join(run_dir, "hf"), "--outtype", "f32", "--outfile", files["converter"]],
+                   check=True, capture_output=True)
     for label, path in files.items():
         llm = llama(path)
         assert llm.metadata["tokenizer.chat_template"] == tok.chat_template, label
@@ -278,7 +311,6 @@ def test_gguf_runs_in_llama_cpp_like_transformers(run_dir, chat_ids, tmp_path):
 def test_gguf_adapter_applies_like_peft(base, run_dir, chat_ids, tmp_path):
     """llama.cpp with adapter.gguf on the base model's GGUF gives PEFT's logits (<= 1e-4 relative,
     while the adapter moves them far more) and greedy tokens: rsLoRA's alpha / sqrt(r) is folded in."""
-    pytest.importorskip("llama_cpp")
     import jax.numpy as jnp
     from peft import PeftModel
 
@@ -305,7 +337,6 @@ def test_llama_family_gguf_runs_in_llama_cpp_like_transformers(chat_ids, tmp_pat
     """The `llama` architecture's own paths: q/k rows permuted for llama.cpp's RoPE, llama3 RoPE
     scaling as rope_freqs.weight, GQA, head_dim != hidden / heads, an untied head (checked by hand
     the same way, not in the suite: Mistral, Qwen3 and Granite, all within 6e-7)."""
-    pytest.importorskip("llama_cpp")
     import jax.numpy as jnp
 
     import jaxsft
