@@ -119,7 +119,7 @@ def test_other_quantizations_are_refused_by_name(folders, tmp_path, quantization
 def test_qlora_run_adapter_loads_in_peft_on_the_bnb_base(folders, tmp_path):
     """A QLoRA CLI run on the full-precision folder: its adapter, put by PEFT on the base quantized
     by transformers + bitsandbytes, gives jaxsft's logits; its merged export loads in transformers;
-    a run SIGKILLed after a checkpoint resumes exactly. Full fine-tuning of a quantized base is refused."""
+    llama.cpp applies its adapter.gguf on the base dequantized by bitsandbytes; a run SIGKILLed after a checkpoint resumes exactly. Full fine-tuning of a quantized base is refused."""
     flags = (f"--config.model.path={folders / 'base'}", "--config.model.init=pretrained",
              "--config.lora.r=4", "--config.lora.alpha=8", "--config.optim.learning_rate=2e-2")
     config = default_config()
@@ -133,7 +133,8 @@ def test_qlora_run_adapter_loads_in_peft_on_the_bnb_base(folders, tmp_path):
 
     run, killed = tmp_path / "run", tmp_path / "killed"
     r = subprocess.run(cli(tmp_path, run, *flags, "--config.lora.base_quant=nf4", "--config.train.export_hf=True",
-                           "--config.train.export_dtype=float32"), cwd=REPO, env=ENV, capture_output=True, text=True)
+                           "--config.train.export_dtype=float32", "--config.train.export_gguf=f32"),
+                       cwd=REPO, env=ENV, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     # SIGKILLed after checkpoint 2 and started again: the uninterrupted run's losses and adapter, bitwise.
     sigkill_after_checkpoint(cli(tmp_path, killed, *flags, "--config.lora.base_quant=nf4"), killed)
@@ -155,6 +156,26 @@ def test_qlora_run_adapter_loads_in_peft_on_the_bnb_base(folders, tmp_path):
     merged = tf.AutoModelForCausalLM.from_pretrained(run / "hf", dtype=torch.float32)
     with torch.no_grad():
         np.testing.assert_allclose(merged(torch.tensor(IDS)).logits.numpy(), ours, atol=2e-5)
+
+    # llama.cpp applies the run's adapter.gguf on the base dequantized by bitsandbytes: our logits
+    # (<= 1e-4 relative) and PEFT's greedy tokens.
+    from jaxsft.models.gguf_export import save_gguf
+    from tests.test_export_consumers import llama, llama_greedy, llama_logits, rel_err, torch_run
+
+    dequantized = tf.AutoModelForCausalLM.from_pretrained(folders / "base", dtype=torch.float32)
+    with torch.no_grad():
+        for name, module in tf.AutoModelForCausalLM.from_pretrained(folders / "nf4", device_map="cpu").named_modules():
+            if isinstance(module, bnb.nn.Linear4bit):
+                weight = F.dequantize_4bit(module.weight.data, module.weight.quant_state)
+                dequantized.get_submodule(name).weight.copy_(weight)
+    dequantized.save_pretrained(tmp_path / "dequantized")
+    tokenizer = tf.AutoTokenizer.from_pretrained(folders / "base")
+    save_gguf(jaxsft.load_model(tmp_path / "dequantized", dtype=jnp.float32), str(tmp_path / "base.gguf"),
+              tokenizer, "f32")
+    llm = llama(tmp_path / "base.gguf", lora_path=str(run / "adapter.gguf"))
+    for row, expected in zip(IDS.tolist(), ours):
+        assert rel_err(llama_logits(llm, row), expected) <= 1e-4
+        assert llama_greedy(llm, row, 8) == torch_run(peft, row)[1]
 
 
 def peft_loss_sum(model, microbatch):

@@ -1,8 +1,9 @@
 """GGUF (llama.cpp) files out: a model, or a LoRA run's adapters, written as llama.cpp's own
 converters (`convert_hf_to_gguf.py`, `convert_lora_to_gguf.py`) write them, with the `gguf` package:
 its tensor names and layouts, the architecture's metadata (RoPE with llama3 scaling as
-`rope_freqs.weight`), and the tokenizer (byte-level BPE vocabulary, merges, pre-tokenizer, special
-ids, chat template). llama.cpp and Ollama then run the fine-tuned model with no conversion step.
+`rope_freqs.weight`), and the tokenizer (byte-level BPE: vocabulary, merges, pre-tokenizer;
+SentencePiece BPE as Llama 2 and Mistral have it: vocabulary, scores, token types; both with special
+ids and chat template). llama.cpp and Ollama then run the fine-tuned model with no conversion step.
 
 Families: Llama, Mistral (llama.cpp runs it as `llama`), Qwen2, Qwen3, Granite. Types: f32, f16,
 bf16 and q8_0 (norms, biases and RoPE factors stay f32, as the converter keeps them). The file is
@@ -15,6 +16,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import tempfile
 
 import numpy as np
@@ -61,35 +63,45 @@ def check_supported(config: ModelConfig, gguf_type: str, tokenizer=None) -> str:
     if rope not in ("default", "linear", "llama3"):
         raise UnsupportedForGGUF(f"RoPE scaling {rope!r} is not written to GGUF (default, linear, llama3)")
     if tokenizer is not None:
-        pre_tokenizer(tokenizer)
+        vocab_kind(tokenizer)
     return ARCHITECTURES[config.architecture]
 
 
-def pre_tokenizer(tokenizer) -> str:
-    """llama.cpp's name of a byte-level BPE tokenizer's pre-tokenizer, or UnsupportedForGGUF."""
+def vocab_kind(tokenizer) -> tuple[str, str]:
+    """llama.cpp's tokenizer model and pre-tokenizer for `tokenizer`: ("gpt2", its name) for a
+    byte-level BPE, ("llama", "default") for a SentencePiece BPE (byte fallback, `▁` for spaces),
+    or UnsupportedForGGUF."""
     model = json.loads(tokenizer.backend_tokenizer.to_str())["model"] if tokenizer.is_fast else {}
-    if model.get("type") != "BPE" or model.get("byte_fallback"):
-        raise UnsupportedForGGUF("only byte-level BPE tokenizers are written to GGUF (Llama 3, Qwen, SmolLM, "
-                                 "Granite); for another, run llama.cpp's convert_hf_to_gguf.py on the hf/ export")
+    if model.get("type") == "BPE" and model.get("byte_fallback"):
+        return "llama", "default"
+    if model.get("type") != "BPE":
+        raise UnsupportedForGGUF("only BPE tokenizers are written to GGUF (byte-level: Llama 3, Qwen, SmolLM, Granite; "
+                                 "SentencePiece: Llama 2, Mistral); for another, run llama.cpp's convert_hf_to_gguf.py "
+                                 "on the hf/ export")
     digest = hashlib.sha256(str(tokenizer.encode(PRE_TOKENIZER_TEXT)).encode()).hexdigest()
     if digest not in PRE_TOKENIZERS:
         raise UnsupportedForGGUF(f"the tokenizer's pre-tokenizer (llama.cpp hash {digest[:12]}...) is not one "
                                  "llama.cpp knows for the supported families")
-    return PRE_TOKENIZERS[digest]
+    return "gpt2", PRE_TOKENIZERS[digest]
 
 
-def add_tokenizer(writer, tokenizer, c: ModelConfig) -> None:
-    """The vocabulary as convert_hf_to_gguf.py's `_set_vocab_gpt2` writes it, then merges, special
-    ids, add_bos/add_eos and the chat template with the `gguf` package's SpecialVocab (the
-    converter's own), read from the files an export holds (tokenizer files and the config's ids)."""
+def _added_token_type(tokenizer, i: int, token: str):
+    """The converter's type of an added token: CONTROL if special or `<|...|>`, else USER_DEFINED."""
     import gguf
 
-    pre = pre_tokenizer(tokenizer)
-    vocab = tokenizer.get_vocab()
-    reverse = {i: t for t, i in vocab.items()}
+    looks_special = token.startswith("<|") and token.endswith("|>")
+    return gguf.TokenType.CONTROL if tokenizer.added_tokens_decoder[i].special or looks_special \
+        else gguf.TokenType.USER_DEFINED
+
+
+def _bpe_vocab(tokenizer, n_vocab: int) -> tuple[list[str], list]:
+    """Tokens and types as convert_hf_to_gguf.py's `_set_vocab_gpt2` writes them."""
+    import gguf
+
+    reverse = {i: t for t, i in tokenizer.get_vocab().items()}
     added = tokenizer.added_tokens_decoder
     tokens, types = [], []
-    for i in range(c.vocab_size):
+    for i in range(n_vocab):
         if i not in reverse:
             tokens.append(f"[PAD{i}]")
             types.append(gguf.TokenType.UNUSED)
@@ -98,21 +110,86 @@ def add_tokenizer(writer, tokenizer, c: ModelConfig) -> None:
         if i in added:
             if not added[i].normalized:
                 token = tokenizer.decode(tokenizer.encode(token, add_special_tokens=False))
-            looks_special = token.startswith("<|") and token.endswith("|>")
-            types.append(gguf.TokenType.CONTROL if added[i].special or looks_special else gguf.TokenType.USER_DEFINED)
+            types.append(_added_token_type(tokenizer, i, token))
         else:
             types.append(gguf.TokenType.NORMAL)
         tokens.append(token)
-    writer.add_tokenizer_model("gpt2")
+    return tokens, types
+
+
+def _sentencepiece_vocab(tokenizer, n_vocab: int) -> tuple[list[str], list[float], list]:
+    """Tokens, scores and types as the converter's `_set_vocab_sentencepiece` reads them from a
+    `tokenizer.model`, here from the tokenizer.json that transformers converted it into (5.x saves no
+    tokenizer.model). llama.cpp merges the adjacent pair whose joined token scores highest; transformers
+    applies the lowest-ranked merge: a token's score is minus the rank of its first merge (tokens that
+    no merge makes, single characters and bytes, are never a pair's join: their score is not used)."""
+    import gguf
+
+    model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+    first_merge = {}
+    for rank, merge in enumerate(model["merges"]):
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+        first_merge.setdefault(left + right, rank)
+    reverse = {i: t for t, i in tokenizer.get_vocab().items()}
+    added = tokenizer.added_tokens_decoder
+    tokens, scores, types = [], [], []
+    for i in range(n_vocab):
+        token = reverse.get(i, f"[PAD{i}]")
+        if i not in reverse:
+            kind = gguf.TokenType.UNUSED
+        elif i == tokenizer.unk_token_id:
+            kind = gguf.TokenType.UNKNOWN
+        elif i in added:
+            kind = _added_token_type(tokenizer, i, token)
+        elif re.fullmatch(r"<0x[0-9A-F]{2}>", token):
+            kind = gguf.TokenType.BYTE
+        else:
+            kind = gguf.TokenType.NORMAL
+        tokens.append(token)
+        scores.append(-float(first_merge.get(token, len(model["merges"]))) if kind == gguf.TokenType.NORMAL else 0.0)
+        types.append(kind)
+    return tokens, scores, types
+
+
+def _adds_space_prefix(tokenizer) -> bool:
+    """Whether a SentencePiece tokenizer puts `▁` before the text (SentencePiece's add_dummy_prefix:
+    a Metaspace pre-tokenizer whose prepend_scheme is not "never", or a Prepend normalizer)."""
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    parts = json.dumps([spec.get("normalizer"), spec.get("pre_tokenizer")])
+    return bool(re.search(r'"type": "Prepend"|"prepend_scheme": "(always|first)"', parts))
+
+
+def add_tokenizer(writer, tokenizer, c: ModelConfig) -> None:
+    """The vocabulary as convert_hf_to_gguf.py writes it (`_set_vocab_gpt2` or
+    `_set_vocab_sentencepiece`), then merges (byte-level BPE), special ids and the chat template with
+    the `gguf` package's SpecialVocab (the converter's own), read from the files an export holds
+    (tokenizer files and the config's ids). add_bos/add_eos are what the tokenizer does: SpecialVocab
+    guesses them from tokenizer.json and, where it cannot, llama.cpp's defaults apply (a BOS for
+    SentencePiece, which transformers 5's LlamaTokenizer does not add without `add_bos_token`)."""
+    import gguf
+
+    kind, pre = vocab_kind(tokenizer)
+    writer.add_tokenizer_model(kind)
     writer.add_tokenizer_pre(pre)
-    writer.add_token_list(tokens)
+    if kind == "gpt2":
+        tokens, types = _bpe_vocab(tokenizer, c.vocab_size)
+        writer.add_token_list(tokens)
+    else:
+        tokens, scores, types = _sentencepiece_vocab(tokenizer, c.vocab_size)
+        writer.add_token_list(tokens)
+        writer.add_token_scores(scores)
+        writer.add_add_space_prefix(_adds_space_prefix(tokenizer))
     writer.add_token_types(types)
     with tempfile.TemporaryDirectory() as folder:
         save_tokenizer(tokenizer, folder)
         with open(os.path.join(folder, "config.json"), "w") as f:
             json.dump({"bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id,
                        "pad_token_id": c.pad_token_id}, f)
-        gguf.SpecialVocab(folder, load_merges=True, n_vocab=c.vocab_size).add_to_gguf(writer, quiet=True)
+        special = gguf.SpecialVocab(folder, load_merges=kind == "gpt2", n_vocab=c.vocab_size)
+    with_special, without = tokenizer("a")["input_ids"], tokenizer("a", add_special_tokens=False)["input_ids"]
+    special.add_special_token["bos"] = with_special[:1] == [tokenizer.bos_token_id] and without[:1] != with_special[:1]
+    special.add_special_token["eos"] = with_special[-1:] == [tokenizer.eos_token_id] and without[-1:] != with_special[-1:]
+    special.add_to_gguf(writer, quiet=True)
 
 
 def llama3_rope_factors(c: ModelConfig) -> np.ndarray:

@@ -385,7 +385,13 @@ def save_tokenizer(tokenizer, folder: str) -> None:
     """`tokenizer.save_pretrained(folder)`, in the form transformers 4.57 and 5.x both read (and with
     them llama.cpp's converter, which pins 4.x): 5.x's generic `TokenizersBackend` class is written as
     `PreTrainedTokenizerFast` (the same tokenizer.json), and its list of `extra_special_tokens` as
-    `additional_special_tokens` (4.x reads `extra_special_tokens` as a dict of named tokens)."""
+    `additional_special_tokens` (4.x reads `extra_special_tokens` as a dict of named tokens).
+
+    A SentencePiece tokenizer (Llama 2, Mistral) keeps what 5.x's save drops: `legacy` (5.x rebuilds
+    the pre-tokenizer from it on load; without it a `legacy` tokenizer comes back putting `▁` before
+    the text only at its start, not after special tokens too: other token ids) and its
+    `tokenizer.model` (llama.cpp's converter reads the pieces' scores from it; without it, it gives
+    every piece the same score and tokenizes differently)."""
     tokenizer.save_pretrained(folder)
     path = os.path.join(folder, "tokenizer_config.json")
     with open(path) as f:
@@ -396,6 +402,13 @@ def save_tokenizer(tokenizer, folder: str) -> None:
         config["tokenizer_class"] = "PreTrainedTokenizerFast"
     if isinstance(config.get("extra_special_tokens"), list):
         config["additional_special_tokens"] = config.pop("extra_special_tokens")
+    if isinstance(getattr(tokenizer, "legacy", None), bool):
+        config["legacy"] = tokenizer.legacy
+    model = json.loads(tokenizer.backend_tokenizer.to_str())["model"] if tokenizer.is_fast else {}
+    vocab_file = getattr(tokenizer, "vocab_file", None) or ""
+    if model.get("byte_fallback") and os.path.basename(vocab_file) == "tokenizer.model" \
+            and os.path.isfile(vocab_file) and not os.path.exists(os.path.join(folder, "tokenizer.model")):
+        shutil.copyfile(vocab_file, os.path.join(folder, "tokenizer.model"))  # (Llama 3's is tiktoken's: no byte fallback)
     with open(path, "w") as f:
         json.dump(config, f, indent=2, ensure_ascii=False)
 
