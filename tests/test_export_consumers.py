@@ -479,3 +479,29 @@ def test_full_finetune_gguf_from_its_checkpoint_to_gcs(spm_run, gcs_bucket, tmp_
     with open(os.path.join(spm_run, "model.gguf"), "rb") as f:
         assert epath.Path(out).read_bytes() == f.read()
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_gguf_of_a_sliding_window_mistral_says_llama_cpp_ignores_the_window(spm_base, tmp_path, caplog):
+    """llama.cpp's `llama` architecture has no sliding window (the converter writes none either): a
+    Mistral whose window (8) is shorter than its context gets transformers' logits in llama.cpp up
+    to the window and others past it, and the export warns so."""
+    import jax.numpy as jnp
+
+    import jaxsft
+    from jaxsft.models.gguf_export import save_gguf
+
+    torch.manual_seed(0)
+    hf = tf.MistralForCausalLM(tf.MistralConfig(
+        vocab_size=1000, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, sliding_window=8, max_position_embeddings=256)).eval()
+    hf.save_pretrained(tmp_path / "mistral")
+    with caplog.at_level("WARNING"):
+        save_gguf(jaxsft.load_model(tmp_path / "mistral", dtype=jnp.float32), str(tmp_path / "m.gguf"),
+                  tf.AutoTokenizer.from_pretrained(spm_base), "f32")
+    assert "llama.cpp's llama architecture has no sliding window: past 8 tokens of context" in caplog.text
+    ids = np.random.RandomState(0).randint(3, 1000, 16).tolist()
+    logits, _ = torch_run(hf, ids, n=1)
+    got = llama_logits(llama(tmp_path / "m.gguf"), ids)
+    assert rel_err(got[:8], logits[:8]) <= 1e-4
+    assert rel_err(got[8:], logits[8:]) > 1e-2

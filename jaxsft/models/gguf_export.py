@@ -5,7 +5,8 @@ its tensor names and layouts, the architecture's metadata (RoPE with llama3 scal
 SentencePiece BPE as Llama 2 and Mistral have it: vocabulary, scores, token types; both with special
 ids and chat template). llama.cpp and Ollama then run the fine-tuned model with no conversion step.
 
-Families: Llama, Mistral (llama.cpp runs it as `llama`), Qwen2, Qwen3, Granite. Types: f32, f16,
+Families: Llama, Mistral (llama.cpp runs it as `llama`, which has no sliding window: a warning
+says so where the window is shorter than the context), Qwen2, Qwen3, Granite. Types: f32, f16,
 bf16 and q8_0 (norms, biases and RoPE factors stay f32, as the converter keeps them). The file is
 written under a temporary name and renamed, so a failed export leaves nothing at the path.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -26,6 +28,8 @@ from jaxsft import rundir
 from jaxsft.models.config import ModelConfig
 from jaxsft.models.gguf import GGUF_NAMES
 from jaxsft.models.hf_io import hf_arrays, hf_tensors, save_tokenizer
+
+log = logging.getLogger(__name__)
 
 # HF architecture -> llama.cpp architecture (its convert_hf_to_gguf.py registrations).
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
@@ -321,6 +325,9 @@ def save_gguf(model, path: str, tokenizer, gguf_type: str = "bf16", name: str | 
 
     c = model.config
     arch = check_supported(c, gguf_type, tokenizer)
+    if c.sliding_window and c.sliding_window < c.max_position_embeddings:  # Mistral v0.1; so does the converter
+        log.warning("llama.cpp's %s architecture has no sliding window: past %d tokens of context it attends "
+                    "further back than the model does", arch, c.sliding_window)
     names = _gguf_names(c)
     infos = [(g, shape, ggml_type(g, shape, gguf_type)) for hf, (g, _, _) in names.items()
              for shape in [hf_tensors(c)[hf][3]]]
