@@ -27,7 +27,7 @@ def test_loss_chunk_fits_the_budget_for_any_length(seq_len, rows, vocab, devices
 
 
 class Head:
-    """What token_loss_sum reads of a model: hidden states, the logits, the vocabulary size."""
+    """What token_loss_sum reads of a model: hidden states, the output weight, the config."""
     config = SimpleNamespace(logits_scaling=2.0, vocab_size=VOCAB)
 
     def __init__(self, params):
@@ -36,8 +36,8 @@ class Head:
     def hidden_states(self, input_ids, segment_ids, positions):
         return self.embed[input_ids] * (1 + positions[..., None] % 3)
 
-    def logits(self, h):
-        return h @ self.w / self.config.logits_scaling
+    def output_weight(self):
+        return "bte,ev->btv", self.w
 
 
 def batch_of(seq_len, rows=3, seed=0):
@@ -99,7 +99,8 @@ def test_odd_lengths_are_chunked_and_exact(seq_len, monkeypatch):
 def test_head_and_embedding_gradients_are_summed_in_float32():
     """#24: with bf16 compute, the gradients of the LM head (summed over 64 loss chunks) and of the
     embedding (summed over every occurrence of a token: 8 distinct tokens in 4096) stay within
-    bf16's rounding of a float32 reference step; summed in bf16 they were 3x-20x further off."""
+    bf16's rounding of a float32 reference step, with float32 or bf16 weights (an offloaded run's
+    compute copy); summed in bf16 they were 2.5x-20x further off."""
     from flax import nnx
 
     from jaxsft.models import Decoder, ModelConfig
@@ -112,14 +113,17 @@ def test_head_and_embedding_gradients_are_summed_in_float32():
              "segment_ids": np.ones(ids.shape, np.int32),
              "positions": np.arange(4096, dtype=np.int32)[None] % 256}
 
-    def grads(compute_dtype):
+    def grads(compute_dtype, param_dtype=jnp.float32):
         model = Decoder(config, param_dtype=jnp.float32, compute_dtype=compute_dtype, rngs=nnx.Rngs(0))
         graphdef, params = nnx.split(model, nnx.Param)
+        params = jax.tree.map(lambda p: p.astype(param_dtype), params)
         g = jax.grad(lambda p: token_loss_sum(nnx.merge(graphdef, p), batch, chunk=64))(params)
-        return np.asarray(g["embed"][...])[:8], np.asarray(g["lm_head"][...])
+        return np.asarray(g["embed"][...], np.float32)[:8], np.asarray(g["lm_head"][...], np.float32)
 
-    reference, bf16 = grads(jnp.float32), grads(jnp.bfloat16)
-    for name, ref, got in zip(("embed", "lm_head"), reference, bf16):
-        error = np.linalg.norm(got - ref) / np.linalg.norm(ref)
-        print(name, error)
-        assert error < 0.02, (name, error)
+    reference = grads(jnp.float32)
+    # float32 masters (offload 'none'), and the bf16 compute copy an offloaded run differentiates.
+    for param_dtype in (jnp.float32, jnp.bfloat16):
+        for name, ref, got in zip(("embed", "lm_head"), reference, grads(jnp.bfloat16, param_dtype)):
+            error = np.linalg.norm(got - ref) / np.linalg.norm(ref)
+            print(np.dtype(param_dtype).name, name, error)
+            assert error < 0.005, (name, error)  # 0.0035 here; the bf16 copy's head gradient summed in bf16: 0.0085

@@ -72,10 +72,7 @@ def assert_bitwise(a: dict, b: dict):
 BATCHES = [packed_rows(8, np.random.RandomState(s)) for s in range(4)]
 
 
-# bf16: the tiers' losses drift apart from step 2 (4.572219 vs 4.572476) since the matmuls became
-# bf16 x bf16 -> float32 (jaxsft.models.dots); a known regression (issue 24), cause not yet found.
-@pytest.mark.parametrize("compute_dtype", [jnp.float32, pytest.param(jnp.bfloat16, marks=[
-    pytest.mark.slow, pytest.mark.xfail(strict=True, reason="bf16 tiers no longer bitwise equal (issue 24)")])])
+@pytest.mark.parametrize("compute_dtype", [jnp.float32, pytest.param(jnp.bfloat16, marks=pytest.mark.slow)])
 def test_host_and_disk_train_bitwise_like_none(tmp_path, compute_dtype):
     mesh = make_mesh(devices=jax.devices()[:1])
     results = {}

@@ -145,15 +145,18 @@ class Decoder(nnx.Module):
         x, _ = jax.lax.scan(body, x, (self.layers.arrays(), adapters))
         return rms_norm(x, self.final_norm[...], c.rms_norm_eps)
 
-    def logits(self, hidden):
-        """Float32 logits (B, T, vocab) of hidden states in the compute dtype. The stored output
-        weights (the embedding when tied) are cast inside the matmul, so their gradient stays
-        float32, and are used as laid out: a transposed tied embedding makes XLA:CPU fold the
-        transpose into the gradient's matmul, a form it cannot run in bf16."""
+    def output_weight(self):
+        """(einsum equation, weight) of the output projection: the LM head, or the embedding when
+        tied. The stored weights are cast inside the matmul, so their gradient stays float32, and
+        are used as laid out: a transposed tied embedding makes XLA:CPU fold the transpose into the
+        gradient's matmul, a form it cannot run in bf16."""
         if self.config.tie_word_embeddings:
-            equation, w = "bte,ve->btv", self.embed[...]
-        else:
-            equation, w = "bte,ev->btv", self.lm_head[...]
+            return "bte,ve->btv", self.embed[...]
+        return "bte,ev->btv", self.lm_head[...]
+
+    def logits(self, hidden):
+        """Float32 logits (B, T, vocab) of hidden states in the compute dtype."""
+        equation, w = self.output_weight()
         return dots.einsum(equation, hidden, w, out_dtype=jnp.float32) / self.config.logits_scaling
 
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import optax
+
+from jaxsft.models import dots
 
 # Float32 logits elements per device in one loss chunk (256 MiB).
 LOGITS_PER_DEVICE = 2**26
@@ -31,19 +35,56 @@ def token_loss_sum(model, batch, chunk: int | None = None):
     chunk = chunk or loss_chunk(b, t, model.config.vocab_size, jax.device_count())
     num_chunks = -(-t // chunk)
 
-    @jax.checkpoint
-    def chunk_loss(total, xs):
-        h, targets, mask = xs
-        logits = model.logits(h)  # the output weights' gradient sums over chunks in float32
-        losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-        return total + jnp.sum(jnp.where(mask > 0, losses, 0.0)), None
-
     def chunks(x):
         # Pad the sequence to whole chunks; padded positions have mask 0 and add nothing.
         x = jnp.pad(x, [(0, 0), (0, num_chunks * chunk - t)] + [(0, 0)] * (x.ndim - 2))
         return jnp.moveaxis(x.reshape(b, num_chunks, chunk, *x.shape[2:]), 1, 0)
 
-    total, _ = jax.lax.scan(
-        chunk_loss, jnp.zeros((), jnp.float32),
-        (chunks(hidden), chunks(batch["targets"]), chunks(batch["loss_mask"].astype(jnp.float32))))
+    equation, w = model.output_weight()
+    return chunked_cross_entropy(chunks(hidden), w, chunks(batch["targets"]),
+                                 chunks(batch["loss_mask"].astype(jnp.float32)), equation, model.config.logits_scaling)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def chunked_cross_entropy(hidden, w, targets, mask, equation: str, scaling: float):
+    """Summed cross-entropy where `mask` > 0 of the float32 logits `einsum(equation, h, w) /
+    scaling` of every chunk h of `hidden` (chunks, rows, chunk, hidden; compute dtype), one chunk
+    at a time. Its own backward recomputes each chunk's logits and sums w's gradient over the
+    chunks in float32 whatever w's dtype (autodiff of the scan sums it in w's dtype: bf16 for an
+    offloaded run's compute copy), then rounds it to the compute dtype once, as every weight's
+    gradient is, so a float32 master and its bf16 copy get the same bits."""
+    def body(total, xs):
+        h, t, m = xs
+        logits = dots.einsum(equation, h, w, out_dtype=jnp.float32) / scaling
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, t)
+        return total + jnp.sum(jnp.where(m > 0, losses, 0.0)), None
+
+    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (hidden, targets, mask))
     return total
+
+
+def _chunked_cross_entropy_fwd(hidden, w, targets, mask, equation, scaling):
+    return chunked_cross_entropy(hidden, w, targets, mask, equation, scaling), (hidden, w, targets, mask)
+
+
+def _chunked_cross_entropy_bwd(equation, scaling, residuals, g):
+    hidden, w, targets, mask = residuals
+    inputs, out_axes = equation.split("->")
+    x_axes, w_axes = inputs.split(",")
+    w_compute = w.astype(hidden.dtype)
+
+    def body(dw, xs):
+        h, t, m = xs
+        logits = jnp.einsum(equation, h, w_compute, preferred_element_type=jnp.float32) / scaling
+        dlogits = jax.nn.softmax(logits) - jax.nn.one_hot(t, logits.shape[-1], dtype=jnp.float32)
+        # Rounded to the compute dtype before both matmuls, as `dots` does with every cotangent.
+        dlogits = (dlogits * (jnp.where(m > 0, g, 0.0) / scaling)[..., None]).astype(h.dtype)
+        dh = jnp.einsum(f"{out_axes},{w_axes}->{x_axes}", dlogits, w_compute, preferred_element_type=jnp.float32)
+        dw = dw + jnp.einsum(f"{out_axes},{x_axes}->{w_axes}", dlogits, h, preferred_element_type=jnp.float32)
+        return dw, dh.astype(h.dtype)
+
+    dw, dhidden = jax.lax.scan(body, jnp.zeros(w.shape, jnp.float32), (hidden, targets, mask))
+    return dhidden, dw.astype(hidden.dtype).astype(w.dtype), None, None
+
+
+chunked_cross_entropy.defvjp(_chunked_cross_entropy_fwd, _chunked_cross_entropy_bwd)

@@ -80,7 +80,11 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, param_
         if dropout_seed is not None:
             acc["dropout_key"], dropout_key = jax.random.split(acc["dropout_key"])
         loss, grads = jax.value_and_grad(loss_sum)(params, frozen, batch, dropout_key)
-        return {**acc, "grads": jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc["grads"], grads),
+        # Each weight's gradient is rounded to the compute dtype once (a tied embedding's two uses
+        # summed first), as an offloaded run's compute-dtype copy has it: the tiers stay bitwise equal.
+        compute_dtype = nnx.merge(graphdef, params, *(() if frozen is None else (frozen,))).compute_dtype
+        return {**acc, "grads": jax.tree.map(lambda a, g: a + g.astype(compute_dtype).astype(jnp.float32),
+                                             acc["grads"], grads),
                 "loss_sum": acc["loss_sum"] + loss}
 
     def update(params, opt_state, acc, num_loss_tokens, step):
