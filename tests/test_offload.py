@@ -5,38 +5,31 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
 from jaxsft.checkpoint import flatten
 from jaxsft.models import Decoder
-from jaxsft.sharding import make_mesh, optimizer_shardings, param_shardings
-from jaxsft.train.offload import Offloaded
-from jaxsft.train.optimizer import make_optimizer
-from jaxsft.train.step import make_train_step
+from jaxsft.sharding import make_mesh
+from jaxsft.train import default_config
+from jaxsft.train.build import build as build_run
 from tests.test_train import CONFIG, optim_config, packed_rows, split_rows
 
 MODEL = CONFIG.replace(num_layers=4)
 
 
-def build(tier, mesh, directory, compute_dtype=jnp.float32, group_layers=2, total_steps=10):
-    model = Decoder(MODEL, param_dtype=jnp.float32, compute_dtype=compute_dtype, rngs=nnx.Rngs(0))
-    graphdef, params = nnx.split(model, nnx.Param)
-    shardings = param_shardings(params, mesh)
-    params = jax.device_put(params, shardings)
-    optim = optim_config()
-    tx, schedule = make_optimizer(optim, total_steps)
-    opt_sharding = optimizer_shardings(tx, params, shardings, mesh)
-    offload = None
-    if tier == "none":
-        opt_state = jax.jit(tx.init, out_shardings=opt_sharding)(params)
-    else:
-        offload = Offloaded(tier, str(directory), params, shardings, optim, schedule, compute_dtype,
-                            MODEL.num_layers, group_layers)
-        params = offload.init(params)
-        opt_state = offload
-    batch_sharding = NamedSharding(mesh, P(("data", "fsdp"), None))
-    fns = make_train_step(graphdef, tx, schedule, shardings, opt_sharding, batch_sharding, offload=offload)
-    return fns, params, opt_state, batch_sharding
+def build(tier, mesh, directory, compute_dtype=jnp.float32, group_layers=2, total_steps=10, model_config=MODEL):
+    """A run's trees and step functions from the product's builder (`jaxsft.train.build`), as
+    `setup` makes them; an offloaded tier's state initialized from the model's weights."""
+    config = default_config()
+    config.optim = optim_config(offload=tier, offload_dir=str(directory) if directory else "")
+    config.model.compute_dtype = jnp.dtype(compute_dtype).name
+    model = Decoder(model_config, param_dtype=jnp.float32, compute_dtype=compute_dtype, rngs=nnx.Rngs(0))
+    built = build_run(config, model, mesh, total_steps, group_layers)
+    params = jax.device_put(built.params, built.param_sharding)
+    opt_state = built.opt_state if built.offload is None else built.offload
+    if built.offload is not None:
+        params = built.offload.init(params)
+    return built.fns, params, opt_state, built.batch_sharding
 
 
 def steps(fns, params, opt_state, sharding, batches, first=0):
@@ -275,20 +268,11 @@ def rss_run(directory: str):
     import json
 
     from jaxsft.models import ModelConfig
-    from jaxsft.train import default_config
 
     c = ModelConfig(architecture="LlamaForCausalLM", vocab_size=256, hidden_size=512, intermediate_size=2048,
                     num_layers=16, num_heads=8, num_kv_heads=8, head_dim=64, remat="full", attention="xla")
-    mesh = make_mesh(devices=jax.devices()[:1])
-    graphdef, params = nnx.split(Decoder(c, rngs=nnx.Rngs(0)), nnx.Param)
-    shardings = param_shardings(params, mesh)
-    params = jax.device_put(params, shardings)
-    optim = default_config().optim
-    tx, schedule = make_optimizer(optim, 10)
-    offload = Offloaded("disk", directory, params, shardings, optim, schedule, jnp.bfloat16, c.num_layers, 1)
-    params = offload.init(params)
-    fns = make_train_step(graphdef, tx, schedule, shardings, None, NamedSharding(mesh, P(("data", "fsdp"), None)),
-                          offload=offload)
+    fns, params, offload, _ = build("disk", make_mesh(devices=jax.devices()[:1]), directory, jnp.bfloat16,
+                                    group_layers=1, model_config=c)
 
     def status(field):
         with open("/proc/self/status") as f:
