@@ -30,6 +30,7 @@ from lm_eval.models.utils import handle_stop_sequences, has_bos_prefix, normaliz
 
 from jaxsft import rundir
 from jaxsft.generation import generate
+from jaxsft.train.loss import loss_chunk
 
 SAMPLING_ARGS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed")
 
@@ -40,11 +41,26 @@ def _bucket(n: int, least: int = 16) -> int:
 
 @jax.jit
 def _token_scores(model, ids, targets):
-    """Each position's float32 log-probability of its target token, and whether it is the argmax."""
-    logits = model(ids)
-    logprobs = jax.nn.log_softmax(logits, axis=-1)
-    picked = jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0]
-    return picked, jnp.argmax(logits, axis=-1) == targets
+    """Each position's float32 log-probability of its target token, and whether it is the argmax.
+    The logits are made one sequence chunk at a time, as in the loss (`loss_chunk`), so a 128k
+    vocabulary never materialises (rows, length, vocab) in float32 (16 rows of 2048: 16 GiB)."""
+    hidden = model.hidden_states(ids)
+    rows, length, _ = hidden.shape
+    chunk = loss_chunk(rows, length, model.config.vocab_size, jax.device_count())
+    while length % chunk:  # lengths are powers of two here; any other is scored in smaller chunks
+        chunk -= 1
+
+    def score(xs):
+        h, t = xs
+        logits = model.logits(h)
+        picked = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), t[..., None], axis=-1)[..., 0]
+        return picked, jnp.argmax(logits, axis=-1) == t
+
+    def chunks(x):
+        return jnp.moveaxis(x.reshape(rows, length // chunk, chunk, *x.shape[2:]), 1, 0)
+
+    picked, top = jax.lax.map(score, (chunks(hidden), chunks(targets)))
+    return jnp.moveaxis(picked, 0, 1).reshape(rows, length), jnp.moveaxis(top, 0, 1).reshape(rows, length)
 
 
 class ModelCalls:
