@@ -12,7 +12,7 @@ def get_config():
     c = default_config()
     c.model.path = os.path.join(ASSETS, "tiny-qwen2")
     c.model.init = "random"
-    c.model.remat = "none"
+    c.model.remat = "auto"
     c.data.sources = [{"path": os.path.join(ASSETS, "gsm8k", "train.jsonl"), "format": "gsm8k"}]
     c.data.eval_sources = [{"path": os.path.join(ASSETS, "gsm8k", "test.jsonl"), "format": "gsm8k"}]
     c.data.max_seq_len = 512

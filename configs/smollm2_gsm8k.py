@@ -31,8 +31,8 @@ def get_config(size="cpu"):
     c.train.output_dir = f"runs/smollm2_gsm8k_{size}"
     c.train.export_hf = True
     c.optim.learning_rate = 2e-5
+    c.model.remat = "auto"
     if size in ("cpu", "lora", "qlora"):
-        c.model.remat = "none"
         c.data.eval_fraction = 0.02  # 40 held-out training problems: the 200 test ones cost minutes
         c.data.max_seq_len = 512
         c.data.global_batch_size = 6

@@ -18,7 +18,7 @@ def get_config():
     b.model.path = os.path.join(CONFIGS, "assets", "tiny-qwen2")
     b.model.init = "random"
     b.model.compute_dtype = "float32"  # as benchmarks/results/sweep_gsm8k_* were measured
-    b.model.remat = "none"
+    b.model.remat = "auto"
     gsm8k = os.path.join(CONFIGS, "assets", "gsm8k")
     b.data.sources = [{"path": os.path.join(gsm8k, "train.jsonl"), "format": "gsm8k"}]
     b.data.eval_fraction = 0.03  # 60 held-out problems: a cheap eval on CPU

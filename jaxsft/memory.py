@@ -17,11 +17,15 @@ shardings) and compiled; XLA's `memory_analysis()` gives each program's argument
              groups in flight beside it (the next one read, the previous one being written back).
 Host bytes: the offloaded state (offload='host': all of it, this host's shards; 'disk': the two groups
 in flight, read ahead and written back). Disk bytes: the whole state, in the `disk` tier's store.
+
+`model.remat='auto'` plans the run with each recomputation policy of REMAT_AUTO in turn, least
+recomputation first, and keeps the first whose programs fit the device (the last if none does).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import re
@@ -37,6 +41,8 @@ GiB = 2**30
 HEADROOM = 0.9
 HOST_FRACTION = 0.8  # of the host's memory the offloaded state may take
 GROUP_BUDGET = 4 * GiB  # per device, for the groups of state in flight when the device size is unknown
+# model.remat='auto' tries these, least recomputation (fastest step) first.
+REMAT_AUTO = ("none", "dots", "full")
 
 
 def parameter_count(c: ModelConfig) -> tuple[int, int]:
@@ -59,6 +65,8 @@ class Plan:
     device_bytes: float | None = None
     host_bytes: float | None = None
     advice: str = ""
+    remat: str = ""  # the recomputation policy the programs were compiled with
+    remat_choice: str = ""  # model.remat='auto': which policy it chose, and why
 
     @property
     def device_fits(self) -> bool:
@@ -97,25 +105,29 @@ class Plan:
             lines.append(f"host memory {self.host_bytes / GiB:.1f} GiB: " + (
                 "fits" if self.host_fits else
                 f"does NOT fit ({self.host / GiB:.1f} > {HOST_FRACTION * self.host_bytes / GiB:.1f} GiB usable)"))
+        if self.remat_choice:
+            lines.append(self.remat_choice)
         if self.advice:
             lines.append(self.advice)
         return "\n".join(lines)
 
 
-_analyses = {}  # lowered program text -> its memory analysis (the advisor compiles variants)
+_analyses = {}  # (device kind, lowered program text) -> its memory analysis (the advisor compiles variants)
 
 
-def _stats(lowered, resident: int = 0) -> dict[str, int]:
-    text = lowered.as_text()
-    if text not in _analyses:
+def _stats(lowered, resident: int = 0, device_kind: str = "") -> dict[str, int]:
+    """`lowered`'s memory analysis, compiled for `device_kind` (the same text is another program
+    on another platform: an update's on one CPU device and on one TPU chip)."""
+    key = device_kind, lowered.as_text()
+    if key not in _analyses:
         try:
-            _analyses[text] = lowered.compile().memory_analysis()
+            _analyses[key] = lowered.compile().memory_analysis()
         except jax.errors.JaxRuntimeError as e:  # XLA's TPU compiler refuses what exceeds the chip
             required = re.search(r"required for HLO temporaries \(([\d.]+)([KMGT])", str(e))
             if "RESOURCE_EXHAUSTED" not in str(e) or not required:
                 raise
-            _analyses[text] = int(float(required[1]) * 1024 ** " KMGT".index(required[2]))
-    m = _analyses[text]
+            _analyses[key] = int(float(required[1]) * 1024 ** " KMGT".index(required[2]))
+    m = _analyses[key]
     if isinstance(m, int):  # only the temporaries are known, and they alone exceed the chip
         return {"argument": 0, "output": 0, "alias": 0, "temp": m, "resident": resident,
                 "peak": m + resident, "refused": True}
@@ -158,11 +170,14 @@ def plan(config, model_config: ModelConfig, mesh=None, device_bytes=None, host_b
          advise: bool = True) -> Plan:
     """The run's memory plan on `mesh` (default: the config's mesh over all devices): the programs
     `jaxsft.train.build.build` makes for the loop, compiled on abstract inputs."""
+    if config.model.remat == "auto":
+        return _auto_remat_plan(config, model_config, mesh, device_bytes, host_bytes, advise)
     from jaxsft.sharding import make_mesh
     from jaxsft.train.build import abstract_batch, abstract_model, build
     from jaxsft.train.offload import group_layers_that_fit
 
     mesh = mesh or make_mesh(**config.mesh)
+    stats = functools.partial(_stats, device_kind=mesh.devices.flat[0].device_kind)
     device_bytes = device_memory_bytes() if device_bytes is None else device_bytes  # 0: unknown
     host_bytes = host_memory_bytes() if host_bytes is None else host_bytes
     m, tier = config.model, config.optim.offload
@@ -187,12 +202,12 @@ def plan(config, model_config: ModelConfig, mesh=None, device_bytes=None, host_b
     opt_bytes = device_bytes_of(run.opt_state) if offload is None else 0
     acc_bytes = device_bytes_of(acc)
 
-    programs = {"zero_accumulator": _stats(_lower(fns.zero_accumulator, params, scalar), resident=opt_bytes),
-                "accumulate": _stats(_lower(fns.accumulate, acc, params, batch), resident=opt_bytes)}
+    programs = {"zero_accumulator": stats(_lower(fns.zero_accumulator, params, scalar), resident=opt_bytes),
+                "accumulate": stats(_lower(fns.accumulate, acc, params, batch), resident=opt_bytes)}
     if config.data.eval_sources:  # the held-out loss runs between steps, the accumulator kept
-        programs["eval_loss"] = _stats(_lower(fns.eval_loss, params, batch), resident=opt_bytes + acc_bytes)
+        programs["eval_loss"] = stats(_lower(fns.eval_loss, params, batch), resident=opt_bytes + acc_bytes)
     if offload is None:
-        programs["update"] = _stats(_lower(fns.apply_update, params, run.opt_state, acc, scalar, scalar))
+        programs["update"] = stats(_lower(fns.apply_update, params, run.opt_state, acc, scalar, scalar))
         host = disk = 0
     else:
         first = {group.start is not None: i for i, group in reversed(list(enumerate(offload.groups)))}
@@ -205,7 +220,7 @@ def plan(config, model_config: ModelConfig, mesh=None, device_bytes=None, host_b
             # Beside a layer group: the previous one (being written back) and the next one (read
             # ahead; the other parameters' group follows the last). Beside that group: the last layer group.
             beside = sizes[True] + max(sizes.values()) if kind else sizes[True]
-            programs["update_layers" if kind else "update_rest"] = _stats(lowered, resident=beside)
+            programs["update_layers" if kind else "update_rest"] = stats(lowered, resident=beside)
         state = sum(device_bytes_of(_abstract(offload.like[i], offload.tree_shardings(i)))
                     for i in range(len(offload.groups)))
         local = min(shards, jax.local_device_count())  # devices of this host holding distinct shards
@@ -214,13 +229,30 @@ def plan(config, model_config: ModelConfig, mesh=None, device_bytes=None, host_b
         # (at most a layer group and the other parameters' group, around the last layer group).
         in_flight = (sizes[True] + max(sizes.values())) * local
         host, disk = (per_host, 0) if tier == "host" else (in_flight, per_host)
-    programs["clear_accumulator"] = _stats(_lower(fns.clear_accumulator, acc, scalar), resident=opt_bytes)
+    programs["clear_accumulator"] = stats(_lower(fns.clear_accumulator, acc, scalar), resident=opt_bytes)
 
     peak_program = max(programs, key=lambda k: programs[k]["peak"])
     result = Plan(programs, programs[peak_program]["peak"], peak_program, host, disk, group_layers,
-                  device_bytes, host_bytes)
+                  device_bytes, host_bytes, remat=m.remat)
     if advise and not result.fits:
         result.advice = advice(config, model_config, mesh, device_bytes, host_bytes)
+    return result
+
+
+def _auto_remat_plan(config, model_config, mesh, device_bytes, host_bytes, advise) -> Plan:
+    """model.remat='auto': the plan of the first policy of REMAT_AUTO whose programs fit the device
+    (recomputation changes nothing on the host), else of the last."""
+    too_big = []
+    for remat in REMAT_AUTO:
+        chosen = changed_config(config, {"model.remat": remat})
+        result = plan(chosen, model_config, mesh, device_bytes, host_bytes, advise=False)
+        if result.device_fits:
+            break
+        too_big.append(f"{remat!r} needs {result.device_peak / GiB:.2f} GiB")
+    why = "the least recomputation that fits" if result.device_fits else "nothing fits"
+    result.remat_choice = f"model.remat='auto': {remat!r}, {why}" + (f" ({'; '.join(too_big)})" if too_big else "")
+    if advise and not result.fits:
+        result.advice = advice(chosen, model_config, mesh, result.device_bytes, result.host_bytes)
     return result
 
 
@@ -237,7 +269,7 @@ def candidates(config):
     tries = []
     if config.optim.offload == "none":
         tries.append(("optim.offload='host' (master weights and moments in host memory)", {"optim.offload": "host"}))
-    if config.model.remat != "full":
+    if config.model.remat not in ("full", "auto"):  # 'auto' tried 'full' already
         tries.append(("model.remat='full'", {"model.remat": "full"}))
     r = rows // 2
     while r >= 1:
@@ -250,13 +282,18 @@ def candidates(config):
     return tries
 
 
+def changed_config(config, changes: dict):
+    """A copy of the run config with `changes` ({'section.name': value}) applied."""
+    changed = config.copy_and_resolve_references()
+    for key, value in changes.items():
+        section, name = key.split(".")
+        changed[section][name] = value
+    return changed
+
+
 def advice(config, model_config, mesh, device_bytes, host_bytes) -> str:
     for text, changes in candidates(config):
-        changed = config.copy_and_resolve_references()
-        for key, value in changes.items():
-            section, name = key.split(".")
-            changed[section][name] = value
-        if plan(changed, model_config, mesh, device_bytes, host_bytes, advise=False).fits:
+        if plan(changed_config(config, changes), model_config, mesh, device_bytes, host_bytes, advise=False).fits:
             return f"to fit, set {text}"
     return ("no single change fits: use more devices (mesh.fsdp), or train LoRA adapters (lora.r=16) "
             "instead of all weights")
@@ -304,7 +341,8 @@ def main(argv=None):
 
     with exit_statuses():
         config, extra = parse_args(argv, extra_flags=("device-gib", "host-gib", "devices", "tpu"))
-        model_config = load_model_config(config.model.path, remat=config.model.remat, attention=config.model.attention,
+        # The plan sets the recomputation policy (model.remat, or each of 'auto''s).
+        model_config = load_model_config(config.model.path, attention=config.model.attention,
                                          base_quant=config.lora.base_quant)
         device_bytes = float(extra["device-gib"]) * GiB if "device-gib" in extra else None
         host_bytes = float(extra["host-gib"]) * GiB if "host-gib" in extra else None

@@ -64,7 +64,7 @@ def dot_operand_dtypes(jaxpr) -> list[tuple]:
     return found
 
 
-@pytest.mark.parametrize("remat", ["none", "full"])
+@pytest.mark.parametrize("remat", ["none", "dots", "full"])
 def test_bf16_train_gradient_runs_every_matmul_as_bf16_times_bf16_into_float32(remat):
     c = ModelConfig(architecture="LlamaForCausalLM", hidden_size=64, intermediate_size=128, num_layers=2,
                     num_heads=4, num_kv_heads=2, head_dim=16, vocab_size=512, tie_word_embeddings=True,

@@ -18,11 +18,15 @@ from jaxsft.models import dots, nf4
 from jaxsft.models.attention import attention, resolve_backend
 from jaxsft.models.config import ModelConfig
 
+_policies = jax.checkpoint_policies
+# The dot policies also save `dots.einsum`'s named results (its custom VJP hides the dot itself).
 REMAT = {
     "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": _policies.nothing_saveable,
+    "dots": _policies.save_from_both_policies(_policies.checkpoint_dots,
+                                              _policies.save_only_these_names(dots.DOT, dots.BATCH_DOT)),
+    "dots_no_batch": _policies.save_from_both_policies(_policies.dots_with_no_batch_dims_saveable,
+                                                       _policies.save_only_these_names(dots.DOT)),
 }
 
 

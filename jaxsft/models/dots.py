@@ -8,6 +8,11 @@ matmuls (the cotangent of a float32 result is float32), converted to float32 x f
 GPU; the custom VJP rounds the cotangent to bf16 and runs both backward matmuls in the same
 bf16 x bf16 -> float32 form (what a TPU's default precision does to a float32 operand anyway).
 Where the cotangent was bf16 already (a bf16 result) the numbers are those of autodiff.
+
+A custom VJP hides its dot from `jax.checkpoint`'s dot policies (`checkpoint_dots` sees no
+dot_general), so every result is named: DOT, or BATCH_DOT when the matmul has batch dimensions
+(indices in both operands and the result, as in attention), and the decoder's 'dots' policies save
+those names too.
 """
 
 from __future__ import annotations
@@ -16,6 +21,9 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+DOT, BATCH_DOT = "dot", "batch_dot"
 
 
 def einsum(equation: str, x, w, out_dtype=None):
@@ -25,8 +33,12 @@ def einsum(equation: str, x, w, out_dtype=None):
     or in the output (no index summed within one operand), as in every matmul of the decoder."""
     out_dtype = jnp.dtype(out_dtype or x.dtype)
     if x.dtype == jnp.float32:
-        return jnp.einsum(equation, x, w.astype(x.dtype), preferred_element_type=jnp.float32).astype(out_dtype)
-    return _accumulated(equation, out_dtype, x, w)
+        y = jnp.einsum(equation, x, w.astype(x.dtype), preferred_element_type=jnp.float32).astype(out_dtype)
+    else:
+        y = _accumulated(equation, out_dtype, x, w)
+    inputs, out_axes = equation.replace(" ", "").split("->")
+    x_axes, w_axes = inputs.split(",")
+    return checkpoint_name(y, BATCH_DOT if set(x_axes) & set(w_axes) & set(out_axes) else DOT)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))

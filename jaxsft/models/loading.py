@@ -101,7 +101,10 @@ def model_for_run(model_section, mesh=None, seed: int = 0, base_quant: str = "")
     (init='random') `path`'s architecture with random weights; `base_quant` is `lora.base_quant`."""
     m = model_section
     dtypes = dict(dtype=jnp.dtype(m.param_dtype), compute_dtype=jnp.dtype(m.compute_dtype))
-    run_options = dict(remat=m.remat, attention=m.attention, base_quant=base_quant)
+    # A run's remat='auto' is resolved by its memory plan before training; a run's model rebuilt
+    # for evaluation or export takes no gradient, so recomputes nothing.
+    remat = "none" if m.remat == "auto" else m.remat
+    run_options = dict(remat=remat, attention=m.attention, base_quant=base_quant)
     if m.init == "pretrained":
         return load_model(m.path, mesh=mesh, **dtypes, **run_options)
     return random_model(load_model_config(m.path, **run_options), mesh=mesh, seed=seed, **dtypes)

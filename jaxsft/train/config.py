@@ -10,7 +10,7 @@ Any field can be overridden on the command line: `--config.optim.learning_rate=2
 | `init` | `'pretrained'` | `'pretrained'`: weights from `path`; `'random'`: `path`'s config.json with random weights (demos, benchmarks). |
 | `param_dtype` | `'float32'` | Master weights (and with them Adam's second moment): `float32` or `bfloat16`. Full fine-tuning refuses `bfloat16` below `optim.learning_rate` 2^-13 ~ 1.2e-4, where it rounds the AdamW updates of most weights away (LoRA, whose adapters are float32, may keep bf16 base weights). |
 | `compute_dtype` | `'bfloat16'` | Matmul dtype: bf16 matmuls accumulate in float32, forward and backward (`jaxsft.models.dots`). Softmax, norms and the loss always run in float32. |
-| `remat` | `'full'` | Activation recomputation per layer: `none`, `full`, `dots` (save matmul outputs), `dots_no_batch`. |
+| `remat` | `'full'` | Activation recomputation per layer: `none`, `full`, `dots` (save matmul outputs), `dots_no_batch`, or `auto` (the recipes' default): the least recomputation of `none` -> `dots` -> `full` whose compiled memory plan fits the device, chosen at start and logged (`jaxsft.memory`; with an unknown device size, `none`). |
 | `attention` | `'auto'` | `auto` (cuDNN on NVIDIA GPUs, splash on TPU, else xla), `xla`, `cudnn`, `splash`. |
 
 ## data
@@ -210,7 +210,7 @@ def validate(c) -> None:
         "model.init": (c.model.init, ("pretrained", "random")),
         "model.param_dtype": (c.model.param_dtype, DTYPES),
         "model.compute_dtype": (c.model.compute_dtype, DTYPES),
-        "model.remat": (c.model.remat, REMAT_POLICIES),
+        "model.remat": (c.model.remat, (*REMAT_POLICIES, "auto")),
         "model.attention": (c.model.attention, ATTENTION_BACKENDS),
         "optim.schedule": (c.optim.schedule, SCHEDULES),
         "optim.state_dtype": (c.optim.state_dtype, DTYPES),

@@ -19,7 +19,7 @@ def recipe_config(recipe: str, model_path: str, learning_rate: float = 2e-5):
         raise ConfigError(f"recipe {recipe!r}: choose one of {', '.join(RECIPES)} (configs/NAME.py:RECIPE)")
     c = default_config()
     c.model.path = model_path
-    c.model.remat = "full"
+    c.model.remat = "auto"
     c.data.max_seq_len = 4096
     c.data.micro_batch_rows = 1
     c.data.mode = "stacked"

@@ -95,7 +95,8 @@ def setup(config) -> Run:
 
     mesh = make_mesh(**config.mesh)
     m = config.model
-    model_config = load_model_config(m.path, remat=m.remat, attention=m.attention, base_quant=config.lora.base_quant)
+    # The plan sets the recomputation policy (model.remat, or the one 'auto' chooses).
+    model_config = load_model_config(m.path, attention=m.attention, base_quant=config.lora.base_quant)
     if model_config.base_quant and not (config.lora.r or config.lora.adapter_path):
         raise ConfigError(f"model.path={m.path!r} is quantized to NF4 (bitsandbytes 4-bit): its weights cannot be "
                           "fully fine-tuned; train LoRA adapters on it (lora.r > 0, QLoRA)")
@@ -103,6 +104,9 @@ def setup(config) -> Run:
         plan = memory.plan(config, model_config, mesh)  # compiled on abstract shapes: no weight read yet
     if not plan.fits:
         raise ConfigError(f"this run does not fit in memory:\n{plan.report}")
+    if m.remat == "auto":
+        log.info(plan.remat_choice)
+        config = memory.changed_config(config, {"model.remat": plan.remat})  # what the run compiles with
 
     tokenizer = load_tokenizer(config.data.tokenizer or m.path)
     if config.train.export_gguf:  # refused now, not after the run
