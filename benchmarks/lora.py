@@ -76,20 +76,20 @@ def measure(r: int, rows: int, seq: int, steps: int, compute_dtype, nf4: bool = 
     tokens = jnp.int32(rows * seq)
 
     # XLA's view of the two jitted steps: what they keep alive at their peak.
-    acc = fns.zero_accumulator(params)
+    acc = fns.zero_accumulator(params, jnp.int32(0))  # the loop's one gradient tree
     accumulate = fns.accumulate.func.lower(frozen, acc, params, batch).compile().memory_analysis()
     update = fns.apply_update.lower(params, opt_state, acc, tokens, jnp.int32(0)).compile().memory_analysis()
 
-    def step(params, opt_state, i):
-        acc = fns.accumulate(fns.zero_accumulator(params), params, batch)
-        return fns.apply_update(params, opt_state, acc, tokens, jnp.int32(i))
+    def step(params, opt_state, acc, i):
+        acc = fns.accumulate(acc, params, batch)
+        return fns.update(params, opt_state, acc, tokens, jnp.int32(i))
 
     with jax.set_mesh(mesh):
-        params, opt_state, metrics = step(params, opt_state, 0)  # compile
+        params, opt_state, acc, metrics = step(params, opt_state, acc, 0)  # compile
         jax.block_until_ready(metrics)
         start = time.perf_counter()
         for i in range(steps):
-            params, opt_state, metrics = step(params, opt_state, i + 1)
+            params, opt_state, acc, metrics = step(params, opt_state, acc, i + 1)
         jax.block_until_ready(metrics)
         seconds = (time.perf_counter() - start) / steps
 

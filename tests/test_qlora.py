@@ -41,17 +41,17 @@ def test_nf4_is_bitsandbytes_bit_for_bit(shape, dtype):
     w[0, 0] = 0.5  # an outlier block
     for double_quant in (False, True):
         packed, state = F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=double_quant)
-        ours = nf4.quantize(w.float().numpy(), double_quant)
-        np.testing.assert_array_equal(ours["packed"].reshape(-1), packed.numpy().reshape(-1))
-        np.testing.assert_array_equal(ours["absmax"].reshape(-1), state.absmax.numpy())
+        ours = nf4.quantize(w.float().numpy(), double_quant)  # stored transposed: (in // 2, out), (in // 64, out)
+        np.testing.assert_array_equal(ours["packed"].T.reshape(-1), packed.numpy().reshape(-1))
+        np.testing.assert_array_equal(ours["absmax"].T.reshape(-1), state.absmax.numpy())
         if double_quant:
             np.testing.assert_array_equal(ours["nested_absmax"], state.state2.absmax.numpy())
             np.testing.assert_array_equal(ours["offset"], state.offset.numpy())
             np.testing.assert_array_equal(ours["nested_code"], state.state2.code.numpy())
         expected = F.dequantize_4bit(packed, state).float().numpy()
         jax_dtype = jnp.float32 if dtype == torch.float32 else jnp.bfloat16
-        got = nf4.dequantize({k: jnp.asarray(v) for k, v in ours.items()}, jax_dtype)
-        np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)), expected)
+        got = nf4.dequantize({k: jnp.asarray(v) for k, v in ours.items()}, jax_dtype)  # the (in, out) kernel
+        np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)), expected.T)
 
 
 def without_cpu_repacking(model):
@@ -247,7 +247,7 @@ def test_sharded_qlora_training_equals_one_device_and_nf4_base_never_changes():
         lora.attach(model, lora.make_spec(lora_config(), c), seed=0, mesh=mesh)
         fns, graphdef, params, frozen, opt_state, sharding = lora_setup(model, mesh)
         if name == "eight":
-            assert model.layers.q.packed[...].sharding.spec == P(None, "tensor", "fsdp")
+            assert model.layers.q.packed[...].sharding.spec == P(None, "fsdp", "tensor")
         before = jax.tree.map(np.asarray, frozen)
         with jax.set_mesh(mesh):
             _, _, results[name] = train(fns, params, opt_state, lm_batch(ids), sharding, steps=3)

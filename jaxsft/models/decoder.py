@@ -95,7 +95,7 @@ def layer_weights(w: dict, c: ModelConfig, dtype) -> dict[str, jax.Array]:
     """One layer's weights (a slice of `Layers.arrays()`) in `dtype`: NF4 weights dequantized here,
     inside the layer, so only one layer's full-precision kernels exist at a time."""
     shapes = layer_shapes(c)
-    return {name: nf4.to_kernel(a, shapes[name][0], dtype) if isinstance(a, dict) else a.astype(dtype)
+    return {name: nf4.dequantize(a, dtype).reshape(shapes[name][0]) if isinstance(a, dict) else a.astype(dtype)
             for name, a in w.items()}
 
 

@@ -223,7 +223,7 @@ def _read_bnb_nf4(read, files, config: ModelConfig, hf_name: str) -> dict[str, n
     if config.base_double_quant:
         q.update(nested_absmax=read(hf_name + ".nested_absmax"), offset=np.float32(state["nested_offset"]),
                  nested_code=read(hf_name + ".nested_quant_map"))
-    return q
+    return nf4.stored(q)
 
 
 def build_model(config: ModelConfig, read_hf_tensor, dtype, compute_dtype, mesh=None, rules=None,

@@ -10,8 +10,12 @@ subtracted (`offset`), and they are quantized with bitsandbytes' 8-bit dynamic c
 `quantize` runs on the host (numpy; weights are quantized while they are read) and gives the
 bytes and statistics `bitsandbytes.functional.quantize_4bit(w, blocksize=64, quant_type='nf4',
 compress_statistics=...)` gives; `dequantize` runs in JAX inside the decoder, one layer at a time.
-Weights are kept 2-D, (out, in // 2) bytes and (out, in // 64) maxima, so they shard like the
-(out, in) matrix; this needs in % 64 == 0 (true of every supported model family's sizes).
+Weights are kept 2-D and transposed, (in // 2, out) bytes and (in // 64, out) maxima: bitsandbytes'
+(out, in // 2) and (out, in // 64) matrices, stored in the (in, out) orientation of the jaxsft
+kernel they dequantize to. Stored as bitsandbytes lays them out, XLA's TPU compiler transposed every
+stacked weight's bytes ahead of the layer scan (the matmuls want the kernel's orientation), a second
+copy of the NF4 base (3.4 GiB of Llama 3.1 8B's). They shard like the kernel; this needs in % 64 == 0
+(true of every supported model family's sizes).
 """
 
 from __future__ import annotations
@@ -64,9 +68,9 @@ DYNAMIC_CODE = np.frombuffer(bytes.fromhex(
 
 
 def quantize(w: np.ndarray, double_quant: bool = True) -> dict[str, np.ndarray]:
-    """NF4 of a Hugging Face (out, in) weight: {'packed' (out, in // 2) uint8, 'absmax' (out, in // 64)}
-    with float32 absmax, or with double quantization uint8 absmax plus 'nested_absmax'
-    (ceil(blocks / 256),), 'offset' () and 'nested_code' (256,) float32."""
+    """NF4 of a Hugging Face (out, in) weight: {'packed' (in // 2, out) uint8, 'absmax' (in // 64, out)}
+    (bitsandbytes' matrices transposed) with float32 absmax, or with double quantization uint8 absmax
+    plus 'nested_absmax' (ceil(blocks / 256),), 'offset' () and 'nested_code' (256,) float32."""
     out_features, in_features = w.shape
     if in_features % BLOCK:
         raise ValueError(f"NF4 needs input features divisible by {BLOCK}, got a weight of shape {w.shape}")
@@ -79,11 +83,17 @@ def quantize(w: np.ndarray, double_quant: bool = True) -> dict[str, np.ndarray]:
     packed = (index[0::2] << 4) | index[1::2]
     result = {"packed": packed.reshape(out_features, in_features // 2)}
     if not double_quant:
-        return {**result, "absmax": absmax.reshape(out_features, -1)}
+        return stored({**result, "absmax": absmax.reshape(out_features, -1)})
     offset = _torch_mean(absmax)
     codes, nested_absmax = _quantize_blockwise_8bit(absmax - offset)
-    return {**result, "absmax": codes.reshape(out_features, -1), "nested_absmax": nested_absmax,
-            "offset": np.asarray(offset), "nested_code": DYNAMIC_CODE.copy()}
+    return stored({**result, "absmax": codes.reshape(out_features, -1), "nested_absmax": nested_absmax,
+                   "offset": np.asarray(offset), "nested_code": DYNAMIC_CODE.copy()})
+
+
+def stored(q: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """bitsandbytes' NF4 arrays of one weight (packed (out, in // 2), absmax (out, in // 64)) as
+    jaxsft stores them: those two transposed, contiguous."""
+    return {k: np.ascontiguousarray(v.T) if k in ("packed", "absmax") else v for k, v in q.items()}
 
 
 def _quantize_blockwise_8bit(x: np.ndarray):
@@ -147,26 +157,41 @@ def _dynamic_lut() -> np.ndarray:
 
 
 def dequantize(q: dict, dtype=jnp.float32):
-    """The (..., out, in) weight of NF4 arrays `q` (as `quantize` gives them, with any leading axes),
-    computed in float32 as bitsandbytes does and returned in `dtype`."""
+    """The (..., in, out) kernel (the Hugging Face weight transposed) of NF4 arrays `q` (as
+    `quantize` gives them, with any leading axes), computed in float32 as bitsandbytes does and
+    returned in `dtype`."""
     absmax = q["absmax"]
     if "nested_absmax" in q:
         absmax = _dequantize_absmax(q)
     packed = q["packed"]
-    index = jnp.stack([packed >> 4, packed & 0xF], axis=-1).reshape(*packed.shape[:-1], -1, BLOCK)
-    values = jnp.asarray(NF4_CODE)[index.astype(jnp.int32)] * absmax[..., None]
-    return values.reshape(*packed.shape[:-1], -1).astype(dtype)
+    *lead, half, out_features = packed.shape
+    # Byte j of an output's row holds its inputs 2j (high nibble) and 2j + 1.
+    index = jnp.stack([packed >> 4, packed & 0xF], axis=-2).reshape(*lead, -1, BLOCK, out_features)
+    values = _levels(index) * absmax[..., None, :]
+    return values.reshape(*lead, 2 * half, out_features).astype(dtype)
+
+
+def _levels(index):
+    # NF4_CODE[index] as 15 elementwise selects, which XLA fuses into the dequantization: a gather
+    # from the table is not fused, and materialized int32 indices and float32 levels of the whole
+    # weight (224 MiB each for an 8B model's MLP weight).
+    values = jnp.full(index.shape, NF4_CODE[0])
+    for i in range(1, len(NF4_CODE)):
+        values = jnp.where(index == i, NF4_CODE[i], values)
+    return values
 
 
 def _dequantize_absmax(q: dict):
-    codes = q["absmax"]
+    # The nested blocks run along bitsandbytes' (out, in // 64) order: the maxima transposed back
+    # (1/64 of the weight's size) and forth.
+    codes = jnp.swapaxes(q["absmax"], -1, -2)
     lead = codes.shape[:-2]
     flat = codes.reshape(*lead, -1).astype(jnp.int32)
     values = jnp.take_along_axis(q["nested_code"], flat, axis=-1)
     scale = jnp.repeat(q["nested_absmax"], NESTED_BLOCK, axis=-1,
                        total_repeat_length=q["nested_absmax"].shape[-1] * NESTED_BLOCK)[..., :flat.shape[-1]]
     absmax = values * scale + q["offset"][..., None]
-    return absmax.reshape(codes.shape)
+    return jnp.swapaxes(absmax.reshape(codes.shape), -1, -2)
 
 
 def hf_shape(shape: tuple[int, ...], input_axes: int) -> tuple[int, int]:
@@ -177,8 +202,8 @@ def hf_shape(shape: tuple[int, ...], input_axes: int) -> tuple[int, int]:
 def arrays_shapes(out_features: int, in_features: int, double_quant: bool = True) -> dict[str, tuple]:
     """key -> (shape, dtype) of one weight's NF4 arrays (what `quantize` returns)."""
     blocks = out_features * in_features // BLOCK
-    shapes = {"packed": ((out_features, in_features // 2), np.uint8),
-              "absmax": ((out_features, in_features // BLOCK), np.uint8 if double_quant else np.float32)}
+    shapes = {"packed": ((in_features // 2, out_features), np.uint8),
+              "absmax": ((in_features // BLOCK, out_features), np.uint8 if double_quant else np.float32)}
     if double_quant:
         shapes.update(nested_absmax=((-(-blocks // NESTED_BLOCK),), np.float32), offset=((), np.float32),
                       nested_code=((len(DYNAMIC_CODE),), np.float32))
@@ -187,12 +212,12 @@ def arrays_shapes(out_features: int, in_features: int, double_quant: bool = True
 
 class NF4(nnx.Module):
     """One stacked NF4 weight of the decoder: the arrays of `quantize` for every layer, stacked on a
-    leading 'layers' axis. `packed` and `absmax` carry the (out, in) matrix's logical axes, so they
+    leading 'layers' axis. `packed` and `absmax` carry the (in, out) kernel's logical axes, so they
     shard like it; the small nested statistics are replicated. Frozen (QLoRA trains adapters only)."""
 
     def __init__(self, arrays: dict, out_axis: str, in_axis: str):
         for key, value in arrays.items():
-            axes = {"packed": (out_axis, in_axis), "absmax": (out_axis, in_axis)}.get(key, (None,) * (value.ndim - 1))
+            axes = {"packed": (in_axis, out_axis), "absmax": (in_axis, out_axis)}.get(key, (None,) * (value.ndim - 1))
             setattr(self, key, nnx.Param(value, logical_axes=("layers", *axes)))
 
     def arrays(self) -> dict[str, jax.Array]:
@@ -205,8 +230,3 @@ class NF4(nnx.Module):
         return cls({k: jnp.zeros((num_layers, *shape), dtype)
                     for k, (shape, dtype) in arrays_shapes(out_features, in_features, double_quant).items()},
                    out_axis, in_axis)
-
-
-def to_kernel(q: dict, shape: tuple[int, ...], dtype):
-    """The jaxsft kernel (*in, *out) of one layer's NF4 arrays, dequantized in `dtype`."""
-    return dequantize(q, dtype).T.reshape(shape)

@@ -240,8 +240,8 @@ def dequantized(model):
 
 
 def _stacked_kernel(q, shape, dtype, sharding):
-    def kernel(q):  # (layers, out, in) in HF layout -> (layers, *in, *out)
-        return jnp.swapaxes(nf4.dequantize(q, dtype), -1, -2).reshape(-1, *shape)
+    def kernel(q):  # (layers, in, out) -> (layers, *in, *out)
+        return nf4.dequantize(q, dtype).reshape(-1, *shape)
     return jax.jit(kernel, out_shardings=sharding)(q)
 
 

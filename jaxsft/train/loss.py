@@ -24,6 +24,13 @@ def loss_chunk(rows: int, seq_len: int, vocab: int, devices: int) -> int:
     return chunk
 
 
+def mesh_size() -> int:
+    """The devices of the mesh being traced under (the run's, set by the loop and the memory plan;
+    a TPU slice compiled on a CPU host is not the host's devices), else the default backend's."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return jax.device_count() if mesh.empty else mesh.size
+
+
 def token_loss_sum(model, batch, chunk: int | None = None):
     """Sum of cross-entropy over loss tokens, in float32.
 
@@ -32,7 +39,7 @@ def token_loss_sum(model, batch, chunk: int | None = None):
     """
     hidden = model.hidden_states(batch["input_ids"], batch["segment_ids"], batch["positions"])
     b, t, e = hidden.shape
-    chunk = chunk or loss_chunk(b, t, model.config.vocab_size, jax.device_count())
+    chunk = chunk or loss_chunk(b, t, model.config.vocab_size, mesh_size())
     num_chunks = -(-t // chunk)
 
     def chunks(x):
