@@ -5,13 +5,36 @@ Exit status: 0 done, 2 a config or usage mistake, 3 a checkpoint problem, 4 the 
 (with its traceback). See `jaxsft.cli.exit_statuses`.
 """
 
+import ctypes
 import logging
+import sys
 
 from jaxsft.cli import exit_statuses, parse_args
 from jaxsft.train import run
 
 
+def keep_freed_memory():
+    """Have glibc keep freed memory for reuse instead of returning it to the system. XLA:CPU
+    allocates every program's temporaries afresh and frees them after (the demo's logits chunks:
+    hundreds of MB per micro-batch); glibc serves blocks over 32 MB with mmap and unmaps them on
+    free, so each micro-batch faulted its pages in anew: 2.85M minor page faults and 5.2 s of system
+    time per demo step beside 5.2 s of user time (loaded 2-core machine). With one arena, no mmap
+    and no trimming: 44k faults, 0.11 s; a step took 3.2 s instead of 10.4. The process keeps
+    its peak memory until it exits, which a training run reaches every step anyway."""
+    if sys.platform != "linux":
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (musl)
+        return
+    m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8
+    libc.mallopt(m_arena_max, 1)
+    libc.mallopt(m_mmap_max, 0)
+    libc.mallopt(m_trim_threshold, 2**31 - 1)
+
+
 def main(argv=None):
+    keep_freed_memory()
     # force: importing orbax already configured the root logger (absl), which made this a no-op
     # and hid every INFO line (the data summary, "resumed from step N").
     logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", force=True)
