@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import optax
@@ -48,18 +46,18 @@ def token_loss_sum(model, batch, chunk: int | None = None):
         return jnp.moveaxis(x.reshape(b, num_chunks, chunk, *x.shape[2:]), 1, 0)
 
     equation, w = model.output_weight()
-    return chunked_cross_entropy(chunks(hidden), w, chunks(batch["targets"]),
-                                 chunks(batch["loss_mask"].astype(jnp.float32)), equation, model.config.logits_scaling)
+    # A frozen output weight (a LoRA run's) has no gradient to sum: autodiff's backward is the
+    # smaller program there.
+    loss = cross_entropy_sum if getattr(model, "lora", None) is not None else chunked_cross_entropy
+    return loss(chunks(hidden), w, chunks(batch["targets"]), chunks(batch["loss_mask"].astype(jnp.float32)),
+                equation, model.config.logits_scaling)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def chunked_cross_entropy(hidden, w, targets, mask, equation: str, scaling: float):
+def cross_entropy_sum(hidden, w, targets, mask, equation: str, scaling: float):
     """Summed cross-entropy where `mask` > 0 of the float32 logits `einsum(equation, h, w) /
     scaling` of every chunk h of `hidden` (chunks, rows, chunk, hidden; compute dtype), one chunk
-    at a time. Its own backward recomputes each chunk's logits and sums w's gradient over the
-    chunks in float32 whatever w's dtype (autodiff of the scan sums it in w's dtype: bf16 for an
-    offloaded run's compute copy), then rounds it to the compute dtype once, as every weight's
-    gradient is, so a float32 master and its bf16 copy get the same bits."""
+    at a time; differentiated, each chunk's logits are recomputed in the backward pass."""
+    @jax.checkpoint
     def body(total, xs):
         h, t, m = xs
         logits = dots.einsum(equation, h, w, out_dtype=jnp.float32) / scaling
@@ -68,6 +66,13 @@ def chunked_cross_entropy(hidden, w, targets, mask, equation: str, scaling: floa
 
     total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (hidden, targets, mask))
     return total
+
+
+# `cross_entropy_sum` with its own backward: each chunk's logits recomputed, w's gradient summed
+# over the chunks in float32 whatever w's dtype (autodiff of the scan sums it in w's dtype: bf16 for
+# an offloaded run's compute copy), then rounded to the compute dtype once, as every weight's
+# gradient is, so a float32 master and its bf16 copy get the same bits.
+chunked_cross_entropy = jax.custom_vjp(cross_entropy_sum, nondiff_argnums=(4, 5))
 
 
 def _chunked_cross_entropy_fwd(hidden, w, targets, mask, equation, scaling):
