@@ -50,13 +50,20 @@ def _forward(equation, out_dtype, x, w):
     return _accumulated(equation, out_dtype, x, w), (x, w)
 
 
-def _backward(equation, out_dtype, residuals, g):
-    x, w = residuals
+def backward_products(equation: str, x, w, g):
+    """The two backward matmuls of `einsum(equation, x, w)` for the cotangent g, in x's dtype
+    (g rounded to it first) with float32 accumulation: (dx, dw), both float32, not rounded."""
     inputs, out_axes = equation.replace(" ", "").split("->")
     x_axes, w_axes = inputs.split(",")
     g = g.astype(x.dtype)
     dx = jnp.einsum(f"{out_axes},{w_axes}->{x_axes}", g, w.astype(x.dtype), preferred_element_type=jnp.float32)
     dw = jnp.einsum(f"{out_axes},{x_axes}->{w_axes}", g, x, preferred_element_type=jnp.float32)
+    return dx, dw
+
+
+def _backward(equation, out_dtype, residuals, g):
+    x, w = residuals
+    dx, dw = backward_products(equation, x, w, g)
     return dx.astype(x.dtype), dw.astype(w.dtype)
 
 

@@ -81,19 +81,15 @@ def _chunked_cross_entropy_fwd(hidden, w, targets, mask, equation, scaling):
 
 def _chunked_cross_entropy_bwd(equation, scaling, residuals, g):
     hidden, w, targets, mask = residuals
-    inputs, out_axes = equation.split("->")
-    x_axes, w_axes = inputs.split(",")
     w_compute = w.astype(hidden.dtype)
 
     def body(dw, xs):
         h, t, m = xs
-        logits = jnp.einsum(equation, h, w_compute, preferred_element_type=jnp.float32) / scaling
+        logits = dots.einsum(equation, h, w_compute, out_dtype=jnp.float32) / scaling
         dlogits = jax.nn.softmax(logits) - jax.nn.one_hot(t, logits.shape[-1], dtype=jnp.float32)
-        # Rounded to the compute dtype before both matmuls, as `dots` does with every cotangent.
-        dlogits = (dlogits * (jnp.where(m > 0, g, 0.0) / scaling)[..., None]).astype(h.dtype)
-        dh = jnp.einsum(f"{out_axes},{w_axes}->{x_axes}", dlogits, w_compute, preferred_element_type=jnp.float32)
-        dw = dw + jnp.einsum(f"{out_axes},{x_axes}->{w_axes}", dlogits, h, preferred_element_type=jnp.float32)
-        return dw, dh.astype(h.dtype)
+        dlogits = dlogits * (jnp.where(m > 0, g, 0.0) / scaling)[..., None]
+        dh, dw_chunk = dots.backward_products(equation, h, w_compute, dlogits)  # dlogits rounded to h's dtype
+        return dw + dw_chunk, dh.astype(h.dtype)
 
     dw, dhidden = jax.lax.scan(body, jnp.zeros(w.shape, jnp.float32), (hidden, targets, mask))
     return dhidden, dw.astype(hidden.dtype).astype(w.dtype), None, None
