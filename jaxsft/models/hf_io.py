@@ -25,6 +25,7 @@ from safetensors.numpy import save_file
 
 from jaxsft import rundir
 from jaxsft.models import nf4
+from jaxsft.sharding import index_key
 from jaxsft.models.config import ModelConfig
 from jaxsft.models.decoder import Decoder, layer_shapes
 
@@ -275,7 +276,7 @@ def _sharded(leaf, sharding, *, value=None, read_layer=None) -> jax.Array:
     over layers, from `read_layer(i)`: each layer this process's devices hold is read once (not
     once per device, as `jax.make_array_from_callback` would) and sliced for each of them."""
     indices = sharding.addressable_devices_indices_map(leaf.shape)
-    distinct = {_key(index): index for index in indices.values()}  # replicas share one buffer
+    distinct = {index_key(index): index for index in indices.values()}  # replicas share one buffer
     if value is not None:
         shards = {k: value[index] for k, index in distinct.items()}
     else:
@@ -288,11 +289,7 @@ def _sharded(leaf, sharding, *, value=None, read_layer=None) -> jax.Array:
                 if i in held[k]:
                     shards[k][held[k].index(i)] = layer[index[1:]]
     return jax.make_array_from_single_device_arrays(
-        leaf.shape, sharding, [jax.device_put(shards[_key(index)], device) for device, index in indices.items()])
-
-
-def _key(index: tuple[slice, ...]) -> tuple:
-    return tuple((s.start, s.stop, s.step) for s in index)
+        leaf.shape, sharding, [jax.device_put(shards[index_key(index)], device) for device, index in indices.items()])
 
 
 def _check_tensors(folder, files, expected, config):

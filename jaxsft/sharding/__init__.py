@@ -100,3 +100,8 @@ def optimizer_shardings(tx, params, param_sharding, mesh):
         return NamedSharding(mesh, P())
 
     return jax.tree_util.tree_map_with_path(one, jax.eval_shape(tx.init, params))
+
+
+def index_key(index: tuple[slice, ...]) -> tuple:
+    """A hashable form of a shard's index (`Sharding.addressable_devices_indices_map`'s slices)."""
+    return tuple((s.start, s.stop, s.step) for s in index)

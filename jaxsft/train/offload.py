@@ -40,7 +40,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from jaxsft.checkpoint import flatten, unflatten
-from jaxsft.sharding import optimizer_shardings
+from jaxsft.sharding import index_key, optimizer_shardings
 from jaxsft.train.optimizer import adamw, make_optimizer
 
 META = "meta.json"
@@ -72,10 +72,6 @@ def _kvstore(path: str):
 
 
 _copy = jax.jit(jnp.copy)
-
-
-def _key(index) -> tuple:
-    return tuple((s.start, s.stop) for s in index)
 
 
 class HostStore:
@@ -147,8 +143,8 @@ class DiskStore:
         for key, sharding in shardings.items():
             shape = self.group_shape(key, group)
             for index in sharding.addressable_devices_indices_map(shape).values():
-                if _key(index) not in pending.setdefault(key, {}):
-                    pending[key][_key(index)] = self._region(key, index, group).read()
+                if index_key(index) not in pending.setdefault(key, {}):
+                    pending[key][index_key(index)] = self._region(key, index, group).read()
 
         def arrays():
             out = {}
@@ -158,7 +154,7 @@ class DiskStore:
                 # so a group read is not held twice (the devices' memory is host memory there).
                 data = {k: f.result() for k, f in pending.pop(key).items()}
                 out[key] = _copy(jax.make_array_from_callback(
-                    self.group_shape(key, group), sharding, lambda index, data=data: data[_key(index)]))
+                    self.group_shape(key, group), sharding, lambda index, data=data: data[index_key(index)]))
                 out[key].block_until_ready()
             return out
         return arrays
