@@ -89,6 +89,8 @@ def lora_checkpoint_model(params_dir: str, record: dict, mesh, base: str | None 
     if base:
         m.path = base
     run_config.lora.base_quant = run_config.lora.get("base_quant", "")  # absent from older checkpoints
+    # The checkpoint's adapters replace fresh ones: no LoftQ SVDs (its one iteration leaves the base as is).
+    run_config.lora.init = "default"
     graphdef, adapters, frozen = split(run_model(run_config, mesh), lora_run=True)
     if base_fingerprint(frozen) != record["base_model"]:
         raise CheckpointMismatch(

@@ -189,10 +189,11 @@ def gguf_model_config(path: str, **run_options) -> ModelConfig:
     return ModelConfig.from_hf(hf_config_from_gguf(_reader(path), path), source=path, **run_options)
 
 
-def load_gguf(path: str, dtype, compute_dtype, mesh=None, rules=None, **run_options):
+def load_gguf(path: str, dtype, compute_dtype, mesh=None, rules=None, on_quantize=None, **run_options):
     """A Decoder from a .gguf file; `jaxsft.models.loading.load_model` calls it for .gguf paths."""
     config = gguf_model_config(path, **run_options)
-    return build_model(config, gguf_tensor_reader(_reader(path), config, path), dtype, compute_dtype, mesh, rules)
+    return build_model(config, gguf_tensor_reader(_reader(path), config, path), dtype, compute_dtype, mesh, rules,
+                       on_quantize=on_quantize)
 
 
 def load_gguf_tokenizer(path: str | os.PathLike):

@@ -184,12 +184,12 @@ def hf_model_config(folder: str, **run_options) -> ModelConfig:
 
 
 def load_hf(path: str | os.PathLike, dtype=jnp.float32, compute_dtype=jnp.bfloat16, mesh=None,
-            rules=None, **run_options) -> Decoder:
+            rules=None, on_quantize=None, **run_options) -> Decoder:
     """Load a Hugging Face model folder (local or gs://) into a sharded Decoder.
 
     dtype: parameter dtype; compute_dtype: matmul dtype; mesh/rules: where the parameters go
-    (default: the first device); run_options: ModelConfig run-time fields (remat, attention).
-    Every kind of model source is dispatched by `jaxsft.models.loading.load_model`.
+    (default: the first device); on_quantize: `build_model`'s; run_options: ModelConfig run-time
+    fields (remat, attention). Every kind of model source is dispatched by `jaxsft.models.loading.load_model`.
     """
     folder = local_dir(path)
     config = hf_model_config(folder, **run_options)
@@ -202,7 +202,7 @@ def load_hf(path: str | os.PathLike, dtype=jnp.float32, compute_dtype=jnp.bfloat
     read_nf4 = None
     if "quantization_config" in config.hf_config:  # saved 4-bit by transformers + bitsandbytes
         read_nf4 = functools.partial(_read_bnb_nf4, read, files, config)
-    return build_model(config, read, dtype, compute_dtype, mesh, rules, read_nf4)
+    return build_model(config, read, dtype, compute_dtype, mesh, rules, read_nf4, on_quantize)
 
 
 def _read_bnb_nf4(read, files, config: ModelConfig, hf_name: str) -> dict[str, np.ndarray]:
@@ -228,11 +228,12 @@ def _read_bnb_nf4(read, files, config: ModelConfig, hf_name: str) -> dict[str, n
 
 
 def build_model(config: ModelConfig, read_hf_tensor, dtype, compute_dtype, mesh=None, rules=None,
-                read_nf4=None) -> Decoder:
+                read_nf4=None, on_quantize=None) -> Decoder:
     """A Decoder whose parameters are read with `read_hf_tensor(hf_name) -> np.ndarray` (HF layout),
     straight into their target sharding: each process reads each tensor its devices hold once.
     With `config.base_quant='nf4'` the linear projections are quantized as they are read, one layer
-    at a time, or come from `read_nf4(hf_name)` (a checkpoint stored as NF4)."""
+    at a time, or come from `read_nf4(hf_name)` (a checkpoint stored as NF4). `on_quantize(hf_name,
+    w, nf4_arrays)` sees each weight this quantizes, in full precision (LoftQ's initialisation)."""
     from jaxsft.sharding import param_shardings
 
     abstract = nnx.eval_shape(lambda: Decoder(config, param_dtype=dtype, compute_dtype=compute_dtype))
@@ -247,9 +248,18 @@ def build_model(config: ModelConfig, read_hf_tensor, dtype, compute_dtype, mesh=
 
     pure = nnx.to_pure_dict(state)
     if config.base_quant:
+        if read_nf4 is not None and on_quantize is not None:
+            raise CheckpointError("LoftQ (lora.init='loftq') needs the full-precision weights: this checkpoint "
+                                  "is stored in 4-bit; give its full-precision model as model.path")
+
+        def quantize(hf_name):
+            w = read_hf_tensor(hf_name)
+            q = nf4.quantize(w, config.base_double_quant)
+            if on_quantize is not None:
+                on_quantize(hf_name, w, q)
+            return q
         # Each part of an NF4 weight (packed, absmax, ...) asks for every layer: quantize each once.
-        read_nf4 = functools.lru_cache(maxsize=config.num_layers + 1)(
-            read_nf4 or (lambda hf_name: nf4.quantize(read_hf_tensor(hf_name), config.base_double_quant)))
+        read_nf4 = functools.lru_cache(maxsize=config.num_layers + 1)(read_nf4 or quantize)
     for name, path_in_state in model_param_paths(config).items():
         leaf = _get(pure, path_in_state)
         layers = hf_names[name]

@@ -220,10 +220,13 @@ def _rank_mask(t: Target, ndim: int, rank_axis: int) -> np.ndarray:
     return mask.reshape(shape).astype(np.float32)
 
 
-def attach(model, spec: LoraSpec, seed: int = 0, mesh=None, rules=None):
-    """Give `model` (a Decoder without adapters) freshly initialised adapters, placed by the
-    sharding rules; returns the model."""
+def attach(model, spec: LoraSpec, seed: int = 0, mesh=None, rules=None, initial=None):
+    """Give `model` (a Decoder without adapters) freshly initialised adapters (PEFT's initialisation,
+    or `initial`: name -> (A, B) stacked as `Adapters` holds them, LoftQ's), placed by the sharding
+    rules; returns the model."""
     adapters = Adapters(spec, model.config, nnx.Rngs(seed))
+    for name, (a, b) in (initial or {}).items():
+        getattr(adapters, name).a[...], getattr(adapters, name).b[...] = jnp.asarray(a), jnp.asarray(b)
     graphdef, state = nnx.split(adapters)
     state = jax.device_put(state, param_shardings(state, mesh, rules))
     model.lora = nnx.merge(graphdef, state)

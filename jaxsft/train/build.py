@@ -19,8 +19,8 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxsft.checkpoint import flatten, unflatten
-from jaxsft.models import Decoder, ModelConfig, lora, peft_io
-from jaxsft.models.loading import model_for_run
+from jaxsft.models import Decoder, ModelConfig, loftq, lora, peft_io
+from jaxsft.models.loading import load_model_config, model_for_run
 from jaxsft.sharding import optimizer_shardings, param_shardings
 from jaxsft.train.offload import Offloaded
 from jaxsft.train.optimizer import make_optimizer
@@ -54,7 +54,13 @@ def is_lora(config) -> bool:
 def run_model(config, mesh):
     """The model a run starts from, on `mesh`: its weights (or random ones) and, for LoRA, its
     adapters (`lora.adapter_path`'s, or fresh ones). `jaxsft.export` rebuilds a LoRA run's with it."""
-    model = model_for_run(config.model, mesh, seed=config.train.seed, base_quant=config.lora.base_quant)
+    m, residuals = config.model, None
+    if config.lora.init == "loftq":  # the adapters come from the weights the loader quantizes
+        model_config = load_model_config(m.path, attention=m.attention, base_quant=config.lora.base_quant)
+        residuals = loftq.Residuals(lora.make_spec(config.lora, model_config))
+    model = model_for_run(m, mesh, seed=config.train.seed, base_quant=config.lora.base_quant, on_quantize=residuals)
+    if residuals is not None:
+        return lora.attach(model, residuals.spec, mesh=mesh, initial=residuals.adapters(model.config))
     if is_lora(config):
         model = peft_io.add_adapters(model, config.lora, config.train.seed, mesh)
     return model

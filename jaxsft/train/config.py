@@ -88,6 +88,7 @@ folder (`output_dir/adapter`; with `train.export_hf` also the merged model in `o
 | `lr_ratio` | `1.0` | LoRA+: B's learning rate (and decoupled weight decay) is this times A's (the paper: 16). |
 | `adapter_path` | `''` | Start from this PEFT adapter folder (its rank, alpha and targets replace the fields above). |
 | `base_quant` | `''` | `'nf4'`: QLoRA. The frozen base's linear projections are stored as bitsandbytes NF4 (blocks of 64, double-quantized statistics, bit for bit as `bitsandbytes.functional.quantize_4bit`), quantized while `model.path` is read; each layer dequantizes its own weights to `model.compute_dtype` inside the step. Embeddings, norms and the LM head stay in `model.param_dtype`. A bitsandbytes 4-bit NF4 checkpoint (`*-bnb-4bit`) is read as NF4 whatever this says. Needs LoRA (`lora.r > 0`). |
+| `init` | `'default'` | How fresh adapters start. `'default'`: PEFT's (A Kaiming-uniform, B = 0: the model starts as its base). `'loftq'`: LoftQ (PEFT's `init_lora_weights='loftq'`, one iteration), with `base_quant='nf4'`: each adapter starts as the rank-r SVD of its weight's quantization error W - dequant(nf4(W)), split so that scale * A B equals it, so the NF4 base plus the adapters starts near the full-precision model. The base is unchanged (a run's adapter loads in PEFT on the bitsandbytes-quantized base). Needs the full-precision weights at load (one SVD per adapted weight, on the default device): not a checkpoint stored in 4-bit. PEFT's LoftQ leaves the scale out (the same adapters when alpha == r). |
 
 ## mesh
 | key | default | meaning |
@@ -153,6 +154,7 @@ from jaxsft.train.optimizer import SCHEDULES
 DTYPES = ("float32", "bfloat16")
 OFFLOAD_TIERS = ("none", "host", "disk")
 BASE_QUANTS = ("", "nf4")
+LORA_INITS = ("default", "loftq")
 # Training bf16 master weights needs at least this learning rate. bf16 keeps 8 significant bits, so
 # p + u rounds back to p unless |u| > half the spacing of bf16 numbers at p: 2^(e-8) for |p| in
 # [2^e, 2^(e+1)). An AdamW step moves a weight by about the learning rate (|m / sqrt(v)| <= ~1).
@@ -180,7 +182,7 @@ def default_config() -> ml_collections.ConfigDict:
                     loss_spike_ratio=1.5, grad_spike_ratio=10.0)
     c.lora = dict(r=0, alpha=16.0, dropout=0.0,
                   target_modules=ml_collections.FieldReference("all-linear", field_type=object), layers=[],
-                  use_rslora=False, lr_ratio=1.0, adapter_path="", base_quant="")
+                  use_rslora=False, lr_ratio=1.0, adapter_path="", base_quant="", init="default")
     c.mesh = dict(data=1, fsdp=-1, tensor=1)
     c.checkpoint = dict(every_steps=0, keep=2, keep_best=0, dir="", resume=True, overwrite=False)
     c.gsm8k = dict(file="", subset=0, k_shot=0, shots_file="", max_new_tokens=256, batch_size=32,
@@ -200,6 +202,11 @@ def validate(c) -> None:
     if c.lora.base_quant and not (c.lora.r or c.lora.adapter_path):
         raise ConfigError(f"lora.base_quant={c.lora.base_quant!r} quantizes the frozen base of LoRA (QLoRA); full "
                           "fine-tuning (lora.r=0) trains the base weights themselves: set lora.r > 0 or base_quant=''")
+    if c.lora.init not in LORA_INITS:
+        raise ConfigError(f"lora.init={c.lora.init!r}: choose one of {LORA_INITS}")
+    if c.lora.init == "loftq" and (c.lora.base_quant != "nf4" or c.lora.adapter_path):
+        raise ConfigError("lora.init='loftq' starts fresh adapters from the NF4 base's quantization error: it needs "
+                          "lora.base_quant='nf4' and no lora.adapter_path (whose adapters would replace them)")
     if c.optim.offload != "none" and (c.lora.r or c.lora.adapter_path):
         raise ConfigError("optim.offload moves full fine-tuning's master weights and moments; LoRA's are small: "
                           "set optim.offload='none'")
