@@ -181,6 +181,17 @@ def test_sharded_load_on_8_devices_reads_each_tensor_once_and_gives_same_logits(
     mesh = make_mesh(data=2, fsdp=2, tensor=2)
     reads = []
 
+    class CountingSlice:  # a tensor's part: read when indexed
+        def __init__(self, name, tensor):
+            self.name, self.tensor = name, tensor
+
+        def __getitem__(self, box):
+            reads.append(self.name)
+            return self.tensor[box]
+
+        def __getattr__(self, attr):
+            return getattr(self.tensor, attr)
+
     class CountingSafeOpen:  # safetensors' handle, with every tensor read recorded
         def __init__(self, *args, **kw):
             self.handle = safe_open(*args, **kw)
@@ -188,6 +199,9 @@ def test_sharded_load_on_8_devices_reads_each_tensor_once_and_gives_same_logits(
         def get_tensor(self, name):
             reads.append(name)
             return self.handle.get_tensor(name)
+
+        def get_slice(self, name):
+            return CountingSlice(name, self.handle.get_slice(name))
 
         def __getattr__(self, attr):
             return getattr(self.handle, attr)
@@ -208,6 +222,25 @@ def test_sharded_load_on_8_devices_reads_each_tensor_once_and_gives_same_logits(
     with jax.set_mesh(mesh):
         logits = jax.jit(lambda m, x: m(x))(model, jnp.asarray(IDS))
     assert_logits_close(logits, hf_logits(hf, IDS))
+
+
+@pytest.mark.parametrize("layout,shape", [("linear", (6, 10)), ("in_heads", (6, 4, 3)), ("out_heads", (4, 3, 6)),
+                                          ("bias_heads", (4, 3)), ("vector", (10, 6))])
+def test_a_process_reads_only_the_hf_rows_and_columns_of_its_shards(layout, shape):
+    """A host of a pod reads the part of each HF tensor its devices hold, in the HF layout."""
+    ours = np.arange(np.prod(shape), dtype=np.float32).reshape(shape)
+    hf = hf_io.to_hf(ours, layout)
+    assert np.array_equal(hf_io.to_jaxsft(hf, layout, shape), ours)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        box = tuple(slice(int(a), int(b) + 1) for a, b in (sorted(rng.integers(0, n, 2)) for n in shape))
+        read = []
+        part = hf_io._read_our_box(lambda hf_box: read.append(hf[hf_box].size) or hf[hf_box], layout, shape, box)
+        assert np.array_equal(part, ours[box])
+        # Whole heads are read (a head's dimensions are never sharded), nothing else.
+        head_dim_axis = {"in_heads": 2, "out_heads": 1, "bias_heads": 1}.get(layout)
+        covering = tuple(slice(None) if d == head_dim_axis else s for d, s in enumerate(box))
+        assert read == [ours[covering].size], (box, read)
 
 
 def test_remat_policies_give_same_gradients(tmp_path):

@@ -392,10 +392,15 @@ def test_qlora_in_two_processes_resumes_trains_and_saves_like_one(tmp_path):
     from jaxsft.models import load_model, peft_io
     from jaxsft.models.loading import model_for_run
 
+    from transformers import AutoConfig, AutoModelForCausalLM
+
     model, tokenizer = tiny_model(tmp_path, hidden_size=64)  # projections' inputs in NF4's 64-value blocks
+    # Pretrained (random) weights in safetensors: each process reads only its devices' share.
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model)).save_pretrained(model)
     cache, one, two = tmp_path / "cache", tmp_path / "one", tmp_path / "two"
     lora = {"model.path": model, "data.tokenizer": tokenizer, "data.global_batch_size": 4, "train.num_steps": 3,
-            "lora.r": 4, "lora.alpha": 8, "lora.lr_ratio": 4, "lora.base_quant": "nf4", "optim.learning_rate": 1e-2,
+            "model.init": "pretrained", "lora.r": 4, "lora.alpha": 8, "lora.lr_ratio": 4, "lora.base_quant": "nf4",
+            "optim.learning_rate": 1e-2,
             "checkpoint.keep": 3,
             "model.compute_dtype": "float32"}  # in the demo's bf16 the 2-process grad norm is 8e-5 off
     run_job(tmp_path, 1, train_args(one, cache, devices=2, **lora), devices=2)
@@ -403,6 +408,11 @@ def test_qlora_in_two_processes_resumes_trains_and_saves_like_one(tmp_path):
     texts = run_job(tmp_path, 2, train_args(two, cache, devices=2, **lora, **{"checkpoint.dir": tmp_path / "ckpt"}),
                     devices=2)
     assert "resumed from step 2" in texts[0] and "process 1 of 2, 1 local devices of 2" in texts[1]
+    # Each process read its half of the checkpoint (the 152k x 64 embedding, most of it, is split
+    # over the two devices), not the whole.
+    read = [re.search(r"process (\d) read ([\d.]+) MB of the checkpoint's ([\d.]+) MB", t) for t in texts]
+    assert [int(r[1]) for r in read] == [0, 1], read
+    assert all(0.4 < float(r[2]) / float(r[3]) < 0.6 for r in read), read
 
     a, b = (metrics_by_step(out) for out in (one, two))
     assert sorted(b) == [3]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -28,6 +29,8 @@ from jaxsft.models import nf4
 from jaxsft.sharding import index_key
 from jaxsft.models.config import ModelConfig
 from jaxsft.models.decoder import Decoder, layer_shapes
+
+logger = logging.getLogger(__name__)
 
 
 # jaxsft name -> (HF name, how HF lays it out). `{i}` is the layer index.
@@ -196,13 +199,22 @@ def load_hf(path: str | os.PathLike, dtype=jnp.float32, compute_dtype=jnp.bfloat
     files = _tensor_files(folder)
     _check_tensors(folder, files, hf_tensors(config), config)
     handles = {f: safe_open(f, framework="numpy") for f in set(files.values())}
+    read_bytes = 0
 
-    def read(name):
-        return handles[files[name]].get_tensor(name)
+    def read(name, box=None):
+        nonlocal read_bytes
+        handle = handles[files[name]]
+        value = handle.get_tensor(name) if box is None else handle.get_slice(name)[box]
+        read_bytes += value.nbytes
+        return value
     read_nf4 = None
     if "quantization_config" in config.hf_config:  # saved 4-bit by transformers + bitsandbytes
         read_nf4 = functools.partial(_read_bnb_nf4, read, files, config)
-    return build_model(config, read, dtype, compute_dtype, mesh, rules, read_nf4, on_quantize)
+    model = build_model(config, read, dtype, compute_dtype, mesh, rules, read_nf4, on_quantize, read_box=read)
+    total = sum(os.path.getsize(f) for f in handles)
+    # On a pod each host should read only its devices' share: the figure to check when loading is slow.
+    logger.info("process %d read %.1f MB of the checkpoint's %.1f MB", jax.process_index(), read_bytes / 1e6, total / 1e6)
+    return model
 
 
 def _read_bnb_nf4(read, files, config: ModelConfig, hf_name: str) -> dict[str, np.ndarray]:
@@ -228,9 +240,11 @@ def _read_bnb_nf4(read, files, config: ModelConfig, hf_name: str) -> dict[str, n
 
 
 def build_model(config: ModelConfig, read_hf_tensor, dtype, compute_dtype, mesh=None, rules=None,
-                read_nf4=None, on_quantize=None) -> Decoder:
+                read_nf4=None, on_quantize=None, read_box=None) -> Decoder:
     """A Decoder whose parameters are read with `read_hf_tensor(hf_name) -> np.ndarray` (HF layout),
-    straight into their target sharding: each process reads each tensor its devices hold once.
+    straight into their target sharding: each process reads each tensor its devices hold once, and
+    with `read_box(hf_name, slices)` (a reader that can read part of a tensor) only the part of it
+    they hold.
     With `config.base_quant='nf4'` the linear projections are quantized as they are read, one layer
     at a time, or come from `read_nf4(hf_name)` (a checkpoint stored as NF4). `on_quantize(hf_name,
     w, nf4_arrays)` sees each weight this quantizes, in full precision (LoftQ's initialisation)."""
@@ -243,8 +257,9 @@ def build_model(config: ModelConfig, read_hf_tensor, dtype, compute_dtype, mesh=
     for hf_name, (name, layer, _, _) in hf_tensors(config).items():
         hf_names.setdefault(name, {})[layer] = hf_name
 
-    def read(hf_name, name, shape):
-        return to_jaxsft(read_hf_tensor(hf_name), WEIGHT_MAP[name][1], shape)
+    if read_box is None:
+        def read_box(hf_name, box):
+            return read_hf_tensor(hf_name)[box]
 
     pure = nnx.to_pure_dict(state)
     if config.base_quant:
@@ -266,38 +281,64 @@ def build_model(config: ModelConfig, read_hf_tensor, dtype, compute_dtype, mesh=
         sharding = _get(shardings, path_in_state)
         if isinstance(leaf, dict):  # an NF4 weight: its arrays, each stacked over the layers
             for key, part in leaf.items():
-                def read_part(i, key=key, part=part, layers=layers):
-                    return np.asarray(read_nf4(layers[i])[key], part.dtype)
-                leaf[key] = _sharded(part, sharding[key], read_layer=read_part)
+                def read_part(i, box, key=key, part=part, layers=layers):
+                    return np.asarray(read_nf4(layers[i])[key][box], part.dtype)
+                leaf[key] = _sharded(part, sharding[key], read_part, stacked=True)
             read_nf4.cache_clear()
-        elif None in layers:  # a global weight
-            value = np.asarray(read(layers[None], name, leaf.shape), dtype=leaf.dtype)
-            _set(pure, path_in_state, _sharded(leaf, sharding, value=value))
         else:
-            def read_layer(i, name=name, leaf=leaf, layers=layers):
-                return np.asarray(read(layers[i], name, leaf.shape[1:]), dtype=leaf.dtype)
-            _set(pure, path_in_state, _sharded(leaf, sharding, read_layer=read_layer))
+            def read_part(i, box, name=name, leaf=leaf, layers=layers):
+                shape = leaf.shape[1:] if i is not None else leaf.shape
+                part = _read_our_box(functools.partial(read_box, layers[i]), WEIGHT_MAP[name][1], shape, box)
+                return np.asarray(part, dtype=leaf.dtype)
+            _set(pure, path_in_state, _sharded(leaf, sharding, read_part, stacked=None not in layers))
     nnx.replace_by_pure_dict(state, pure)
     return nnx.merge(graphdef, state)
 
 
-def _sharded(leaf, sharding, *, value=None, read_layer=None) -> jax.Array:
-    """The global array `leaf` (shape, dtype) in `sharding`, from `value` or, for a weight stacked
-    over layers, from `read_layer(i)`: each layer this process's devices hold is read once (not
-    once per device, as `jax.make_array_from_callback` would) and sliced for each of them."""
+def _read_our_box(read_hf_box, layout: str, shape: tuple[int, ...], box: tuple[slice, ...]) -> np.ndarray:
+    """`box` (a slice per dimension of our `shape`) of a tensor in our layout, reading only the HF
+    rows and columns that hold it (`read_hf_box(hf_slices)`); heads are read whole."""
+    def rows(heads, head_dim):
+        return slice(heads.start * head_dim, heads.stop * head_dim)
+    if layout == "linear":
+        return read_hf_box((box[1], box[0])).T
+    if layout == "in_heads":
+        (inputs, heads, dims), head_dim = box, shape[2]
+        return read_hf_box((rows(heads, head_dim), inputs)).T.reshape(
+            inputs.stop - inputs.start, heads.stop - heads.start, head_dim)[:, :, dims]
+    if layout == "out_heads":
+        (heads, dims, outputs), head_dim = box, shape[1]
+        return read_hf_box((outputs, rows(heads, head_dim))).T.reshape(
+            heads.stop - heads.start, head_dim, outputs.stop - outputs.start)[:, dims]
+    if layout == "bias_heads":
+        (heads, dims), head_dim = box, shape[1]
+        return read_hf_box((rows(heads, head_dim),)).reshape(-1, head_dim)[:, dims]
+    return read_hf_box(box)  # vector: the same layout
+
+
+def _sharded(leaf, sharding, read_part, stacked: bool) -> jax.Array:
+    """The global array `leaf` (shape, dtype) in `sharding`, from `read_part(layer, box)` (`box`: a
+    slice per dimension after the layer axis of a weight stacked over layers (`stacked`; `layer` is
+    None otherwise), in our layout). Each layer this process's devices hold is read once (not once
+    per device, as `jax.make_array_from_callback` would), only the box covering their shards, and
+    sliced for each of them."""
     indices = sharding.addressable_devices_indices_map(leaf.shape)
-    distinct = {index_key(index): index for index in indices.values()}  # replicas share one buffer
-    if value is not None:
-        shards = {k: value[index] for k, index in distinct.items()}
-    else:
-        held = {k: range(leaf.shape[0])[index[0]] for k, index in distinct.items()}
-        shards = {k: np.empty([len(range(n)[s]) for n, s in zip(leaf.shape, index)], leaf.dtype)
-                  for k, index in distinct.items()}
-        for i in sorted(set().union(*held.values())):
-            layer = read_layer(i)
-            for k, index in distinct.items():
-                if i in held[k]:
-                    shards[k][held[k].index(i)] = layer[index[1:]]
+    # Replicas share one buffer; slices with explicit bounds.
+    distinct = {index_key(index): tuple(slice(*s.indices(n)[:2]) for s, n in zip(index, leaf.shape))
+                for index in indices.values()}
+    inner = 1 if stacked else 0
+    box = tuple(slice(min(ix[d].start for ix in distinct.values()), max(ix[d].stop for ix in distinct.values()))
+                for d in range(inner, leaf.ndim))
+    shards = {k: np.empty([s.stop - s.start for s in index], leaf.dtype) for k, index in distinct.items()}
+    layers = sorted({i for index in distinct.values() for i in range(index[0].start, index[0].stop)}) if stacked else [None]
+    for i in layers:
+        part = read_part(i, box)
+        for k, index in distinct.items():
+            local = tuple(slice(s.start - b.start, s.stop - b.start) for s, b in zip(index[inner:], box))
+            if not stacked:
+                shards[k] = part[local]
+            elif index[0].start <= i < index[0].stop:
+                shards[k][i - index[0].start] = part[local]
     return jax.make_array_from_single_device_arrays(
         leaf.shape, sharding, [jax.device_put(shards[index_key(index)], device) for device, index in indices.items()])
 
