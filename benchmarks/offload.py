@@ -46,6 +46,7 @@ from jaxsft.models import Decoder, ModelConfig
 from jaxsft.sharding import make_mesh, optimizer_shardings, param_shardings
 from jaxsft.train import default_config
 from jaxsft.train.offload import Offloaded
+from jaxsft.train.state import OnDevice
 from jaxsft.train.optimizer import make_optimizer
 from jaxsft.train.step import make_train_step
 
@@ -136,14 +137,14 @@ def bench_shape(name: str, directory: str, steps: int, seq: int, rows: int, samp
             continue
         params = fresh_params()
         opt_sharding = optimizer_shardings(tx, params, shardings, mesh)
+        fns = make_train_step(graphdef, tx, schedule, shardings, opt_sharding, batch_sharding)
         offload = None
         if tier == "none":
-            opt_state = jax.jit(tx.init, out_shardings=opt_sharding)(params)
+            opt = OnDevice(jax.jit(tx.init, out_shardings=opt_sharding)(params), fns.apply_update)
         else:
-            offload = Offloaded(tier, os.path.join(directory, f"{name}-live"), params, shardings, optim, schedule,
-                                jnp.bfloat16, c.num_layers, group_layers=1)
-            params, opt_state = offload.init(params), offload
-        fns = make_train_step(graphdef, tx, schedule, shardings, opt_sharding, batch_sharding, offload=offload)
+            offload = opt = Offloaded(tier, os.path.join(directory, f"{name}-live"), params, shardings, optim,
+                                        schedule, jnp.bfloat16, c.num_layers, group_layers=1)
+            params = offload.init(params)
         times = []
         for i in range(steps + 1):
             acc = {"grads": fill_randomly(jax.tree.map(
@@ -151,7 +152,7 @@ def bench_shape(name: str, directory: str, steps: int, seq: int, rows: int, samp
                 "loss_sum": jnp.float32(1.0)}
             jax.block_until_ready(acc)
             t0 = time.perf_counter()
-            params, opt_state, metrics = fns.apply_update(params, opt_state, acc, jnp.int32(100), jnp.int32(i))
+            params, metrics = opt.update(params, acc, jnp.int32(100), jnp.int32(i))
             jax.block_until_ready((params, metrics))
             times.append(time.perf_counter() - t0)
         result[tier] = {"update_s": float(np.median(times[1:])), "first_update_s": times[0]}
@@ -180,7 +181,7 @@ def bench_shape(name: str, directory: str, steps: int, seq: int, rows: int, samp
             result.pop("accumulate_skipped", None)
         if offload is not None:
             offload.close()
-        del params, opt_state, fns
+        del params, opt, fns
         shutil.rmtree(os.path.join(directory, f"{name}-live"), ignore_errors=True)  # disk for the raw test
     if "recipe_step_s" not in result and rate_from:  # no tier could accumulate this shape here
         shape, rate = rate_from

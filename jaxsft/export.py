@@ -43,7 +43,7 @@ from jaxsft.models.converted import MARKER, converted_config, join, restore_para
 from jaxsft.models import gguf_export
 from jaxsft.models.hf_io import save_hf
 from jaxsft.sharding import make_mesh
-from jaxsft.train.offload import read_masters, saved_offloaded
+from jaxsft.train.snapshot import read_masters, saved_offloaded
 
 
 def find_params(path: str) -> tuple[str, dict | None]:

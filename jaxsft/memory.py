@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import os
 import re
 import sys
@@ -137,25 +136,6 @@ def _stats(lowered, resident: int = 0, device_kind: str = "") -> dict[str, int]:
             "peak": m.argument_size_in_bytes + new_outputs + m.temp_size_in_bytes + resident}
 
 
-def device_bytes_of(tree) -> int:
-    """Bytes per device of a tree of ShapeDtypeStructs / arrays with shardings (the largest shard
-    set any one device holds; a leaf without a sharding is whole on every device)."""
-    total = 0
-    for x in jax.tree.leaves(tree):
-        shard = x.shape if getattr(x, "sharding", None) is None else x.sharding.shard_shape(x.shape)
-        total += math.prod(shard) * x.dtype.itemsize  # a PRNG key dtype too (LoRA dropout)
-    return total
-
-
-def _abstract(tree, shardings):
-    """`tree`'s leaves as ShapeDtypeStructs with the matching leaves of `shardings` (a tree of the
-    same paths, whatever its containers)."""
-    from jaxsft.checkpoint import flatten, unflatten
-
-    flat = flatten(shardings)
-    return unflatten(tree, {k: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=flat[k]) for k, x in flatten(tree).items()})
-
-
 def lora_spec(config, model_config: ModelConfig):
     """The adapters of a LoRA run (`lora.r`, or the PEFT folder `lora.adapter_path`), else None."""
     if config.lora.adapter_path:
@@ -172,9 +152,9 @@ def plan(config, model_config: ModelConfig, mesh=None, device_bytes=None, host_b
     `jaxsft.train.build.build` makes for the loop, compiled on abstract inputs."""
     if config.model.remat == "auto":
         return _auto_remat_plan(config, model_config, mesh, device_bytes, host_bytes, advise)
-    from jaxsft.sharding import make_mesh
+    from jaxsft.sharding import bytes_per_device, make_mesh
     from jaxsft.train.build import abstract_batch, abstract_model, build
-    from jaxsft.train.offload import group_layers_that_fit
+    from jaxsft.train.offload_store import group_layers_that_fit
 
     mesh = mesh or make_mesh(**config.mesh)
     stats = functools.partial(_stats, device_kind=mesh.devices.flat[0].device_kind)
@@ -192,44 +172,24 @@ def plan(config, model_config: ModelConfig, mesh=None, device_bytes=None, host_b
                                              min(spare / 4, GROUP_BUDGET) if device_bytes else GROUP_BUDGET)
     run = build(config, abstract_model(config, model_config, lora_spec(config, model_config)), mesh,
                 total_steps=1000, group_layers=group_layers, abstract=True)
-    fns, offload = run.fns, run.offload
-    params = run.params if offload is None else offload.abstract_params()
+    fns = run.fns
+    params = run.state.device_params(run.params)
     scalar = jax.ShapeDtypeStruct((), jnp.int32)
     acc = jax.eval_shape(fns.zero_accumulator, params, scalar)  # with the accumulator's shardings
     batch = abstract_batch(config, mesh, run.batch_sharding)
-    # Alive between the calls, beside each program's arguments: the optimizer state (on the
-    # devices with offload='none'), the accumulator (from the run's first step to its last).
-    opt_bytes = device_bytes_of(run.opt_state) if offload is None else 0
-    acc_bytes = device_bytes_of(acc)
+    state = run.state.planned(params, acc)
+    # Alive between the calls, beside each program's arguments: the optimizer state's resident part
+    # (on the devices with offload='none'), the accumulator (from the run's first step to its last).
+    acc_bytes = bytes_per_device(acc)
 
-    programs = {"zero_accumulator": stats(_lower(fns.zero_accumulator, params, scalar), resident=opt_bytes),
-                "accumulate": stats(_lower(fns.accumulate, acc, params, batch), resident=opt_bytes)}
+    programs = {"zero_accumulator": stats(_lower(fns.zero_accumulator, params, scalar), resident=state.resident),
+                "accumulate": stats(_lower(fns.accumulate, acc, params, batch), resident=state.resident)}
     if config.data.eval_sources:  # the held-out loss runs between steps, the accumulator kept
-        programs["eval_loss"] = stats(_lower(fns.eval_loss, params, batch), resident=opt_bytes + acc_bytes)
-    if offload is None:
-        programs["update"] = stats(_lower(fns.apply_update, params, run.opt_state, acc, scalar, scalar))
-        host = disk = 0
-    else:
-        first = {group.start is not None: i for i, group in reversed(list(enumerate(offload.groups)))}
-        trees = {kind: _abstract(offload.like[i], offload.tree_shardings(i)) for kind, i in first.items()}
-        sizes = {kind: device_bytes_of(tree) for kind, tree in trees.items()}
-        scale = {"denominator": jax.ShapeDtypeStruct((), jnp.float32),
-                 "grad_norm": jax.ShapeDtypeStruct((), jnp.float32)}
-        for kind, i in first.items():
-            lowered = offload._update[kind].lower(params, acc, trees[kind], scale, scalar, offload.groups[i].size)
-            # Beside a layer group: the previous one (being written back) and the next one (read
-            # ahead; the other parameters' group follows the last). Beside that group: the last layer group.
-            beside = sizes[True] + max(sizes.values()) if kind else sizes[True]
-            programs["update_layers" if kind else "update_rest"] = stats(lowered, resident=beside)
-        state = sum(device_bytes_of(_abstract(offload.like[i], offload.tree_shardings(i)))
-                    for i in range(len(offload.groups)))
-        local = min(shards, jax.local_device_count())  # devices of this host holding distinct shards
-        per_host = state * local
-        # The disk tier's host holds two groups: the one read ahead and the one being written back
-        # (at most a layer group and the other parameters' group, around the last layer group).
-        in_flight = (sizes[True] + max(sizes.values())) * local
-        host, disk = (per_host, 0) if tier == "host" else (in_flight, per_host)
-    programs["clear_accumulator"] = stats(_lower(fns.clear_accumulator, acc, scalar), resident=opt_bytes)
+        programs["eval_loss"] = stats(_lower(fns.eval_loss, params, batch), resident=state.resident + acc_bytes)
+    for name, (lowered, beside) in state.updates.items():
+        programs[name] = stats(lowered, resident=beside)
+    programs["clear_accumulator"] = stats(_lower(fns.clear_accumulator, acc, scalar), resident=state.resident)
+    host, disk = state.host, state.disk
 
     peak_program = max(programs, key=lambda k: programs[k]["peak"])
     result = Plan(programs, programs[peak_program]["peak"], peak_program, host, disk, group_layers,

@@ -18,38 +18,36 @@ MODEL = CONFIG.replace(num_layers=4)
 
 
 def build(tier, mesh, directory, compute_dtype=jnp.float32, group_layers=2, total_steps=10, model_config=MODEL):
-    """A run's trees and step functions from the product's builder (`jaxsft.train.build`), as
-    `setup` makes them; an offloaded tier's state initialized from the model's weights."""
+    """A run's step functions, params and optimizer state from the product's builder
+    (`jaxsft.train.build`), as `setup` makes them, the state started from the model's weights."""
     config = default_config()
     config.optim = optim_config(offload=tier, offload_dir=str(directory) if directory else "")
     config.model.compute_dtype = jnp.dtype(compute_dtype).name
     model = Decoder(model_config, param_dtype=jnp.float32, compute_dtype=compute_dtype, rngs=nnx.Rngs(0))
     built = build_run(config, model, mesh, total_steps, group_layers)
-    params = jax.device_put(built.params, built.param_sharding)
-    opt_state = built.opt_state if built.offload is None else built.offload
-    if built.offload is not None:
-        params = built.offload.init(params)
-    return built.fns, params, opt_state, built.batch_sharding
+    params, _ = built.state.start(None, jax.device_put(built.params, built.param_sharding), resume=False)
+    return built.fns, params, built.state, built.batch_sharding
 
 
-def steps(fns, params, opt_state, sharding, batches, first=0):
+def steps(fns, params, state, sharding, batches, first=0):
+    """The loop's steps (`jaxsft.train.loop.train`), the same calls for every tier."""
     losses = []
     acc = fns.zero_accumulator(params)
     for step, batch in enumerate(batches, first):
         for mb in split_rows(batch, 2):
             acc = fns.accumulate(acc, params, jax.device_put(mb, sharding))
-        params, opt_state, acc, metrics = fns.update(params, opt_state, acc, jnp.int32(batch["loss_mask"].sum()),
-                                                jnp.int32(step))
+        params, metrics = state.update(params, acc, jnp.int32(batch["loss_mask"].sum()), jnp.int32(step))
+        acc = fns.clear_accumulator(acc, jnp.int32(step))
         losses.append(float(metrics["loss"]))
-    return params, opt_state, losses
+    return params, state, losses
 
 
-def final_state(tier, params, opt_state):
+def final_state(tier, params, state):
     """(master params, optimizer moments and counters) as flat numpy dicts with `none`'s names."""
     if tier == "none":
         return ({k: np.asarray(v) for k, v in flatten(jax.device_get(params)).items()},
-                {k: np.asarray(v) for k, v in flatten(jax.device_get(opt_state)).items()})
-    arrays = opt_state.state_arrays()
+                {k: np.asarray(v) for k, v in flatten(jax.device_get(state.tree)).items()})
+    arrays = state.state_arrays()
     masters = {k.removeprefix("master."): v for k, v in arrays.items() if k.startswith("master.")}
     # `none` chains clipping (item 0, no state) before adamw (item 1).
     state = {"1." + k.removeprefix("state."): v for k, v in arrays.items() if k.startswith("state.")}
@@ -70,9 +68,9 @@ def test_host_and_disk_train_bitwise_like_none(tmp_path, compute_dtype):
     mesh = make_mesh(devices=jax.devices()[:1])
     results = {}
     for tier in ("none", "host", "disk"):
-        fns, params, opt_state, sharding = build(tier, mesh, tmp_path / tier, compute_dtype)
-        params, opt_state, losses = steps(fns, params, opt_state, sharding, BATCHES)
-        results[tier] = (losses, *final_state(tier, params, opt_state))
+        fns, params, state, sharding = build(tier, mesh, tmp_path / tier, compute_dtype)
+        params, state, losses = steps(fns, params, state, sharding, BATCHES)
+        results[tier] = (losses, *final_state(tier, params, state))
         if tier != "none":
             device = {k: np.asarray(v) for k, v in flatten(jax.device_get(params)).items()}
             assert {v.dtype for v in device.values()} == {np.dtype(compute_dtype)}
@@ -91,12 +89,12 @@ def test_8_devices_fsdp_host_and_disk_train_bitwise_like_none(tmp_path):
     batches = [packed_rows(16, np.random.RandomState(s)) for s in range(3)]
     results = {}
     for tier in ("none", "host", "disk"):
-        fns, params, opt_state, sharding = build(tier, mesh, tmp_path / tier, group_layers=1)
+        fns, params, state, sharding = build(tier, mesh, tmp_path / tier, group_layers=1)
         with jax.set_mesh(mesh):
-            params, opt_state, losses = steps(fns, params, opt_state, sharding, batches)
+            params, state, losses = steps(fns, params, state, sharding, batches)
         if tier != "none":
             assert params["layers"]["q"][...].sharding.spec == P(None, "fsdp", None, None)
-        results[tier] = (losses, *final_state(tier, params, opt_state))
+        results[tier] = (losses, *final_state(tier, params, state))
     for tier in ("host", "disk"):
         assert results[tier][0] == results["none"][0]
         assert_bitwise(results[tier][1], results["none"][1])
@@ -110,14 +108,14 @@ def test_a_host_checkpoint_resumes_in_disk_mode_and_back(tmp_path):
     from jaxsft.checkpoint import Checkpointer
 
     mesh = make_mesh(devices=jax.devices()[:1])
-    fns, params, opt_state, sharding = build("none", mesh, None)
-    params, opt_state, straight = steps(fns, params, opt_state, sharding, BATCHES)
-    expected = final_state("none", params, opt_state)
+    fns, params, state, sharding = build("none", mesh, None)
+    params, state, straight = steps(fns, params, state, sharding, BATCHES)
+    expected = final_state("none", params, state)
     for first, second in (("host", "disk"), ("disk", "host")):
         fns, params, offload, sharding = build(first, mesh, tmp_path / first, group_layers=2)
         params, offload, losses = steps(fns, params, offload, sharding, BATCHES[:2])
         checkpointer = Checkpointer(str(tmp_path / f"ck-{first}"))
-        checkpointer.save(2, params, offload.save(checkpointer, 2), {"step": 2})
+        offload.save(checkpointer, 2, params, {"step": 2})
         checkpointer.close()
 
         fns, params, offload, sharding = build(second, mesh, tmp_path / second, group_layers=1)
@@ -137,22 +135,21 @@ def test_a_none_checkpoint_resumes_offloaded_and_back(tmp_path, tier):
     """optim.offload='none' -> `tier` and `tier` -> 'none' across a checkpoint at step 2: the
     losses and the final master weights and moments equal four steps without a break, bit for bit."""
     from jaxsft.checkpoint import Checkpointer
-    from jaxsft.train.offload import restore_for_none
 
     mesh = make_mesh(devices=jax.devices()[:1])
-    fns, params, opt_state, sharding = build("none", mesh, None)
-    params, opt_state, straight = steps(fns, params, opt_state, sharding, BATCHES)
-    expected = final_state("none", params, opt_state)
+    fns, params, state, sharding = build("none", mesh, None)
+    params, state, straight = steps(fns, params, state, sharding, BATCHES)
+    expected = final_state("none", params, state)
 
     # none -> tier: the none run's Orbax step (masters and optax state) is streamed into the store.
-    fns, params, opt_state, sharding = build("none", mesh, None)
-    params, opt_state, losses = steps(fns, params, opt_state, sharding, BATCHES[:2])
+    fns, params, state, sharding = build("none", mesh, None)
+    params, state, losses = steps(fns, params, state, sharding, BATCHES[:2])
     checkpointer = Checkpointer(str(tmp_path / "ck-none"))
-    checkpointer.save(2, params, opt_state, {"step": 2})
+    state.save(checkpointer, 2, params, {"step": 2})
     checkpointer.close()
     fns, params, offload, sharding = build(tier, mesh, tmp_path / tier, group_layers=1)
     checkpointer = Checkpointer(str(tmp_path / "ck-none"))
-    params, record = offload.resume_or_init(checkpointer, offload.masters(), resume=True)
+    params, record = offload.start(checkpointer, offload.masters(), resume=True)
     assert record["step"] == 2
     params, offload, more = steps(fns, params, offload, sharding, BATCHES[2:], first=2)
     assert losses + more == straight
@@ -163,15 +160,15 @@ def test_a_none_checkpoint_resumes_offloaded_and_back(tmp_path, tier):
     fns, params, offload, sharding = build(tier, mesh, tmp_path / f"{tier}-2", group_layers=2)
     params, offload, losses = steps(fns, params, offload, sharding, BATCHES[:2])
     checkpointer = Checkpointer(str(tmp_path / f"ck-{tier}"))
-    checkpointer.save(2, params, offload.save(checkpointer, 2), {"step": 2})
+    offload.save(checkpointer, 2, params, {"step": 2})
     checkpointer.close()
-    fns, params, opt_state, sharding = build("none", mesh, None)
+    fns, params, state, sharding = build("none", mesh, None)
     checkpointer = Checkpointer(str(tmp_path / f"ck-{tier}"))
-    params, opt_state, record = restore_for_none(checkpointer, params, opt_state)
+    params, record = state.start(checkpointer, params, resume=True)
     assert record["step"] == 2
-    params, opt_state, more = steps(fns, params, opt_state, sharding, BATCHES[2:], first=2)
+    params, state, more = steps(fns, params, state, sharding, BATCHES[2:], first=2)
     assert losses + more == straight
-    for a, b in zip(final_state("none", params, opt_state), expected):
+    for a, b in zip(final_state("none", params, state), expected):
         assert_bitwise(a, b)
 
 @pytest.mark.slow
@@ -205,13 +202,13 @@ def crash_run(directory: str, kill_in: str):
     import signal
 
     from jaxsft.checkpoint import Checkpointer
-    from jaxsft.train import offload as offload_module
+    from jaxsft.train import offload_store
 
     mesh = make_mesh(devices=jax.devices()[:1])
     fns, params, offload, sharding = build("disk", mesh, os.path.join(directory, "live"), group_layers=1)
     checkpointer = Checkpointer(os.path.join(directory, "checkpoints"))
-    params, record = offload.resume_or_init(checkpointer, offload.masters(), resume=True)
-    write, writes = offload_module.DiskStore.write, []
+    params, record = offload.start(checkpointer, offload.masters(), resume=True)
+    write, writes = offload_store.DiskStore.write, []
 
     def write_then_die(self, i, arrays, group):
         done = write(self, i, arrays, group)
@@ -222,12 +219,12 @@ def crash_run(directory: str, kill_in: str):
         return done
     for step in range(record["step"] if record else 0, 4):
         if (kill_in, step) == ("update", 2):
-            offload_module.DiskStore.write = write_then_die
+            offload_store.DiskStore.write = write_then_die
         params, offload, _ = steps(fns, params, offload, sharding, BATCHES[step:step + 1], first=step)
         if step + 1 in (2, 4):
             if (kill_in, step + 1) == ("save", 4):
-                offload_module.DiskStore.write = write_then_die
-            checkpointer.save(step + 1, params, offload.save(checkpointer, step + 1), {"step": step + 1})
+                offload_store.DiskStore.write = write_then_die
+            offload.save(checkpointer, step + 1, params, {"step": step + 1})
             checkpointer.wait()
     checkpointer.close()
     masters, state = final_state("disk", params, offload)
@@ -282,13 +279,13 @@ def rss_run(directory: str):
         acc = fns.zero_accumulator(params)
         return jax.block_until_ready({"grads": jax.tree.map(lambda x: x + 1e-3, acc["grads"]),
                                       "loss_sum": acc["loss_sum"] + 1})
-    params = jax.block_until_ready(fns.update(params, offload, gradients(), jnp.int32(10), jnp.int32(0))[0])
+    params = jax.block_until_ready(offload.update(params, gradients(), jnp.int32(10), jnp.int32(0))[0])
     acc = gradients()  # compiled, and the compute params and the accumulator in place: the baseline
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     base = status("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current resident memory
-    jax.block_until_ready(fns.update(params, offload, acc, jnp.int32(10), jnp.int32(1)))
+    jax.block_until_ready(offload.update(params, acc, jnp.int32(10), jnp.int32(1)))
     peak = status("VmHWM")
     sizes = {k: v.nbytes for k, v in offload.state_arrays().items()}
     layer = sum(v for k, v in sizes.items() if ".layers." in k) / c.num_layers
@@ -358,7 +355,7 @@ def test_float32_exports_of_an_offloaded_run_are_its_master_weights(tmp_path):
 def snapshot_array(checkpoint_dir: str, step: int, key: str) -> np.ndarray:
     import tensorstore as ts
 
-    from jaxsft.train.offload import snapshot_dir
+    from jaxsft.train.snapshot import snapshot_dir
 
     spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": f"{snapshot_dir(checkpoint_dir, step)}/{key}"}}
     return ts.open(spec, open=True).result().read().result()

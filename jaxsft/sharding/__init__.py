@@ -105,3 +105,13 @@ def optimizer_shardings(tx, params, param_sharding, mesh):
 def index_key(index: tuple[slice, ...]) -> tuple:
     """A hashable form of a shard's index (`Sharding.addressable_devices_indices_map`'s slices)."""
     return tuple((s.start, s.stop, s.step) for s in index)
+
+
+def bytes_per_device(tree) -> int:
+    """Bytes per device of a tree of ShapeDtypeStructs / arrays with shardings (the largest shard
+    set any one device holds; a leaf without a sharding is whole on every device)."""
+    total = 0
+    for x in jax.tree.leaves(tree):
+        shard = x.shape if getattr(x, "sharding", None) is None else x.sharding.shard_shape(x.shape)
+        total += math.prod(shard) * x.dtype.itemsize  # a PRNG key dtype too (LoRA dropout)
+    return total

@@ -24,6 +24,7 @@ from jaxsft.models.loading import load_model_config, model_for_run
 from jaxsft.sharding import optimizer_shardings, param_shardings
 from jaxsft.train.offload import Offloaded
 from jaxsft.train.optimizer import make_optimizer
+from jaxsft.train.state import OnDevice
 from jaxsft.train.step import BATCH_KEYS, TrainStep, make_train_step
 
 
@@ -31,9 +32,9 @@ from jaxsft.train.step import BATCH_KEYS, TrainStep, make_train_step
 class Built:
     """A run's trees (arrays, or ShapeDtypeStructs with shardings when built abstract) and programs."""
     graphdef: Any
-    params: Any  # what trains: the model's params, a LoRA run's adapters; offloaded: before `init`
+    params: Any  # the master weights of what trains (the model's params, a LoRA run's adapters)
     frozen: Any  # a LoRA run's base weights, else None
-    opt_state: Any  # optax's state on the devices, or the `Offloaded` state (not yet initialized)
+    state: OnDevice | Offloaded  # the optimizer state (`jaxsft.train.state`), not yet started
     tx: optax.GradientTransformation
     schedule: Any
     param_sharding: Any
@@ -41,10 +42,6 @@ class Built:
     opt_sharding: Any
     batch_sharding: NamedSharding
     fns: TrainStep
-
-    @property
-    def offload(self) -> Offloaded | None:
-        return self.opt_state if isinstance(self.opt_state, Offloaded) else None
 
 
 def is_lora(config) -> bool:
@@ -94,8 +91,8 @@ def with_shardings(tree, shardings):
 
 def build(config, model, mesh, total_steps: int, group_layers: int, abstract: bool = False) -> Built:
     """The run's trees and step functions for `model` (a loaded model, or `abstract_model`'s shapes
-    with `abstract=True`). Offloaded tiers get their `Offloaded` state, still empty: `setup` fills
-    it (`resume_or_init`); built abstract, it never touches a store."""
+    with `abstract=True`). The optimizer state is still to be started (`setup`: `state.start`, from a
+    checkpoint or the master weights); built abstract, an offloaded one never touches a store."""
     graphdef, params, frozen = split(model, is_lora(config))
     tx, schedule = make_optimizer(config.optim, total_steps)
     tx = lora.lora_plus(tx, config.lora.lr_ratio)
@@ -105,20 +102,20 @@ def build(config, model, mesh, total_steps: int, group_layers: int, abstract: bo
     if abstract:
         params = with_shardings(params, param_sharding)
         frozen = None if frozen is None else with_shardings(frozen, frozen_sharding)
+    batch_sharding = NamedSharding(mesh, P(("data", "fsdp"), None))
+    dropout = is_lora(config) and config.lora.dropout
+    fns = make_train_step(graphdef, tx, schedule, param_sharding, opt_sharding, batch_sharding, frozen=frozen,
+                          frozen_sharding=frozen_sharding, dropout_seed=config.train.seed if dropout else None)
     tier = config.optim.offload
     if tier == "none":
         init = jax.jit(tx.init, out_shardings=opt_sharding)
-        opt_state = with_shardings(jax.eval_shape(tx.init, params), opt_sharding) if abstract else init(params)
+        state = OnDevice(with_shardings(jax.eval_shape(tx.init, params), opt_sharding) if abstract else init(params),
+                         fns.apply_update)
     else:  # master weights and moments in host memory or on disk; the devices keep compute params
         directory = config.optim.offload_dir or os.path.join(config.train.output_dir, "offload")
-        opt_state = Offloaded("host" if abstract else tier, directory, params, param_sharding, config.optim,
-                              schedule, config.model.compute_dtype, model.config.num_layers, group_layers)
-    batch_sharding = NamedSharding(mesh, P(("data", "fsdp"), None))
-    dropout = is_lora(config) and config.lora.dropout
-    fns = make_train_step(graphdef, tx, schedule, param_sharding, opt_sharding, batch_sharding,
-                          offload=opt_state if tier != "none" else None, frozen=frozen,
-                          frozen_sharding=frozen_sharding, dropout_seed=config.train.seed if dropout else None)
-    return Built(graphdef, params, frozen, opt_state, tx, schedule, param_sharding, frozen_sharding, opt_sharding,
+        state = Offloaded(tier, directory, params, param_sharding, config.optim, schedule, config.model.compute_dtype,
+                          model.config.num_layers, group_layers, abstract=abstract)
+    return Built(graphdef, params, frozen, state, tx, schedule, param_sharding, frozen_sharding, opt_sharding,
                  batch_sharding, fns)
 
 

@@ -23,8 +23,6 @@ import jax.numpy as jnp
 from jaxsft import rundir
 from jaxsft.models.hf_io import hf_config_dict
 
-from jaxsft.train.offload import Offloaded
-
 if TYPE_CHECKING:
     from jaxsft.train.setup import Run
 
@@ -103,11 +101,7 @@ def save_checkpoint(run: "Run", step: int) -> None:
     run.step_metrics.flush()
     if run.logger:
         run.logger.flush()
-    opt_state = run.opt_state
-    if isinstance(opt_state, Offloaded):  # its snapshot is written first; Orbax keeps the counters
-        opt_state = opt_state.save(run.checkpointer, step)
-    run.checkpointer.save(step, run.params, opt_state, checkpoint_record(run, step),
-                          eval_loss=eval_loss_at(run, step))
+    run.state.save(run.checkpointer, step, run.params, checkpoint_record(run, step), eval_loss=eval_loss_at(run, step))
 
 
 def to_global(batch: dict, sharding) -> dict:

@@ -111,8 +111,9 @@ def train(run: Run, preemption: PreemptionNotice | None = None) -> Run:
             batch = next(run.data)
             for mb in batch.microbatches:
                 acc = run.fns.accumulate(acc, run.params, to_global(mb, run.batch_sharding))
-            run.params, run.opt_state, acc, device_metrics = run.fns.update(
-                run.params, run.opt_state, acc, jnp.int32(batch.num_loss_tokens), jnp.int32(step))
+            run.params, device_metrics = run.state.update(run.params, acc, jnp.int32(batch.num_loss_tokens),
+                                                          jnp.int32(step))
+            acc = run.fns.clear_accumulator(acc, jnp.int32(step))  # the same buffers, zeroed for step + 1
             run.step_metrics.push(step + 1, batch, device_metrics)
             if preemption is not None and preemption.reached(step + 1):
                 run.preempted_at = step + 1

@@ -31,15 +31,16 @@ from jaxsft.train.config import validate
 from jaxsft.train.distributed import maybe_initialize_distributed
 from jaxsft.train.hooks import Eval, Hook, make_evals, make_hooks
 from jaxsft.train.build import build, run_model
-from jaxsft.train.offload import Offloaded, restore_for_none
+from jaxsft.train.offload import Offloaded
+from jaxsft.train.state import OnDevice
 from jaxsft.train.step import TrainStep
 
 log = logging.getLogger("jaxsft.train")
 
 @dataclasses.dataclass
 class Run:
-    """One training run: its config and everything built from it. `train` advances `params`,
-    `opt_state` and `step`; hooks read it."""
+    """One training run: its config and everything built from it. `train` advances `params`
+    and `state`; hooks read it."""
     config: ml_collections.ConfigDict
     mesh: jax.sharding.Mesh
     tokenizer: Any
@@ -47,7 +48,7 @@ class Run:
     model_config: ModelConfig
     graphdef: Any
     params: Any
-    opt_state: Any
+    state: OnDevice | Offloaded  # the optimizer state (`jaxsft.train.state`)
     fns: TrainStep
     batch_sharding: NamedSharding
     checkpointer: Checkpointer
@@ -75,10 +76,10 @@ class Run:
 
     def model(self, masters: bool = False):
         """The trained model as evaluations and exports see it (a LoRA run's adapters merged).
-        `masters`: an offloaded run's master weights (float32), gathered from its store, instead
-        of the devices' compute-dtype copy (for float32 exports)."""
-        if masters and isinstance(self.opt_state, Offloaded):
-            return nnx.merge(self.graphdef, self.opt_state.masters())
+        `masters`: the master weights (float32; an offloaded run's gathered from its store)
+        instead of the params the devices train with (for float32 exports)."""
+        if masters and self.frozen is None:
+            return nnx.merge(self.graphdef, self.state.masters(self.params))
         if self.frozen is None:
             return nnx.merge(self.graphdef, self.params)
         return peft_io.merged(nnx.merge(self.graphdef, self.params, self.frozen))
@@ -125,8 +126,7 @@ def setup(config) -> Run:
     model_config = model.config  # with what the weights' file adds (generation config)
     built = build(config, model, mesh, total_steps, plan.group_layers)
     del model
-    graphdef, params, frozen, opt_state, fns = built.graphdef, built.params, built.frozen, built.opt_state, built.fns
-    offload, batch_sharding = built.offload, built.batch_sharding
+    graphdef, frozen, state, fns, batch_sharding = built.graphdef, built.frozen, built.state, built.fns, built.batch_sharding
 
     checkpoint_dir = rundir.absolute(config.checkpoint.dir or rundir.join(out, "checkpoints"))
     checkpointer = Checkpointer(checkpoint_dir, keep=config.checkpoint.keep, keep_best=config.checkpoint.keep_best,
@@ -136,14 +136,9 @@ def setup(config) -> Run:
     if is_main:
         save_tokenizer(tokenizer, rundir.tokenizer_dir(out))
     start = 0
-    if offload is None:
-        # The newest checkpoint, saved with optim.offload='none' or by an offloaded run.
-        restored = restore_for_none(checkpointer, params, opt_state) if config.checkpoint.resume else None
-    else:
-        params, record = offload.resume_or_init(checkpointer, params, config.checkpoint.resume)
-        restored = None if record is None else (params, offload, record)
-    if restored is not None:
-        params, opt_state, record = restored
+    # The newest usable checkpoint (saved in any tier), or the model's weights.
+    params, record = state.start(checkpointer, built.params, config.checkpoint.resume)
+    if record is not None:
         data.set_state(record["data"])
         start = record["step"]
         log.info("resumed from step %d", start)
@@ -152,9 +147,9 @@ def setup(config) -> Run:
     # stop_after_steps ends the run early without changing its schedule (which spans total_steps).
     end = max(min(total_steps, config.train.stop_after_steps or total_steps), start)
     return Run(config=config, mesh=mesh, tokenizer=tokenizer, data=data, model_config=model_config,
-               graphdef=graphdef, params=params, opt_state=opt_state, fns=fns, batch_sharding=batch_sharding,
+               graphdef=graphdef, params=params, state=state, fns=fns, batch_sharding=batch_sharding,
                checkpointer=checkpointer, logger=logger, evals=make_evals(config), hooks=make_hooks(config),
-               eval_batches=data.eval_microbatches(), resumed=restored is not None, start=start, end=end,
+               eval_batches=data.eval_microbatches(), resumed=record is not None, start=start, end=end,
                total_steps=total_steps, frozen=frozen, plan=plan)
 
 

@@ -7,10 +7,11 @@ however the samples were split into micro-batches (the classic accumulation bug,
 per-micro-batch means, cannot happen).
 
 Jitted functions, each compiled once per run: `zero_accumulator` (once, at the run's start),
-`accumulate` (per micro-batch), `apply_update` and `clear_accumulator` (per step). `update`, the
-step's end, applies the update and hands back the accumulator zeroed in place for the next step
-(donated: its buffers are reused), so one float32 gradient tree is alive at any moment, in every
-memory tier. All run on sharded global arrays.
+`accumulate` (per micro-batch), the optimizer state's update (`jaxsft.train.state`; `apply_update`
+here is the one of optax's state on the devices, `optim.offload='none'`) and `clear_accumulator`
+(per step), which hands the accumulator back zeroed in place for the next step (donated: its
+buffers are reused), so one float32 gradient tree is alive at any moment, in every memory tier.
+All run on sharded global arrays.
 """
 
 from __future__ import annotations
@@ -34,12 +35,13 @@ class TrainStep:
     """The jitted functions of one run, bound to its model structure, optimizer and shardings."""
     zero_accumulator: Callable  # (params, step) -> a new accumulator for `step`
     accumulate: Callable  # (acc, params, micro-batch) -> acc (donated)
-    apply_update: Callable  # (params, opt_state, acc, num_loss_tokens, step) -> (params, opt_state, metrics)
+    apply_update: Callable  # (params, opt_state, acc, num_loss_tokens, step) -> (params, opt_state, metrics): optax's state on the devices
     clear_accumulator: Callable  # (acc, step) -> acc zeroed in place for step + 1 (donated)
     eval_loss: Callable
 
     def update(self, params, opt_state, acc, num_loss_tokens, step):
-        """The step's update; returns (params, opt_state, the accumulator of step + 1, metrics).
+        """The step's update of optax's state on the devices; returns (params, opt_state, the
+        accumulator of step + 1, metrics).
         `acc` is consumed: its buffers become the next step's accumulator, so no second gradient
         tree is ever allocated (zeroing is its own program: in one with the update, XLA copies the
         accumulator to order its reads before the zeros' writes)."""
@@ -48,12 +50,10 @@ class TrainStep:
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, param_sharding,
-                    opt_sharding, batch_sharding, offload=None,
+                    opt_sharding, batch_sharding,
                     frozen=None, frozen_sharding=None, dropout_seed: int | None = None) -> TrainStep:
     """param_sharding / opt_sharding: trees (or prefixes) of shardings of the params and the
     optimizer state on the device; batch_sharding: the sharding of every micro-batch array.
-    With `offload` (a `jaxsft.train.offload.Offloaded`: optim.offload 'host' or 'disk') params are
-    on disk, and `apply_update` is `offload.update`, which streams them (its opt_state is `offload`).
     With `frozen` (a LoRA run's base weights, `nnx.split(model, LoraParam, nnx.Param)`) params are
     the adapters alone: the frozen state is an input of every function but never differentiated,
     so no gradient of it is computed or stored. `dropout_seed`: LoRA dropout masks are drawn from
@@ -113,7 +113,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, param_
         accumulate=functools.partial(jax.jit(
             accumulate, in_shardings=(frozen_sharding, acc_sharding, param_sharding, batch_shardings),
             out_shardings=acc_sharding, donate_argnums=1), frozen),
-        apply_update=offload.update if offload else jax.jit(
+        apply_update=jax.jit(
             update, in_shardings=(param_sharding, opt_sharding, acc_sharding, None, None),
             out_shardings=(param_sharding, opt_sharding, None), donate_argnums=(0, 1)),
         eval_loss=functools.partial(
