@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import re
 
+from jaxsft.models.config import ModelNotFound
+
 # 'owner/name' with the characters the Hub allows (huggingface_hub's validate_repo_id).
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
@@ -34,14 +36,14 @@ def resolve_model_path(path: str, config_only: bool = False) -> str:
     try:
         return snapshot_download(path, allow_patterns=["*.json"] if config_only else MODEL_FILES)
     except RepositoryNotFoundError as e:
-        raise FileNotFoundError(
+        raise ModelNotFound(
             f"{path!r} is not a local path, and the Hugging Face Hub has no model {path!r} you can read "
             f"(a gated model needs its license accepted on the Hub and `hf auth login`): {e}") from None
     except LocalEntryNotFoundError as e:
         why = ("its cached copy is incomplete" if isinstance(e, IncompleteSnapshotError) else
                "HF_HUB_OFFLINE=1 is set" if constants.HF_HUB_OFFLINE else "the Hub cannot be reached")
         cache = constants.HF_HUB_CACHE
-        raise FileNotFoundError(
+        raise ModelNotFound(
             f"{path!r} is not a local path, and as a Hugging Face Hub model it is not in the cache {cache} "
             f"({why}). Where there is network, run `hf download {path} "
             f"--include {' '.join(repr(p) for p in MODEL_FILES)} --cache-dir {cache}` "

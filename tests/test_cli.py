@@ -60,6 +60,12 @@ def test_config_mistakes_exit_2():
                                           "did you mean --config.optim.learning_rate")
     r = cli("jaxsft.train", "--config", "configs/demo.py", "--config.train.num_steps=-1")
     assert r.returncode == USAGE and last_line(r.stderr) == "error: set train.num_steps > 0 or train.num_epochs > 0"
+    # A model that cannot be found, as a GGUF path or a Hub id (offline here): one line, what to run.
+    r = cli("jaxsft.train", "--config", "configs/demo.py", "--config.model.path=/no/such.gguf")
+    assert r.returncode == USAGE and last_line(r.stderr).startswith("error: /no/such.gguf: no such GGUF file")
+    r = cli("jaxsft.train", "--config", "configs/demo.py", "--config.model.path=nobody/no-model",
+            "--config.model.init=pretrained")
+    assert r.returncode == USAGE and "Traceback" not in r.stderr and "run `hf download nobody/no-model" in r.stderr
     r = cli("jaxsft.sweep", "--config", "configs/sweep_gsm8k.py", "--config.action=prune")
     assert r.returncode == USAGE and last_line(r.stderr) == "error: action='prune': choose one of stop, flag"
     assert "Traceback" not in r.stderr

