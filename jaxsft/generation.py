@@ -16,9 +16,18 @@ Decoding is weight-bound at these batch sizes, so each step reads every weight o
 else that is large: the layers are unrolled over per-layer weight slices and per-layer caches
 (a scan over the stacked weights copies each layer's slice, and the stacked cache's layer slice,
 at every step), the weights are cast to the compute dtype once per chunk of CHUNK steps rather
-than per step, and attention reads only the cache columns filled by the end of the chunk, not the
-whole cache: a static span of prompt columns and a power of two (at least CHUNK) of new ones, so
-128 new tokens take three compilations of the decode chunk, 256 four.
+than per step, and the cache holds only the columns filled by the end of the chunk: the prompt's
+and a power of two (at least CHUNK) of new ones, grown between chunks (`_grow`), so 128 new tokens
+take three compilations of the decode chunk, 256 four.
+
+Decode attention is bound by reading the cache, so the cache is laid out for XLA:CPU's batched
+matmuls: keys (batch, KV heads, head_dim, columns), values (batch, KV heads, columns, head_dim),
+each KV head serving its group of query heads without being repeated, and no step copies it.
+Within a chunk the cache is read-only: each step's keys and values go to a small float32 buffer
+of the chunk's columns (written in place; XLA:CPU writes a column into a bfloat16 array by
+converting the whole array to float32 and back), attended beside the cache, and written into the
+cache once, at the end of the chunk. Both parts' products are bf16 x bf16 -> float32 in value
+(the buffer holds compute-dtype values), the form XLA:CPU runs natively.
 The host is consulted once per chunk (for stop strings and to see whether every row is done),
 never per token.
 """
@@ -100,7 +109,7 @@ def generate(model: Decoder, prompts: list[list[int]], max_new_tokens: int, eos_
     eos_ids, key = np.asarray(eos or [-1], np.int32), jax.random.key(seed)
     new_len = _bucket(max_new_tokens)
 
-    cache, logits = _new_cache(model, batch, prompt_len + new_len), []
+    cache, logits = _new_cache(model, batch, prompt_len), []
     for g, length in enumerate(group_lens):
         block, column = slice(g * group_rows, (g + 1) * group_rows), prompt_len - length
         group_logits, cache = _prefill(model, ids[block, column:], pad[block] - column, cache,
@@ -125,7 +134,10 @@ def generate(model: Decoder, prompts: list[list[int]], max_new_tokens: int, eos_
             break
         # The chunk writes cache columns up to prompt_len + step + CHUNK - 2.
         span = prompt_len + min(new_len, _bucket(int(step) + CHUNK - 1))
-        state = _decode(model, state, pad, np.int32(max_new_tokens), eos_ids, sampling, key, span=span, **static)
+        if span > state.cache[0][1].shape[2]:
+            state = state._replace(cache=_grow(state.cache, span))
+        state = _decode(model, state, pad, np.int32(prompt_len), np.int32(max_new_tokens), eos_ids, sampling, key,
+                        **static)
     tokens = jax.device_get(state.tokens)
     results = [None] * len(prompts)
     for row, out in enumerate(tokens[:len(prompts), :max_new_tokens].tolist()):
@@ -153,7 +165,7 @@ def _bucket(n: int, least: int = 1, coarsest: int | None = None) -> int:
 class State(NamedTuple):
     step: jax.Array      # tokens produced so far (the next one goes to column `step` of `tokens`)
     token: jax.Array     # (B,) the latest token
-    cache: list          # per layer (keys, values), each (B, prompt_len + new_len, K, H)
+    cache: list          # per layer keys (B, K, H, columns) and values (B, K, columns, H)
     tokens: jax.Array    # (B, new_len) output, -1 after a row is done
     done: jax.Array      # (B,)
     seen: jax.Array      # (B, vocab) tokens in the prompt or output, for the repetition penalty
@@ -161,11 +173,18 @@ class State(NamedTuple):
 
 @functools.partial(jax.jit, static_argnames=("batch", "length"))
 def _new_cache(model, batch, length):
-    """Per layer (keys, values) of zeros, each (batch, length, K, H) in the compute dtype."""
+    """Per layer (keys, values) of zeros in the compute dtype (State.cache's layout)."""
     c = model.config
-    shape = (batch, length, c.num_kv_heads, c.head_dim)
-    return [(jnp.zeros(shape, model.compute_dtype), jnp.zeros(shape, model.compute_dtype))
+    return [(jnp.zeros((batch, c.num_kv_heads, c.head_dim, length), model.compute_dtype),
+             jnp.zeros((batch, c.num_kv_heads, length, c.head_dim), model.compute_dtype))
             for _ in range(c.num_layers)]
+
+
+@functools.partial(jax.jit, static_argnames=("length",))
+def _grow(cache, length):
+    """The cache with zero columns appended up to `length`."""
+    return [(jnp.pad(k, ((0, 0), (0, 0), (0, 0), (0, length - k.shape[3]))),
+             jnp.pad(v, ((0, 0), (0, 0), (0, length - v.shape[2]), (0, 0)))) for k, v in cache]
 
 
 @functools.partial(jax.jit, donate_argnames=("cache",))
@@ -182,16 +201,16 @@ def _prefill(model, ids, pad, cache, row, column):
     inv_freq = rope_frequencies(c)
 
     def attend(q, k, v):
-        k, v = k.astype(dtype), v.astype(dtype)
-        return _cached_attention(q, k, v, mask, c.attention_scale), (k, v)
+        k, v = k.astype(dtype).transpose(0, 2, 3, 1), v.astype(dtype).transpose(0, 2, 1, 3)
+        return _attention(q, [(k, v, mask)], c.attention_scale), (k, v)
 
     def body(x, w):
         return decoder_layer(x, layer_weights(w, c, dtype), positions, inv_freq, c, attend)
 
     x = model.embed[...][ids].astype(dtype) * c.embedding_multiplier  # the rows, not the whole table, cast
     x, (keys, values) = jax.lax.scan(body, x, model.layers.arrays())
-    cache = [(jax.lax.dynamic_update_slice(k_cache, keys[i], (row, column, 0, 0)),
-              jax.lax.dynamic_update_slice(v_cache, values[i], (row, column, 0, 0)))
+    cache = [(jax.lax.dynamic_update_slice(k_cache, keys[i], (row, 0, 0, column)),
+              jax.lax.dynamic_update_slice(v_cache, values[i], (row, 0, column, 0)))
              for i, (k_cache, v_cache) in enumerate(cache)]
     hidden = rms_norm(x[:, -1:], model.final_norm[...], c.rms_norm_eps)
     return model.logits(hidden)[:, 0], cache
@@ -212,22 +231,35 @@ def _start(logits, ids, pad, live, eos, sampling, key, *, new_len, greedy, penal
     return dict(token=token, tokens=tokens, done=done, seen=_see(seen, token, penalize))
 
 
-@functools.partial(jax.jit, static_argnames=("span", "greedy", "penalize"), donate_argnames=("state",))
-def _decode(model, state, pad, max_new, eos, sampling, key, *, span, greedy, penalize):
-    """Up to CHUNK more steps, stopping early once every row is done; attention reads the first
-    `span` cache columns, which hold every column this chunk writes."""
-    prompt_len = state.cache[0][0].shape[1] - state.tokens.shape[1]
+@functools.partial(jax.jit, static_argnames=("greedy", "penalize"), donate_argnames=("state",))
+def _decode(model, state, pad, prompt_len, max_new, eos, sampling, key, *, greedy, penalize):
+    """Up to CHUNK more steps, stopping early once every row is done. The cache has room for every
+    column the chunk writes (`_grow`); they are gathered in a float32 buffer and written into the
+    cache at the end."""
     layers = _layer_weights(model)
     end = jnp.minimum(state.step + CHUNK, max_new)
+    start = prompt_len + state.step - 1  # the chunk's first column
+    batch, kv_heads, head_dim, _ = state.cache[0][0].shape
+    width = min(CHUNK, state.tokens.shape[1])
+    recent = [(jnp.zeros((batch, kv_heads, head_dim, width), jnp.float32),
+               jnp.zeros((batch, kv_heads, width, head_dim), jnp.float32)) for _ in layers]
 
-    def body(s):
+    def body(carry):
+        s, recent = carry
         # The previous token sits at column prompt_len + step - 1.
-        logits, cache = _step(model, layers, s.token, pad, prompt_len + s.step - 1, s.cache, span)
+        logits, recent = _step(model, layers, s.token, pad, prompt_len + s.step - 1, s.cache, recent, start)
         token = _pick(logits, s.seen, sampling, key, s.step, greedy=greedy, penalize=penalize)
         tokens = s.tokens.at[:, s.step].set(jnp.where(s.done, -1, token))
-        return State(s.step + 1, token, cache, tokens, s.done | jnp.isin(token, eos), _see(s.seen, token, penalize))
+        s = s._replace(step=s.step + 1, token=token, tokens=tokens, done=s.done | jnp.isin(token, eos),
+                       seen=_see(s.seen, token, penalize))
+        return s, recent
 
-    return jax.lax.while_loop(lambda s: (s.step < end) & ~jnp.all(s.done), body, state)
+    state, recent = jax.lax.while_loop(lambda c: (c[0].step < end) & ~jnp.all(c[0].done), body, (state, recent))
+    dtype = model.compute_dtype
+    cache = [(jax.lax.dynamic_update_slice(k, rk.astype(dtype), (0, 0, 0, start)),
+              jax.lax.dynamic_update_slice(v, rv.astype(dtype), (0, 0, start, 0)))
+             for (k, v), (rk, rv) in zip(state.cache, recent)]
+    return state._replace(cache=cache)
 
 
 def _see(seen, token, penalize):
@@ -250,40 +282,53 @@ def _mask(columns, key_columns, pad, sliding_window):
     return mask
 
 
-def _step(model, layers, token, pad, column, cache, span):
-    """Run token (B,) at cache column `column`; returns the float32 logits (B, vocab) and the
-    per-layer caches with its keys and values written in. Attention reads cache columns
-    [0, span) only."""
+def _step(model, layers, token, pad, column, cache, recent, start):
+    """Run token (B,) at column `column`, its keys and values written into the float32 buffers
+    `recent` (the columns from `start`); attention reads the cache's columns before `start` and the
+    buffers'. Returns the float32 logits (B, vocab) and the buffers."""
     c = model.config
     dtype = model.compute_dtype
     positions = jnp.maximum(column - pad[:, None], 0)
-    mask = _mask(column[None], jnp.arange(span), pad, c.sliding_window)
+    columns = jnp.arange(cache[0][1].shape[2])
+    old_mask = _mask(column[None], columns, pad, c.sliding_window) & (columns < start)
+    new_mask = _mask(column[None], start + jnp.arange(recent[0][1].shape[2]), pad, c.sliding_window)
     inv_freq = rope_frequencies(c)
     x = model.embed[...][token[:, None]].astype(dtype) * c.embedding_multiplier
-    new_cache = []
-    for w, (k_cache, v_cache) in zip(layers, cache):
-        def attend(q, k, v, k_cache=k_cache, v_cache=v_cache):
-            k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(dtype), (0, column, 0, 0))
-            v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(dtype), (0, column, 0, 0))
-            out = _cached_attention(q, k_cache[:, :span], v_cache[:, :span], mask, c.attention_scale)
-            return out, (k_cache, v_cache)
+    new_recent = []
+    for w, (k_cache, v_cache), (k_new, v_new) in zip(layers, cache, recent):
+        def attend(q, k, v, k_cache=k_cache, v_cache=v_cache, k_new=k_new, v_new=v_new):
+            k = k.astype(dtype).astype(jnp.float32).transpose(0, 2, 3, 1)
+            v = v.astype(dtype).astype(jnp.float32).transpose(0, 2, 1, 3)
+            k_new = jax.lax.dynamic_update_slice(k_new, k, (0, 0, 0, column - start))
+            v_new = jax.lax.dynamic_update_slice(v_new, v, (0, 0, column - start, 0))
+            parts = [(k_cache, v_cache, old_mask), (k_new, v_new, new_mask)]
+            return _attention(q, parts, c.attention_scale), (k_new, v_new)
 
         x, kv = decoder_layer(x, w, positions, inv_freq, c, attend)
-        new_cache.append(kv)
+        new_recent.append(kv)
     hidden = rms_norm(x, model.final_norm[...], c.rms_norm_eps)
-    return model.logits(hidden)[:, 0], new_cache
+    return model.logits(hidden)[:, 0], new_recent
 
 
-def _cached_attention(q, k, v, mask, scale):
-    """q (B, T, N, H) against the cache k, v (B, S, K, H) under mask (B, T, S)."""
+def _attention(q, parts, scale):
+    """q (B, T, N, H) in the compute dtype against keys and values in parts, a list of
+    (keys (B, K, H, S), values (B, K, S, H), mask (B, T, S)), one softmax over all their columns.
+    Each KV head serves its group of N / K query heads; the products accumulate in float32 from
+    operands holding compute-dtype values (a part stored in float32 is computed in float32)."""
     b, t, n, h = q.shape
-    kv_heads = k.shape[2]
+    kv_heads = parts[0][0].shape[1]
     q = q.reshape(b, t, kv_heads, n // kv_heads, h)
-    scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) * scale
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, v, preferred_element_type=jnp.float32).astype(v.dtype)
-    return out.reshape(b, t, n, h)
+    scores = jnp.concatenate([
+        jnp.where(mask[:, None, None],
+                  jnp.einsum("btkgh,bkhs->bkgts", q.astype(k.dtype), k, preferred_element_type=jnp.float32) * scale,
+                  jnp.finfo(jnp.float32).min) for k, _, mask in parts], axis=-1)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    out, at = 0, 0
+    for _, v, _ in parts:
+        p = probs[..., at:at + v.shape[2]].astype(v.dtype)
+        out += jnp.einsum("bkgts,bksh->btkgh", p, v, preferred_element_type=jnp.float32)
+        at += v.shape[2]
+    return out.astype(q.dtype).reshape(b, t, n, h)
 
 
 def _pick(logits, seen, s: Sampling, key, step, *, greedy, penalize):
@@ -292,8 +337,17 @@ def _pick(logits, seen, s: Sampling, key, step, *, greedy, penalize):
         penalized = jnp.where(logits < 0, logits * s.repetition_penalty, logits / s.repetition_penalty)
         logits = jnp.where(seen, penalized, logits)
     if greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return _argmax(logits)
     return _sample(logits / s.temperature, s, jax.random.fold_in(key, step))
+
+
+def _argmax(logits):
+    """The first index of each row's maximum, (B,) int32, as two plain reductions: XLA:CPU runs
+    `jnp.argmax`'s paired (value, index) reduction far slower (~20 of ~350 ms per decode step at
+    batch 64 over SmolLM2's 49k vocabulary, on a loaded machine)."""
+    vocab = logits.shape[-1]
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    return jnp.min(jnp.where(logits == top, jnp.arange(vocab, dtype=jnp.int32), vocab), axis=-1)
 
 
 def _sample(logits, s: Sampling, key):

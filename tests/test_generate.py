@@ -48,8 +48,9 @@ def test_tiny_greedy_equals_transformers(tiny):
 
 
 def test_decode_chunks_attending_over_longer_cache_spans_equal_transformers(tiny):
-    # 70 new tokens take three decode chunks, each attending over a longer span of the cache
-    # (prompt + 32, + 64, + 128 of its 32 + 128 columns: three compilations); the prompts are
+    # 70 new tokens take three decode chunks, each over a longer cache (grown to prompt + 32,
+    # + 64, + 128 columns: three compilations), the chunk's own columns in a separate buffer
+    # until its end; the prompts are
     # prefilled in groups of 2 rows at lengths 32, 16, 8 and 8.
     hf, _, model, prompts = tiny
     before = _decode._cache_size()
