@@ -13,10 +13,15 @@ shardings) and compiled; XLA's `memory_analysis()` gives each program's argument
   accumulate: its arguments (params, accumulator, micro-batch) + temporaries + new outputs
              + what stays resident but is not an argument (the optimizer state with offload='none');
   update:    the same for the update (offload='none': params, optimizer state, accumulator);
-             offloaded: one group's update (params, accumulator, the group's state) + the two
-             groups in flight beside it (the next one read, the previous one being written back).
+             offloaded: one group's update (params, the accumulator's gradients of the group, the
+             group's state) + the accumulator's other gradients (alive, but not its arguments)
+             + the two groups in flight beside it (the next one read, the previous one being
+             written back).
 Host bytes: the offloaded state (offload='host': all of it, this host's shards; 'disk': the two groups
 in flight, read ahead and written back). Disk bytes: the whole state, in the `disk` tier's store.
+Where the devices' memory is the host's (XLA:CPU) the peak is `one_memory`: the device peak, plus
+the `host` tier's state, or plus the arrays a `disk` update holds twice while copying them between
+the store and the devices (the largest of each group in flight).
 
 `model.remat='auto'` plans the run with each recomputation policy of REMAT_AUTO in turn, least
 recomputation first, and keeps the first whose programs fit the device (the last if none does).
@@ -66,6 +71,10 @@ class Plan:
     advice: str = ""
     remat: str = ""  # the recomputation policy the programs were compiled with
     remat_choice: str = ""  # model.remat='auto': which policy it chose, and why
+    # XLA:CPU, whose devices' memory is the host's: the peak of both, the device peak plus what the
+    # host holds apart from the devices' arrays (the `host` tier's state; the arrays a `disk` update
+    # is copying between the store and the devices). 0 on other platforms.
+    one_memory: int = 0
 
     @property
     def device_fits(self) -> bool:
@@ -95,6 +104,8 @@ class Plan:
         if self.disk:
             lines.append(f"disk for the offloaded state {self.disk / GiB:.2f} GiB per host "
                          f"(groups of {self.group_layers} layers)")
+        if self.one_memory and self.one_memory != self.device_peak:
+            lines.append(f"XLA:CPU (the devices' memory is the host's): peak of both {self.one_memory / GiB:.2f} GiB")
         if self.device_bytes:
             budget = HEADROOM * self.device_bytes
             lines.append(f"device memory {self.device_bytes / GiB:.1f} GiB: " + (
@@ -186,14 +197,18 @@ def plan(config, model_config: ModelConfig, mesh=None, device_bytes=None, host_b
                 "accumulate": stats(_lower(fns.accumulate, acc, params, batch), resident=state.resident)}
     if config.data.eval_sources:  # the held-out loss runs between steps, the accumulator kept
         programs["eval_loss"] = stats(_lower(fns.eval_loss, params, batch), resident=state.resident + acc_bytes)
-    for name, (lowered, beside) in state.updates.items():
+    for name, (lowered, beside, _) in state.updates.items():
         programs[name] = stats(lowered, resident=beside)
     programs["clear_accumulator"] = stats(_lower(fns.clear_accumulator, acc, scalar), resident=state.resident)
     host, disk = state.host, state.disk
+    twice = {name: in_transit for name, (_, _, in_transit) in state.updates.items()}
+    one_memory = 0
+    if mesh.devices.flat[0].platform == "cpu":
+        one_memory = max(p["peak"] + twice.get(name, 0) for name, p in programs.items()) + state.host_apart
 
     peak_program = max(programs, key=lambda k: programs[k]["peak"])
     result = Plan(programs, programs[peak_program]["peak"], peak_program, host, disk, group_layers,
-                  device_bytes, host_bytes, remat=m.remat)
+                  device_bytes, host_bytes, remat=m.remat, one_memory=one_memory)
     if advise and not result.fits:
         result.advice = advice(config, model_config, mesh, device_bytes, host_bytes)
     return result

@@ -33,7 +33,7 @@ import optax
 
 from jaxsft.checkpoint import flatten, unflatten
 from jaxsft.sharding import bytes_per_device, optimizer_shardings
-from jaxsft.train.offload_store import DiskStore, HostStore, make_groups
+from jaxsft.train.offload_store import DiskStore, HostStore, chunk_shape, make_groups
 from jaxsft.train.optimizer import adamw, make_optimizer
 from jaxsft.train.snapshot import open_snapshot, saved_offloaded, write_snapshot
 from jaxsft.train.state import Planned
@@ -81,8 +81,8 @@ class Offloaded:
                 if x.ndim:
                     full = x.shape if group.start is None else (num_layers, *x.shape[1:])
                     shard = self.shardings[-1][key].shard_shape(x.shape)
-                    chunk = shard if group.start is None else (1, *shard[1:])
-                    full_specs[key] = (full, x.dtype, chunk)
+                    full_specs[key] = (full, x.dtype, chunk_shape(shard if group.start is None else (1, *shard[1:]),
+                                                                  x.dtype.itemsize))
         self.full_specs = full_specs
         if not abstract:
             self.store = HostStore() if tier == "host" else DiskStore(directory, full_specs, create=True)
@@ -311,27 +311,43 @@ class Offloaded:
     # --- the memory plan ---
 
     def planned(self, params, acc) -> Planned:
-        """One update program per kind of group (layer groups share shapes) and the groups in
-        flight beside it on the devices: beside a layer group, the previous one (being written
-        back) and the next one (read ahead; the other parameters' group follows the last); beside
-        that group, the last layer group. Host: the whole state (`host`), or the two groups in
-        flight (`disk`: read ahead and written back, the largest such pair); disk: the whole state."""
+        """One update program per kind of group (layer groups share shapes). Beside its arguments
+        on the devices: the accumulator's gradients of the other groups (alive, but left out of
+        its arguments, which hold only what it reads) and the groups in flight: beside a layer
+        group, the previous one (being written back) and the next one (read ahead; the other
+        parameters' group follows the last); beside that group, the last layer group. Host: the
+        whole state (`host`), or the two groups in flight (`disk`: read ahead and written back, the
+        largest such pair); disk: the whole state.
+
+        Where the devices' memory is the host's (XLA:CPU), the `host` tier's state is there besides
+        the devices' arrays, while the `disk` tier's groups in flight are the ones the devices'
+        figure counts, moving between the store and the devices one array at a time: the array
+        being copied is there twice (the largest of each group in flight)."""
         scalar = jax.ShapeDtypeStruct((), jnp.int32)
         scale = {"denominator": jax.ShapeDtypeStruct((), jnp.float32),
                  "grad_norm": jax.ShapeDtypeStruct((), jnp.float32)}
         first = {group.start is not None: i for i, group in reversed(list(enumerate(self.groups)))}
         sizes = {kind: bytes_per_device(self.abstract_tree(i)) for kind, i in first.items()}
+        largest = {kind: max(bytes_per_device(x) for x in jax.tree.leaves(self.abstract_tree(i)))
+                   for kind, i in first.items()}
+        grads = flatten(acc["grads"])
         updates = {}
         for kind, i in first.items():
             lowered = self._update[kind].lower(params, acc, self.abstract_tree(i), scale, scalar, self.groups[i].size)
-            beside = sizes[True] + max(sizes.values()) if kind else sizes[True]
-            updates["update_layers" if kind else "update_rest"] = (lowered, beside)
+            unread = sum(bytes_per_device(g) for k, g in grads.items() if k not in self.groups[i].names)
+            if kind:  # beside: the previous layer group and the next group
+                beside, in_transit = sizes[True] + max(sizes.values()), largest[True] + max(largest.values())
+            else:  # beside: the last layer group
+                beside, in_transit = sizes[True], largest[True]
+            updates["update_layers" if kind else "update_rest"] = (lowered, unread + beside, in_transit)
         shards = self.mesh.shape["fsdp"] * self.mesh.shape["tensor"]
         local = min(shards, jax.local_device_count())  # devices of this host holding distinct shards
         state = sum(bytes_per_device(self.abstract_tree(i)) for i in range(len(self.groups))) * local
         in_flight = (sizes[True] + max(sizes.values())) * local
-        host, disk = (state, 0) if self.tier == "host" else (in_flight, state)
-        return Planned(resident=0, updates=updates, host=host, disk=disk)
+        if self.tier == "host":
+            return Planned(resident=0, updates={k: (lowered, beside, 0) for k, (lowered, beside, _) in updates.items()},
+                           host=state, disk=0, host_apart=state)
+        return Planned(resident=0, updates=updates, host=in_flight, disk=state)
 
     def close(self):
         self.store.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import math
 import os
 
 import jax
@@ -39,6 +40,26 @@ def group_layers_that_fit(num_layers: int, layer_state_bytes: float, budget_byte
     fitting = [d for d in range(1, num_layers + 1)
                if num_layers % d == 0 and 3 * d * layer_state_bytes <= budget_bytes]
     return max(fitting, default=1)
+
+
+# While reading a chunk TensorStore holds its bytes beside the decoded array, and while writing it
+# holds a copy: whole-shard chunks held a 583 MB group read ahead as 963 MB (3 chunks of 194 MB,
+# read at once; measured), chunks of at most this size as 598 MB.
+CHUNK_BYTES = 16 * 2**20
+
+
+def chunk_shape(shard: tuple, itemsize: int) -> tuple:
+    """The zarr3 chunk of an array whose device shard is `shard`: its first axis longer than 1 cut
+    to the largest divisor whose chunk holds at most CHUNK_BYTES (so that a shard is whole chunks
+    and every process writes only its own), or left whole when no divisor gives a chunk of at
+    least a sixteenth of that (tiny chunks make a file each)."""
+    axis = next((i for i, n in enumerate(shard) if n > 1), 0)
+    row = math.prod(shard[axis + 1:]) * itemsize
+    fitting = [d for d in range(1, shard[axis] + 1) if shard[axis] % d == 0 and d * row <= CHUNK_BYTES]
+    rows = max(fitting, default=shard[axis])
+    if rows * row < CHUNK_BYTES / 16:
+        rows = shard[axis]
+    return (*shard[:axis], rows, *shard[axis + 1:])
 
 
 def _kvstore(path: str):
@@ -76,9 +97,9 @@ class _Waiter:
 
 
 class DiskStore:
-    """Group state in zarr3 arrays of the full (layers, ...) shape, chunked one layer by one
-    device shard, so that any group size reads and writes whole chunks and every process writes
-    only its own shards. Reads are TensorStore futures; writes run on one background thread."""
+    """Group state in zarr3 arrays of the full (layers, ...) shape, in chunks of at most one layer
+    of one device shard (`chunk_shape`), so that any group size reads and writes whole chunks and
+    every process writes only its own shards. Reads are TensorStore futures; writes run on one background thread."""
 
     def __init__(self, directory: str, specs: dict[str, tuple], create: bool, shared: bool = False):
         """specs: {key: (full shape, dtype, chunk shape)}. A `shared` directory (a checkpoint's)

@@ -33,9 +33,12 @@ from jaxsft.train.snapshot import restore_for_none
 class Planned:
     """What the memory plan counts for the optimizer state, in bytes per device unless said."""
     resident: int  # on the devices between the step's calls, and not an argument of them
-    updates: dict  # the update's programs: name -> (lowered, bytes on the devices beside its arguments)
+    # The update's programs: name -> (lowered, bytes on the devices beside its arguments, bytes held
+    # twice where the devices' memory is the host's: arrays being copied between the two).
+    updates: dict
     host: int  # in host memory, per host
     disk: int  # on disk, per host
+    host_apart: int = 0  # of `host`, what is not also on the devices at the peak (one memory)
 
 
 class OnDevice:
@@ -72,4 +75,4 @@ class OnDevice:
     def planned(self, params, acc) -> Planned:
         scalar = jax.ShapeDtypeStruct((), jnp.int32)
         update = self.apply_update.lower(params, self.tree, acc, scalar, scalar)
-        return Planned(resident=bytes_per_device(self.tree), updates={"update": (update, 0)}, host=0, disk=0)
+        return Planned(resident=bytes_per_device(self.tree), updates={"update": (update, 0, 0)}, host=0, disk=0)
