@@ -8,7 +8,6 @@ the `llama` and `qwen2` architectures, every tensor type `gguf.quants.dequantize
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 
@@ -173,9 +172,8 @@ def gguf_tensor_reader(reader, config: ModelConfig, path: str):
     permuted = {"q": config.num_heads, "k": config.num_kv_heads, "q_bias": config.num_heads,
                 "k_bias": config.num_kv_heads} if config.architecture == "LlamaForCausalLM" else {}
 
-    # build_model asks for the same tensor once per device shard; dequantizing is the slow part,
-    # so keep one stacked weight's worth of layers.
-    @functools.lru_cache(maxsize=config.num_layers + 1)
+    # No cache: build_model reads each tensor once per process (an 8B model's 32 dequantized
+    # float32 layers of one weight, kept for nothing, would be 7.5 GB).
     def read(hf_name: str) -> np.ndarray:
         name = expected[hf_name][0]
         t = by_name[gguf_name[hf_name]]
