@@ -19,11 +19,11 @@ def keep_freed_memory():
     hundreds of MB per micro-batch); glibc serves blocks over 32 MB with mmap and unmaps them on
     free, so each micro-batch faulted its pages in anew: 2.85M minor page faults and 5.2 s of system
     time per demo step beside 5.2 s of user time (loaded 2-core machine). With one arena, no mmap
-    and trimming only of a free top over 2 GiB: 44k faults, 0.11 s; a step took 3.2 s instead of 10.4. The process keeps
-    its peak memory until it exits, which a training run reaches every step anyway. The threshold
-    is glibc's largest positive one (2 GiB), not -1 (never trim): the quickstart's heap still
-    returns a free top over 2 GiB (35M faults, 96 s of system time in 4:01 on a quiet 2-core
-    machine), but with -1 its peak grew from 12.1 to 17.0 GB for 13 s less (3:48).
+    and trimming only of a free top over 2 GiB: 44k faults, 0.11 s; a step took 3.2 s instead of
+    10.4. The process keeps its peak memory until it exits, which a training run reaches every step
+    anyway. The threshold is glibc's largest positive one (2 GiB), not -1 (never trim): the
+    quickstart's heap still returns a free top over 2 GiB (35M faults, 96 s of system time in 4:01
+    on a quiet 2-core machine), but with -1 its peak grew from 12.1 to 17.0 GB for 13 s less (3:48).
     """
     if sys.platform != "linux":
         return
