@@ -209,7 +209,8 @@ def test_wandb_offline_run_is_read_back_and_a_resumed_run_continues_it(tmp_path,
 
     run_id = (tmp_path / "wandb_run_id").read_text()
     runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
-    assert [p.name.endswith(f"-{run_id}") for p in runs] == [True, True]
+    # wandb names a run's folder offline-run-<second>-<id>, adding -1 when both runs start in one second.
+    assert [bool(re.fullmatch(rf"offline-run-[\d_]+-{run_id}(-1)?", p.name)) for p in runs] == [True, True]
     run, rows = wandb_history(runs[0])
     assert run["run_id"] == run_id and run["project"] == "jaxsft-test" and run["display_name"] == "tiny"
     assert run["config"]["update"]["optim"]["learning_rate"] == 3e-4
