@@ -112,14 +112,15 @@ def test_bf16_dot_policies_save_the_matmuls_and_auto_remat_picks_the_least_recom
     peaks = {remat: memory.plan(run_config(**AUTO_RUN, **{"model.remat": remat}), TINY, one_device(),
                                 advise=False).device_peak for remat in ("none", "dots", "dots_no_batch", "full")}
     # bf16 matmuls run behind a custom VJP, which hid them from the dot policies ('dots' saved what
-    # 'full' saves: 5.4 MB); their named results are saved. Measured: 33.1, 17.8, 8.9, 5.4 MB.
+    # 'full' saves); their named results are saved. Measured: 11.6, 7.6, 7.5, 5.5 MB ('none' was
+    # 33.1 before the attention kept only its log-sum-exp instead of every score and probability).
     assert peaks["none"] > peaks["dots"] > peaks["dots_no_batch"] > peaks["full"], peaks
     rooms = {"none": 1.01 * peaks["none"], "dots": (peaks["none"] + peaks["dots"]) / 2,
              "full": (peaks["dots"] + peaks["full"]) / 2}
     for expected, room in rooms.items():
         p = auto_plan(one_device(), room / memory.HEADROOM)
         assert p.fits and p.remat == expected and p.device_peak == peaks[expected], (expected, p.report)
-    assert re.search(r"model.remat='auto': 'dots', the least recomputation that fits \('none' needs 0.03 GiB\)",
+    assert re.search(r"model.remat='auto': 'dots', the least recomputation that fits \('none' needs 0.01 GiB\)",
                      auto_plan(one_device(), rooms["dots"] / memory.HEADROOM).report)
     p = auto_plan(one_device(), peaks["full"] / 2)
     assert not p.fits and p.remat == "full" and "'full', nothing fits ('none' needs" in p.report and p.advice
@@ -127,15 +128,14 @@ def test_bf16_dot_policies_save_the_matmuls_and_auto_remat_picks_the_least_recom
 
 def test_auto_remat_on_a_tpu_chip_compiled_by_xla_tpu():
     mesh = make_mesh(fsdp=1, devices=memory.tpu_devices("v5e:1x1"))
-    run = {"data.max_seq_len": 512, "data.micro_batch_rows": 8}
+    run = {"data.max_seq_len": 512, "data.micro_batch_rows": 32}
     with jax.set_mesh(mesh):
         peaks = {remat: memory.plan(run_config(**run, **{"model.remat": remat}), TINY, mesh, device_bytes=16 * GiB,
                                     advise=False) for remat in memory.REMAT_AUTO}
-        # XLA:TPU's figures: 'none' 408 MB and 'dots' 274 MB of activations; with 'full' the
-        # update (7 MB) makes the peak.
-        assert peaks["none"].device_peak > peaks["dots"].device_peak > peaks["full"].device_peak
-        assert peaks["full"].peak_program == "update", {k: (p.device_peak, p.peak_program) for k, p in peaks.items()}
-        for expected, room in (("none", 16 * GiB), ("dots", 0.34e9), ("full", 0.1e9)):
+        # XLA:TPU's figures (the accumulation's peak): 'none' 637 MB, 'dots' 421 MB, 'full' 287 MB.
+        assert peaks["none"].device_peak > peaks["dots"].device_peak > peaks["full"].device_peak, \
+            {k: (p.device_peak, p.peak_program) for k, p in peaks.items()}
+        for expected, room in (("none", 16 * GiB), ("dots", 0.55e9), ("full", 0.4e9)):
             p = memory.plan(run_config(**run, **{"model.remat": "auto"}), TINY, mesh, device_bytes=room)
             assert p.fits and p.remat == expected and p.device_peak == peaks[expected].device_peak, p.report
 

@@ -19,11 +19,12 @@ from jaxsft.models.attention import attention, resolve_backend
 from jaxsft.models.config import ModelConfig
 
 _policies = jax.checkpoint_policies
-# The dot policies also save `dots.einsum`'s named results (its custom VJP hides the dot itself).
+# The dot policies save `dots.einsum`'s named results (its custom VJP hides the dot itself) and
+# the attention's output (BATCH_DOT), not the scores inside the attention's own VJP (recomputed).
 REMAT = {
     "none": None,
     "full": _policies.nothing_saveable,
-    "dots": _policies.save_from_both_policies(_policies.checkpoint_dots,
+    "dots": _policies.save_from_both_policies(_policies.dots_with_no_batch_dims_saveable,
                                               _policies.save_only_these_names(dots.DOT, dots.BATCH_DOT)),
     "dots_no_batch": _policies.save_from_both_policies(_policies.dots_with_no_batch_dims_saveable,
                                                        _policies.save_only_these_names(dots.DOT)),
