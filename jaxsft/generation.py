@@ -25,8 +25,10 @@ matmuls: keys (batch, KV heads, head_dim, columns), values (batch, KV heads, col
 each KV head serving its group of query heads without being repeated, and no step copies it.
 Within a chunk the cache is read-only: each step's keys and values go to a small float32 buffer
 of the chunk's columns (written in place; XLA:CPU writes a column into a bfloat16 array by
-converting the whole array to float32 and back), attended beside the cache, and written into the
-cache once, at the end of the chunk. Both parts' products are bf16 x bf16 -> float32 in value
+converting the whole array to float32 and back, and its generic dot kernel, which the buffer's
+small products fall to, has no bf16 x bf16 -> float32 form), attended beside the cache, and
+written into the cache once, at the end of the chunk, through a uint16 view of the cache (in
+place: `update_slice`), as the prefill writes its keys and values. Both parts' products are bf16 x bf16 -> float32 in value
 (the buffer holds compute-dtype values), the form XLA:CPU runs natively.
 The host is consulted once per chunk (for stop strings and to see whether every row is done),
 never per token.
@@ -41,7 +43,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsft.models.decoder import Decoder, decoder_layer, layer_weights, rms_norm, rope_frequencies
+from jaxsft.models.decoder import (Decoder, decoder_layer, from_view, layer_weights, rms_norm, rope_frequencies,
+                                   uint16_view, update_slice)
 
 # Steps per device call: the host checks stop strings (and whether every row is done) in between.
 CHUNK = 32
@@ -202,15 +205,15 @@ def _prefill(model, ids, pad, cache, row, column):
 
     def attend(q, k, v):
         k, v = k.astype(dtype).transpose(0, 2, 3, 1), v.astype(dtype).transpose(0, 2, 1, 3)
-        return _attention(q, [(k, v, mask)], c.attention_scale), (k, v)
+        return _attention(q, [(k, v, mask)], c.attention_scale), (uint16_view(k), uint16_view(v))
 
     def body(x, w):
         return decoder_layer(x, layer_weights(w, c, dtype), positions, inv_freq, c, attend)
 
     x = model.embed[...][ids].astype(dtype) * c.embedding_multiplier  # the rows, not the whole table, cast
-    x, (keys, values) = jax.lax.scan(body, x, model.layers.arrays())
-    cache = [(jax.lax.dynamic_update_slice(k_cache, keys[i], (row, 0, 0, column)),
-              jax.lax.dynamic_update_slice(v_cache, values[i], (row, 0, column, 0)))
+    x, (keys, values) = jax.lax.scan(body, x, model.layers.arrays())  # stacked as uint16: in place
+    keys, values = from_view(keys, dtype), from_view(values, dtype)
+    cache = [(update_slice(k_cache, keys[i], (row, 0, 0, column)), update_slice(v_cache, values[i], (row, 0, column, 0)))
              for i, (k_cache, v_cache) in enumerate(cache)]
     hidden = rms_norm(x[:, -1:], model.final_norm[...], c.rms_norm_eps)
     return model.logits(hidden)[:, 0], cache
@@ -255,9 +258,7 @@ def _decode(model, state, pad, prompt_len, max_new, eos, sampling, key, *, greed
         return s, recent
 
     state, recent = jax.lax.while_loop(lambda c: (c[0].step < end) & ~jnp.all(c[0].done), body, (state, recent))
-    dtype = model.compute_dtype
-    cache = [(jax.lax.dynamic_update_slice(k, rk.astype(dtype), (0, 0, 0, start)),
-              jax.lax.dynamic_update_slice(v, rv.astype(dtype), (0, 0, start, 0)))
+    cache = [(update_slice(k, rk, (0, 0, 0, start)), update_slice(v, rv, (0, 0, start, 0)))
              for (k, v), (rk, rv) in zip(state.cache, recent)]
     return state._replace(cache=cache)
 

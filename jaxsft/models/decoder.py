@@ -40,9 +40,6 @@ def residuals_as_integers(layer):
     place; the bitcasts are free on every backend."""
     stored = {}
 
-    def to_int(a):
-        return jax.lax.bitcast_convert_type(a, jnp.uint16) if _is_16_bit_float(a.dtype) else a
-
     @jax.custom_vjp
     def wrapped(x, weights):
         return layer(x, weights)
@@ -51,19 +48,35 @@ def residuals_as_integers(layer):
         out, pullback = jax.vjp(layer, x, weights)
         residuals, stored["tree"] = jax.tree.flatten(pullback)
         stored["dtypes"] = [a.dtype for a in residuals]
-        return out, [to_int(a) for a in residuals]
+        return out, [uint16_view(a) for a in residuals]
 
     def backward(residuals, g):
-        residuals = [a if a.dtype == d else jax.lax.bitcast_convert_type(a, d)
-                     for a, d in zip(residuals, stored["dtypes"])]
+        residuals = [from_view(a, d) for a, d in zip(residuals, stored["dtypes"])]
         return jax.tree.unflatten(stored["tree"], residuals)(g)
 
     wrapped.defvjp(forward, backward)
     return wrapped
 
 
-def _is_16_bit_float(dtype):
-    return jnp.issubdtype(dtype, jnp.floating) and jnp.dtype(dtype).itemsize == 2
+def uint16_view(a):
+    """A 16-bit float array as uint16 (same bits), any other unchanged: XLA:CPU writes a slice into
+    a 16-bit float array (a scan's stacked outputs, a KV cache) by converting all of it to float32
+    and back, into an integer array in place. The bitcast is free on every backend."""
+    if jnp.issubdtype(a.dtype, jnp.floating) and a.dtype.itemsize == 2:
+        return jax.lax.bitcast_convert_type(a, jnp.uint16)
+    return a
+
+
+def from_view(a, dtype):
+    """The array `uint16_view` viewed as `dtype` again."""
+    return a if a.dtype == dtype else jax.lax.bitcast_convert_type(a, dtype)
+
+
+def update_slice(a, update, index):
+    """`jax.lax.dynamic_update_slice(a, update.astype(a.dtype), index)`, in place on XLA:CPU for
+    16-bit floats too (`uint16_view`)."""
+    written = jax.lax.dynamic_update_slice(uint16_view(a), uint16_view(update.astype(a.dtype)), index)
+    return from_view(written, a.dtype)
 
 
 # The linear projections (LoRA's targets, QLoRA's NF4 weights) -> how many leading axes of their
