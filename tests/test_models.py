@@ -339,3 +339,61 @@ def test_splash_attention_sharded_over_a_mesh_matches_xla():
         got = jax.jit(lambda *a: splash_attention(*a, scale=0.2, sliding_window=None))(q, kk, v, seg)
     real = np.asarray(seg > 0)
     np.testing.assert_allclose(np.asarray(got)[real], np.asarray(ref)[real], atol=2e-6)
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(jnp.float32, 1e-6), (jnp.bfloat16, 1e-2)])
+@pytest.mark.parametrize("sliding_window", [None, 7])
+def test_xla_attention_gradients_equal_autodiff_and_keep_no_scores(dtype, tolerance, sliding_window):
+    """The attention's own VJP (log-sum-exp kept, probabilities recomputed) against autodiff of
+    float32 softmax attention, on packed rows with padding; what its backward keeps holds nothing
+    of size seq x seq (autodiff kept the scores, the mask's choice and the probabilities)."""
+    from jaxsft.models.attention import attention_mask, xla_attention
+
+    b, t, n, k, h = 2, 64, 6, 2, 16
+    rng = np.random.default_rng(0)
+    q, kk, v = (jnp.asarray(rng.normal(size=(b, t, heads, h)), dtype) for heads in (n, k, k))
+    seg = jnp.asarray(np.repeat([[1] * 20 + [2] * 30 + [3] * 10 + [0] * 4], b, axis=0))
+    weights = jnp.asarray(rng.normal(size=(b, t, n, h)), jnp.float32)
+
+    def reference(q, kk, v):
+        q = q.reshape(b, t, k, n // k, h)
+        scores = jnp.einsum("btkgh,bskh->bkgts", q, kk, precision="highest") * 0.25
+        scores = jnp.where(attention_mask(seg, sliding_window)[:, None, None], scores, jnp.finfo(jnp.float32).min)
+        out = jnp.einsum("bkgts,bskh->btkgh", jax.nn.softmax(scores, axis=-1), v, precision="highest")
+        return jnp.sum(out.reshape(b, t, n, h) * weights)
+
+    ours = lambda q, kk, v: jnp.sum(
+        xla_attention(q, kk, v, seg, scale=0.25, sliding_window=sliding_window).astype(jnp.float32) * weights)
+    got = jax.grad(ours, (0, 1, 2))(q, kk, v)
+    want = jax.grad(reference, (0, 1, 2))(*(x.astype(jnp.float32) for x in (q, kk, v)))
+    for g, w in zip(got, want):
+        assert g.dtype == dtype
+        error = float(np.abs(np.asarray(g, np.float32) - np.asarray(w)).max() / np.abs(np.asarray(w)).max())
+        assert error < tolerance, error
+    _, pullback = jax.vjp(ours, q, kk, v)
+    kept = [x.shape for x in jax.tree.leaves(pullback)]
+    assert kept and all(shape.count(t) < 2 for shape in kept), kept
+
+
+def test_layer_residuals_are_stacked_as_integers_with_the_same_gradients():
+    """The decoder's scan keeps each layer's bf16 residuals as uint16 (XLA:CPU updates bf16 stacks
+    by rewriting them whole); the gradients are those of the plain layer, bit for bit."""
+    from jaxsft.models.decoder import residuals_as_integers
+
+    def layer(x, w):
+        y = jnp.einsum("te,ef->tf", x, w, preferred_element_type=jnp.float32).astype(jnp.bfloat16)
+        return jnp.einsum("tf,fe->te", jax.nn.silu(y), w.T, preferred_element_type=jnp.float32).astype(x.dtype), None
+
+    def loss(body, ws, x):
+        return jnp.sum(jax.lax.scan(body, x, ws)[0].astype(jnp.float32) ** 2)
+
+    keys = jax.random.split(jax.random.key(0))
+    ws = (jax.random.normal(keys[0], (4, 16, 48)) * 0.2).astype(jnp.bfloat16)
+    x = jax.random.normal(keys[1], (8, 16)).astype(jnp.bfloat16)
+    plain = jax.jit(jax.grad(lambda ws, x: loss(layer, ws, x), (0, 1)))(ws, x)
+    stored = jax.jit(jax.grad(lambda ws, x: loss(residuals_as_integers(layer), ws, x), (0, 1)))(ws, x)
+    for a, b in zip(plain, stored):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    assert np.abs(np.asarray(plain[0], np.float32)).max() > 0
+    forward = str(jax.make_jaxpr(lambda ws, x: jax.vjp(lambda ws: loss(residuals_as_integers(layer), ws, x), ws)[1])(ws, x))
+    assert "u16[4,8,48]" in forward and "bf16[4,8,48]" not in forward, forward

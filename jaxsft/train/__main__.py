@@ -22,8 +22,9 @@ def keep_freed_memory():
     and trimming only of a free top over 2 GiB: 44k faults, 0.11 s; a step took 3.2 s instead of
     10.4. The process keeps its peak memory until it exits, which a training run reaches every step
     anyway. The threshold is glibc's largest positive one (2 GiB), not -1 (never trim): the
-    quickstart's heap still returns a free top over 2 GiB (35M faults, 96 s of system time in 4:01
-    on a quiet 2-core machine), but with -1 its peak grew from 12.1 to 17.0 GB for 13 s less (3:48).
+    quickstart's heap still returns a free top over 2 GiB at times (18M faults, 36 s of system time
+    in 2:58 on a quiet 2-core machine), but with -1 its peak grew from 12.1 to 17.0 GB for 13 s less
+    (3:48 instead of 4:01, before the attention and the layers' residuals took less memory).
     """
     if sys.platform != "linux":
         return
