@@ -28,8 +28,9 @@ of the chunk's columns (written in place; XLA:CPU writes a column into a bfloat1
 converting the whole array to float32 and back, and its generic dot kernel, which the buffer's
 small products fall to, has no bf16 x bf16 -> float32 form), attended beside the cache, and
 written into the cache once, at the end of the chunk, through a uint16 view of the cache (in
-place: `update_slice`), as the prefill writes its keys and values. Both parts' products are bf16 x bf16 -> float32 in value
-(the buffer holds compute-dtype values), the form XLA:CPU runs natively.
+place: `update_slice`), as the prefill writes its keys and values. Both parts' products are
+bf16 x bf16 -> float32 in value (the buffer holds compute-dtype values), the form XLA:CPU runs
+natively.
 The host is consulted once per chunk (for stop strings and to see whether every row is done),
 never per token.
 """
@@ -213,8 +214,8 @@ def _prefill(model, ids, pad, cache, row, column):
     x = model.embed[...][ids].astype(dtype) * c.embedding_multiplier  # the rows, not the whole table, cast
     x, (keys, values) = jax.lax.scan(body, x, model.layers.arrays())  # stacked as uint16: in place
     keys, values = from_view(keys, dtype), from_view(values, dtype)
-    cache = [(update_slice(k_cache, keys[i], (row, 0, 0, column)), update_slice(v_cache, values[i], (row, 0, column, 0)))
-             for i, (k_cache, v_cache) in enumerate(cache)]
+    cache = [(update_slice(k_cache, keys[i], (row, 0, 0, column)),
+              update_slice(v_cache, values[i], (row, 0, column, 0))) for i, (k_cache, v_cache) in enumerate(cache)]
     hidden = rms_norm(x[:, -1:], model.final_norm[...], c.rms_norm_eps)
     return model.logits(hidden)[:, 0], cache
 

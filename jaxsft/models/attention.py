@@ -68,9 +68,14 @@ def _softmax_attention(scale, sliding_window, q, k, v, segment_ids):
     return _attention_forward(scale, sliding_window, q, k, v, segment_ids)[0]
 
 
+# The two matmuls, in the compute dtype with float32 accumulation as `jaxsft.models.dots` computes
+# them, but unnamed: remat policies see inside this forward and would keep named scores.
+SCORES, WEIGHTED = "btkgh,bskh->bkgts", "bkgts,bskh->btkgh"
+
+
 def _masked_scores(scale, sliding_window, q, k, segment_ids):
     """(B, K, G, T, S) float32 scores of q (B, T, K, G, H) against k (B, S, K, H), masked."""
-    scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.einsum(SCORES, q, k, preferred_element_type=jnp.float32) * scale
     mask = attention_mask(segment_ids, sliding_window)[:, None, None]
     return jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
 
@@ -81,19 +86,16 @@ def _attention_forward(scale, sliding_window, q, k, v, segment_ids):
     exp = jnp.exp(scores - top)
     total = jnp.sum(exp, axis=-1, keepdims=True)
     probs = (exp / total).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, v, preferred_element_type=jnp.float32).astype(v.dtype)
+    out = jnp.einsum(WEIGHTED, probs, v, preferred_element_type=jnp.float32).astype(v.dtype)
     return out, (q, k, v, segment_ids, top + jnp.log(total))
 
 
 def _attention_backward(scale, sliding_window, residuals, g):
     q, k, v, segment_ids, log_sum_exp = residuals
     probs = jnp.exp(_masked_scores(scale, sliding_window, q, k, segment_ids) - log_sum_exp)
-    g = g.astype(v.dtype)  # matmuls in the compute dtype, float32 accumulation (as jaxsft.models.dots)
-    dv = jnp.einsum("bkgts,btkgh->bskh", probs.astype(v.dtype), g, preferred_element_type=jnp.float32)
-    dprobs = jnp.einsum("btkgh,bskh->bkgts", g, v, preferred_element_type=jnp.float32)
-    dscores = (probs * (dprobs - jnp.sum(probs * dprobs, axis=-1, keepdims=True)) * scale).astype(q.dtype)
-    dq = jnp.einsum("bkgts,bskh->btkgh", dscores, k, preferred_element_type=jnp.float32)
-    dk = jnp.einsum("bkgts,btkgh->bskh", dscores, q, preferred_element_type=jnp.float32)
+    dprobs, dv = dots.backward_products(WEIGHTED, probs.astype(v.dtype), v, g)
+    dscores = probs * (dprobs - jnp.sum(probs * dprobs, axis=-1, keepdims=True)) * scale
+    dq, dk = dots.backward_products(SCORES, q, k, dscores)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 
 
