@@ -337,8 +337,8 @@ def main(argv=None):
         if "tpu" in extra:
             print(f"compiled for TPU {extra['tpu']} ({len(mesh.devices.flat)} x {devices[0].device_kind})")
         elif mesh.devices.flat[0].platform == "cpu" and config.model.compute_dtype == "bfloat16":
-            print("compiled by XLA:CPU, which converts bf16 weights to float32 before each matmul: an "
-                  "accelerator needs less; --tpu SLICE (e.g. v5p:1x1x1) gives XLA's TPU compiler's figures")
+            print("compiled by XLA:CPU, whose fusions and buffers differ from an accelerator's; --tpu SLICE "
+                  "(e.g. v5p:1x1x1) gives XLA's TPU compiler's figures")
     print(result.report)
     sys.exit(0 if result.fits else 1)
 
