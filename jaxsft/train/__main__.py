@@ -6,7 +6,9 @@ Exit status: 0 done, 2 a config or usage mistake, 3 a checkpoint problem, 4 the 
 """
 
 import ctypes
+import importlib.metadata
 import logging
+import os
 import sys
 
 from jaxsft.cli import exit_statuses, parse_args
@@ -38,8 +40,38 @@ def keep_freed_memory():
     libc.mallopt(m_trim_threshold, 2**31 - 1)
 
 
+# Flags of a CPU's bf16 dot-product instructions in /proc/cpuinfo: x86 AVX512-BF16 and AMX, Arm BF16.
+BF16_DOT_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}
+EIGEN_DOTS = "--xla_cpu_experimental_ynn_fusion_type=-individual_dot"
+
+
+def eigen_dots_without_bf16_instructions(cpuinfo: str = "/proc/cpuinfo"):
+    """On a CPU without bf16 dot instructions, have XLA:CPU run matmuls with its Eigen kernels
+    instead of YNNPACK's: there YNNPACK's bf16 x bf16 -> float32 matmuls are the slow part of a
+    step (81% of its kernel time); a quickstart-shaped bf16 step (benchmarks/cpu_vs_torch.py's)
+    took 39.9 and 41.3 s with them and 32.2 and 32.5 s with Eigen's, on a 2-core Zen 3 EPYC (AVX2).
+    With AVX512-BF16 YNNPACK's are the fast ones (~9 s), so they stay. Only where JAX can run on
+    nothing but the CPU (no libtpu, CUDA or ROCm plugin installed: an accelerator host keeps XLA's
+    defaults) and the flag is not set already; before JAX starts its CPU backend."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_cpu_experimental_ynn_fusion_type" in flags or not os.path.exists(cpuinfo):
+        return
+    with open(cpuinfo) as f:
+        features = next((line.split(":", 1)[1].split() for line in f
+                         if line.split(":")[0].strip() in ("flags", "Features")), [])
+    if BF16_DOT_FLAGS & set(features) or accelerator_plugin_installed():
+        return
+    os.environ["XLA_FLAGS"] = f"{flags} {EIGEN_DOTS}".strip()
+
+
+def accelerator_plugin_installed() -> bool:
+    names = (d.metadata["Name"] or "" for d in importlib.metadata.distributions())
+    return any(n.lower().replace("_", "-").startswith(("libtpu", "jax-cuda", "jax-rocm")) for n in names)
+
+
 def main(argv=None):
     keep_freed_memory()
+    eigen_dots_without_bf16_instructions()
     # force: importing orbax already configured the root logger (absl), which made this a no-op
     # and hid every INFO line (the data summary, "resumed from step N").
     logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", force=True)
