@@ -6,7 +6,7 @@ Exit status: 0 done, 2 a config or usage mistake, 3 a checkpoint problem, 4 the 
 """
 
 import ctypes
-import importlib.metadata
+import glob
 import logging
 import os
 import sys
@@ -50,23 +50,30 @@ def eigen_dots_without_bf16_instructions(cpuinfo: str = "/proc/cpuinfo"):
     instead of YNNPACK's: there YNNPACK's bf16 x bf16 -> float32 matmuls are the slow part of a
     step (81% of its kernel time); a quickstart-shaped bf16 step (benchmarks/cpu_vs_torch.py's)
     took 39.9 and 41.3 s with them and 32.2 and 32.5 s with Eigen's, on a 2-core Zen 3 EPYC (AVX2).
-    With AVX512-BF16 YNNPACK's are the fast ones (~9 s), so they stay. Only where JAX can run on
-    nothing but the CPU (no libtpu, CUDA or ROCm plugin installed: an accelerator host keeps XLA's
-    defaults) and the flag is not set already; before JAX starts its CPU backend."""
+    With AVX512-BF16 YNNPACK's are the fast ones (~9 s), so they stay. Only on a machine with no
+    TPU or GPU device (an accelerator's host keeps XLA's defaults) and where the flag is not set
+    already; before JAX starts its CPU backend. XLA aborts on a flag it does not know and
+    experimental flags come and go: only on the jaxlib lines known to have it (0.10, 0.11)."""
     flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_cpu_experimental_ynn_fusion_type" in flags or not os.path.exists(cpuinfo):
+    if ("xla_cpu_experimental_ynn_fusion_type" in flags or not os.path.exists(cpuinfo)
+            or jaxlib_version()[:2] not in ((0, 10), (0, 11))):
         return
     with open(cpuinfo) as f:
         features = next((line.split(":", 1)[1].split() for line in f
                          if line.split(":")[0].strip() in ("flags", "Features")), [])
-    if BF16_DOT_FLAGS & set(features) or accelerator_plugin_installed():
+    if BF16_DOT_FLAGS & set(features) or accelerator_present():
         return
     os.environ["XLA_FLAGS"] = f"{flags} {EIGEN_DOTS}".strip()
 
 
-def accelerator_plugin_installed() -> bool:
-    names = (d.metadata["Name"] or "" for d in importlib.metadata.distributions())
-    return any(n.lower().replace("_", "-").startswith(("libtpu", "jax-cuda", "jax-rocm")) for n in names)
+def jaxlib_version() -> tuple[int, ...]:
+    from jaxlib.version import __version_info__
+    return tuple(__version_info__)
+
+
+def accelerator_present() -> bool:
+    """A TPU (/dev/accel*, or /dev/vfio on v5 and newer), NVIDIA or AMD GPU device file."""
+    return any(glob.glob(pattern) for pattern in ("/dev/accel*", "/dev/vfio/[0-9]*", "/dev/nvidia[0-9]*", "/dev/kfd"))
 
 
 def main(argv=None):
