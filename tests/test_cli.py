@@ -187,8 +187,8 @@ def test_the_train_cli_runs_cpu_matmuls_with_eigen_without_bf16_instructions(tmp
     out = subprocess.run([sys.executable, "-c", EIGEN_DOTS_CHECK, str(cpuinfo), accelerator, jaxlib],
                          capture_output=True, text=True, check=True, cwd=REPO, env=ENV).stdout
     xla_flags, ynn = (part.strip() for part in out.split("|"))
-    from jaxsft.train.__main__ import jaxlib_version
-    eigen = eigen and (jaxlib != "this" or jaxlib_version()[:2] in ((0, 10), (0, 11)))
+    from jaxsft.train.__main__ import EIGEN_DOTS_JAXLIB, jaxlib_version
+    eigen = eigen and (jaxlib != "this" or jaxlib_version()[:2] in EIGEN_DOTS_JAXLIB)
     assert (xla_flags == "--xla_cpu_experimental_ynn_fusion_type=-individual_dot") == eigen, out
     if eigen:
         assert ynn == "False", out  # the compiled bf16 matmul is Eigen's, not YNNPACK's

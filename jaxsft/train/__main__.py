@@ -43,6 +43,8 @@ def keep_freed_memory():
 # Flags of a CPU's bf16 dot-product instructions in /proc/cpuinfo: x86 AVX512-BF16 and AMX, Arm BF16.
 BF16_DOT_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}
 EIGEN_DOTS = "--xla_cpu_experimental_ynn_fusion_type=-individual_dot"
+# The jaxlib lines known to have that flag (XLA aborts on a flag it does not know).
+EIGEN_DOTS_JAXLIB = ((0, 10), (0, 11))
 
 
 def eigen_dots_without_bf16_instructions(cpuinfo: str = "/proc/cpuinfo"):
@@ -53,10 +55,10 @@ def eigen_dots_without_bf16_instructions(cpuinfo: str = "/proc/cpuinfo"):
     With AVX512-BF16 YNNPACK's are the fast ones (~9 s), so they stay. Only on a machine with no
     TPU or GPU device (an accelerator's host keeps XLA's defaults) and where the flag is not set
     already; before JAX starts its CPU backend. XLA aborts on a flag it does not know and
-    experimental flags come and go: only on the jaxlib lines known to have it (0.10, 0.11)."""
+    experimental flags come and go: only on the jaxlib lines known to have it."""
     flags = os.environ.get("XLA_FLAGS", "")
     if ("xla_cpu_experimental_ynn_fusion_type" in flags or not os.path.exists(cpuinfo)
-            or jaxlib_version()[:2] not in ((0, 10), (0, 11))):
+            or jaxlib_version()[:2] not in EIGEN_DOTS_JAXLIB):
         return
     with open(cpuinfo) as f:
         features = next((line.split(":", 1)[1].split() for line in f
