@@ -4,8 +4,8 @@
 prints the plan and whether it fits (exit 0) or not (exit 1, with the cheapest change that fits);
 `jaxsft.train` makes the same plan first and refuses a run that cannot fit. `--tpu v5p:2x2x1` (any
 TPU slice) compiles with XLA's TPU compiler on a machine without a TPU (libtpu's compile-only client,
-`pip install 'jax[tpu]'`): on XLA:CPU every bf16 matmul converts its whole weight stack to float32
-(CPU has no bf16 matmul), so CPU figures overstate an accelerator's by the float32 weights.
+`pip install 'jax[tpu]'`): XLA:CPU's fusions and buffers are not an accelerator's (on a CPU without
+bf16 dot instructions its bf16 matmuls are emulated), so CPU figures plan a CPU run, not a TPU's.
 
 The train step's functions are lowered on abstract inputs (`jax.ShapeDtypeStruct`s with the run's
 shardings) and compiled; XLA's `memory_analysis()` gives each program's argument, output, alias
@@ -16,7 +16,7 @@ shardings) and compiled; XLA's `memory_analysis()` gives each program's argument
              offloaded: one group's update (params, the accumulator's gradients of the group, the
              group's state) + the accumulator's other gradients (alive, but not its arguments)
              + the two groups in flight beside it (the next one read, the previous one being
-             written back).
+             written back; with offload='host' on XLA:CPU the copy back is done by then).
 Host bytes: the offloaded state (offload='host': all of it, this host's shards; 'disk': the two groups
 in flight, read ahead and written back). Disk bytes: the whole state, in the `disk` tier's store.
 Where the devices' memory is the host's (XLA:CPU) the peak is `one_memory`: the device peak, plus
@@ -336,7 +336,7 @@ def main(argv=None):
             result = plan(config, model_config, mesh, device_bytes, host_bytes)
         if "tpu" in extra:
             print(f"compiled for TPU {extra['tpu']} ({len(mesh.devices.flat)} x {devices[0].device_kind})")
-        elif mesh.devices.flat[0].platform == "cpu" and config.model.compute_dtype == "bfloat16":
+        elif mesh.devices.flat[0].platform == "cpu":
             print("compiled by XLA:CPU, whose fusions and buffers differ from an accelerator's; --tpu SLICE "
                   "(e.g. v5p:1x1x1) gives XLA's TPU compiler's figures")
     print(result.report)
