@@ -4,9 +4,11 @@
     python benchmarks/cpu_vs_torch.py --only train      # or --only generate
 
 Train step: the SmolLM2-135M shape (random weights), 3 micro-batches of 2 packed GSM8K rows of 512
-tokens (the quickstart's rows), summed cross-entropy, gradient clipping, AdamW. jaxsft runs its
-train step (`jaxsft.train.step`) in bfloat16 compute (float32 masters, matmuls bf16 x bf16 ->
-float32, as the CPU configs do), no remat. The reference is what a PyTorch user writes:
+tokens (the quickstart's rows), summed cross-entropy, gradient clipping, AdamW. jaxsft runs the
+programs `jaxsft.train.build` makes for the loop, called in the loop's order, in bfloat16 compute
+(float32 masters, matmuls bf16 x bf16 -> float32, as the CPU configs do), no remat, with XLA's
+default flags and glibc's default allocator (`python -m jaxsft.train` changes both: see
+benchmarks/README.md). The reference is what a PyTorch user writes:
 `LlamaForCausalLM` (sdpa) on the same token ids, summed cross-entropy backward per micro-batch,
 `clip_grad_norm_`, `torch.optim.AdamW`, in its fastest CPU form: float32 or bfloat16 autocast,
 whichever the first (warm-up) step of each finds faster.
@@ -34,7 +36,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from throughput import packed_microbatches
 
@@ -44,34 +45,30 @@ SMOLLM2_135M = dict(hidden_size=576, intermediate_size=1536, num_layers=30, num_
 
 
 def jaxsft_train_step(batches, compute_dtype):
-    """A callable running one jaxsft optimizer step over `batches` (host micro-batches)."""
+    """A callable running one jaxsft optimizer step over `batches` (host micro-batches): the
+    programs and optimizer state `jaxsft.train.build.build` makes for the loop, called as
+    `jaxsft.train.loop.train` calls them."""
     from jaxsft.models import Decoder, ModelConfig
-    from jaxsft.sharding import make_mesh, optimizer_shardings, param_shardings
+    from jaxsft.sharding import make_mesh
     from jaxsft.train import default_config
-    from jaxsft.train.optimizer import make_optimizer
-    from jaxsft.train.step import make_train_step
+    from jaxsft.train.build import build
 
+    config = default_config()
+    config.model.compute_dtype = compute_dtype
     c = ModelConfig(architecture="LlamaForCausalLM", remat="none", attention="xla", **SMOLLM2_135M)
     mesh = make_mesh()
-    dtype = getattr(jnp, compute_dtype)
-    new = lambda: nnx.split(Decoder(c, compute_dtype=dtype, rngs=nnx.Rngs(0)), nnx.Param)
-    graphdef, abstract = nnx.eval_shape(new)
-    shardings = param_shardings(abstract, mesh)
-    params = jax.jit(lambda: new()[1], out_shardings=shardings)()
-    tx, schedule = make_optimizer(default_config().optim, 1000)
-    opt_sharding = optimizer_shardings(tx, params, shardings, mesh)
-    opt_state = jax.jit(tx.init, out_shardings=opt_sharding)(params)
-    batch_sharding = NamedSharding(mesh, P(("data", "fsdp"), None))
-    fns = make_train_step(graphdef, tx, schedule, shardings, opt_sharding, batch_sharding)
+    run = build(config, Decoder(c, compute_dtype=getattr(jnp, compute_dtype), rngs=nnx.Rngs(0)), mesh,
+                total_steps=1000, group_layers=1)
     loss_tokens = jnp.int32(sum(int(b["loss_mask"].sum()) for b in batches))
-    state = {"params": params, "opt_state": opt_state, "acc": fns.zero_accumulator(params), "step": 0}
+    state = {"params": run.params, "acc": run.fns.zero_accumulator(run.params, jnp.int32(0)), "step": 0}
 
     def step():
-        acc = state["acc"]
-        for b in batches:
-            acc = fns.accumulate(acc, state["params"], jax.device_put(b, batch_sharding))
-        state["params"], state["opt_state"], state["acc"], metrics = fns.update(
-            state["params"], state["opt_state"], acc, loss_tokens, jnp.int32(state["step"]))
+        acc, step = state["acc"], jnp.int32(state["step"])
+        with jax.set_mesh(mesh):
+            for b in batches:
+                acc = run.fns.accumulate(acc, state["params"], jax.device_put(b, run.batch_sharding))
+            state["params"], metrics = run.state.update(state["params"], acc, loss_tokens, step)
+            state["acc"] = run.fns.clear_accumulator(acc, step)
         state["step"] += 1
         return float(metrics["loss"])
     return step
@@ -208,6 +205,7 @@ def machine() -> dict:
     return {"cpu": cpu, "cores": os.cpu_count(), "avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags,
             "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
             "python": platform.python_version(), "jax": jax.__version__, "torch": version("torch"),
+            "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "transformers": version("transformers")}
 
 
