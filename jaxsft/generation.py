@@ -208,11 +208,18 @@ def _prefill(model, ids, pad, cache, row, column):
         k, v = k.astype(dtype).transpose(0, 2, 3, 1), v.astype(dtype).transpose(0, 2, 1, 3)
         return _attention(q, [(k, v, mask)], c.attention_scale), (uint16_view(k), uint16_view(v))
 
+    layers = model.layers.arrays()
+    dtypes = jax.tree.map(lambda w: w.dtype, layers)
+
     def body(x, w):
+        w = jax.tree.map(from_view, w, dtypes)
         return decoder_layer(x, layer_weights(w, c, dtype), positions, inv_freq, c, attend)
 
-    x = model.embed[...][ids].astype(dtype) * c.embedding_multiplier  # the rows, not the whole table, cast
-    x, (keys, values) = jax.lax.scan(body, x, model.layers.arrays())  # stacked as uint16: in place
+    x = _embed(model, ids) * c.embedding_multiplier
+    # The weights go in as uint16 views and the keys and values come out as them: XLA:CPU slices
+    # a 16-bit float stack in a loop, and writes into one, by converting all of it to float32
+    # (the whole model's weights, every prefill call).
+    x, (keys, values) = jax.lax.scan(body, x, jax.tree.map(uint16_view, layers))
     keys, values = from_view(keys, dtype), from_view(values, dtype)
     cache = [(update_slice(k_cache, keys[i], (row, 0, 0, column)),
               update_slice(v_cache, values[i], (row, 0, column, 0))) for i, (k_cache, v_cache) in enumerate(cache)]
@@ -264,6 +271,13 @@ def _decode(model, state, pad, prompt_len, max_new, eos, sampling, key, *, greed
     return state._replace(cache=cache)
 
 
+def _embed(model, ids):
+    """The embedding rows of ids, in the compute dtype: gathered from the table's uint16 view
+    (XLA:CPU gathers from a bf16 table by converting all of it to float32 first), then cast."""
+    table = model.embed[...]
+    return from_view(uint16_view(table)[ids], table.dtype).astype(model.compute_dtype)
+
+
 def _see(seen, token, penalize):
     return seen.at[jnp.arange(token.shape[0]), token].set(True) if penalize else seen
 
@@ -295,7 +309,7 @@ def _step(model, layers, token, pad, column, cache, recent, start):
     old_mask = _mask(column[None], columns, pad, c.sliding_window) & (columns < start)
     new_mask = _mask(column[None], start + jnp.arange(recent[0][1].shape[2]), pad, c.sliding_window)
     inv_freq = rope_frequencies(c)
-    x = model.embed[...][token[:, None]].astype(dtype) * c.embedding_multiplier
+    x = _embed(model, token[:, None]) * c.embedding_multiplier
     new_recent = []
     for w, (k_cache, v_cache), (k_new, v_new) in zip(layers, cache, recent):
         def attend(q, k, v, k_cache=k_cache, v_cache=v_cache, k_new=k_new, v_new=v_new):

@@ -3,6 +3,7 @@
 import json
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ import torch
 import transformers as tf
 
 import jaxsft
-from jaxsft.generation import Sampling, _decode, _filtered, _prefill
+from jaxsft.generation import Sampling, State, _decode, _filtered, _grow, _new_cache, _prefill, _start
 from jaxsft.models.gguf import load_gguf_tokenizer, smollm2_path
 from jaxsft.sharding import make_mesh
 from tests.hf_models import make_hf_model
@@ -57,6 +58,30 @@ def test_decode_chunks_attending_over_longer_cache_spans_equal_transformers(tiny
     ours = jaxsft.generate(model, prompts, 70, eos_token_id=[])
     assert _decode._cache_size() - before == 3
     assert ours == [hf_greedy(hf, p, 70, None) for p in prompts]
+
+
+def test_bf16_prefill_and_decode_make_no_float32_copy_of_the_weights(tiny):
+    # XLA:CPU slices a bf16 stack in a loop, and gathers from a bf16 table, by converting all of it
+    # to float32 first: a prefill call made a float32 copy of every stacked weight (428 MB for
+    # SmolLM2-135M), each decode chunk one of the embedding. Both read uint16 views instead.
+    hf, path, _, prompts = tiny
+    model = jaxsft.load_model(path, dtype=jnp.bfloat16, compute_dtype=jnp.bfloat16, remat="none")
+    assert jaxsft.generate(model, prompts, 4, eos_token_id=[])  # runs
+    ids, pad = np.ones((3, 32), np.int32), np.zeros(3, np.int32)  # 3 rows: no activation shaped like a weight
+    cache = _new_cache(model, 3, 32)
+    prefill = _prefill.lower(model, ids, pad, cache, np.int32(0), np.int32(0)).compile().as_text()
+    stacked = jax.tree.leaves(model.layers.arrays())
+    assert stacked and all(w.dtype == jnp.bfloat16 for w in stacked)
+    for w in [*stacked, model.embed[...]]:
+        assert f"f32[{','.join(map(str, w.shape))}]" not in prefill, w.shape
+    _, cache = _prefill(model, ids, pad, cache, np.int32(0), np.int32(0))
+    sampling = Sampling(*map(np.float32, (1.0, 0, 1.0, 0.0, 1.0)))
+    state = State(np.int32(1), cache=_grow(cache, 64), **_start([np.zeros((3, model.config.vocab_size), np.float32)], ids, pad,
+                                                     np.ones(3, bool), np.int32([-1]), sampling, jax.random.key(0),
+                                                     new_len=32, greedy=True, penalize=False))
+    decode = _decode.lower(model, state, pad, np.int32(32), np.int32(8), np.int32([-1]), sampling, jax.random.key(0),
+                           greedy=True, penalize=False).compile().as_text()
+    assert f"f32[{','.join(map(str, model.embed[...].shape))}]" not in decode
 
 
 def test_batched_equals_one_by_one_and_stops_at_eos(tiny):
