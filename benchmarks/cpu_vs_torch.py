@@ -63,12 +63,12 @@ def jaxsft_train_step(batches, compute_dtype):
     state = {"params": run.params, "acc": run.fns.zero_accumulator(run.params, jnp.int32(0)), "step": 0}
 
     def step():
-        acc, step = state["acc"], jnp.int32(state["step"])
+        acc, index = state["acc"], jnp.int32(state["step"])
         with jax.set_mesh(mesh):
             for b in batches:
                 acc = run.fns.accumulate(acc, state["params"], jax.device_put(b, run.batch_sharding))
-            state["params"], metrics = run.state.update(state["params"], acc, loss_tokens, step)
-            state["acc"] = run.fns.clear_accumulator(acc, step)
+            state["params"], metrics = run.state.update(state["params"], acc, loss_tokens, index)
+            state["acc"] = run.fns.clear_accumulator(acc, index)
         state["step"] += 1
         return float(metrics["loss"])
     return step

@@ -44,8 +44,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsft.models.decoder import (Decoder, decoder_layer, from_view, layer_weights, rms_norm, rope_frequencies,
-                                   uint16_view, update_slice)
+from jaxsft.models.decoder import (Decoder, decoder_layer, embed_lookup, from_view, layer_weights, rms_norm,
+                                   rope_frequencies, uint16_view, update_slice)
 
 # Steps per device call: the host checks stop strings (and whether every row is done) in between.
 CHUNK = 32
@@ -215,7 +215,7 @@ def _prefill(model, ids, pad, cache, row, column):
         w = jax.tree.map(from_view, w, dtypes)
         return decoder_layer(x, layer_weights(w, c, dtype), positions, inv_freq, c, attend)
 
-    x = _embed(model, ids) * c.embedding_multiplier
+    x = embed_lookup(model.embed[...], ids, dtype) * c.embedding_multiplier
     # The weights go in as uint16 views and the keys and values come out as them: XLA:CPU slices
     # a 16-bit float stack in a loop, and writes into one, by converting all of it to float32
     # (the whole model's weights, every prefill call).
@@ -271,13 +271,6 @@ def _decode(model, state, pad, prompt_len, max_new, eos, sampling, key, *, greed
     return state._replace(cache=cache)
 
 
-def _embed(model, ids):
-    """The embedding rows of ids, in the compute dtype: gathered from the table's uint16 view
-    (XLA:CPU gathers from a bf16 table by converting all of it to float32 first), then cast."""
-    table = model.embed[...]
-    return from_view(uint16_view(table)[ids], table.dtype).astype(model.compute_dtype)
-
-
 def _see(seen, token, penalize):
     return seen.at[jnp.arange(token.shape[0]), token].set(True) if penalize else seen
 
@@ -309,7 +302,7 @@ def _step(model, layers, token, pad, column, cache, recent, start):
     old_mask = _mask(column[None], columns, pad, c.sliding_window) & (columns < start)
     new_mask = _mask(column[None], start + jnp.arange(recent[0][1].shape[2]), pad, c.sliding_window)
     inv_freq = rope_frequencies(c)
-    x = _embed(model, token[:, None]) * c.embedding_multiplier
+    x = embed_lookup(model.embed[...], token[:, None], dtype) * c.embedding_multiplier
     new_recent = []
     for w, (k_cache, v_cache), (k_new, v_new) in zip(layers, cache, recent):
         def attend(q, k, v, k_cache=k_cache, v_cache=v_cache, k_new=k_new, v_new=v_new):

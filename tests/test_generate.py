@@ -64,7 +64,7 @@ def test_bf16_prefill_and_decode_make_no_float32_copy_of_the_weights(tiny):
     # XLA:CPU slices a bf16 stack in a loop, and gathers from a bf16 table, by converting all of it
     # to float32 first: a prefill call made a float32 copy of every stacked weight (428 MB for
     # SmolLM2-135M), each decode chunk one of the embedding. Both read uint16 views instead.
-    hf, path, _, prompts = tiny
+    _, path, _, prompts = tiny
     model = jaxsft.load_model(path, dtype=jnp.bfloat16, compute_dtype=jnp.bfloat16, remat="none")
     assert jaxsft.generate(model, prompts, 4, eos_token_id=[])  # runs
     ids, pad = np.ones((3, 32), np.int32), np.zeros(3, np.int32)  # 3 rows: no activation shaped like a weight

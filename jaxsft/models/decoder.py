@@ -220,8 +220,9 @@ def embed_lookup(table, ids, dtype):
     occurrence of a token (a frequent one occurs hundreds of times in a micro-batch), then
     rounded to `dtype` once, as every compute-dtype gradient is (so a float32 table and its bf16
     copy in the offloaded tiers get the same bits); the transpose of a bf16 gather would add
-    them in bf16."""
-    return table[ids].astype(dtype)
+    them in bf16. The rows are gathered from the table's uint16 view: XLA:CPU gathers from a
+    16-bit float table by converting all of it to float32 first."""
+    return from_view(uint16_view(table)[ids], table.dtype).astype(dtype)
 
 
 def _embed_lookup_fwd(table, ids, dtype):
