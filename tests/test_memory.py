@@ -99,6 +99,25 @@ def test_a_lora_plan_compiles_the_lora_step():
     assert adapted.device_peak < full.device_peak  # at this tiny shape activations dominate both
 
 
+def test_a_lora_step_reads_its_bf16_base_without_a_float32_copy():
+    # XLA:CPU slices a bf16 stack in a loop by converting all of it to float32 first: the layer
+    # scan over a bf16 base made a float32 copy of every stacked base weight in each accumulate.
+    from jaxsft.train.build import abstract_batch, abstract_model, build
+
+    config = run_config(**{"lora.r": 4, "lora.alpha": 8.0, "model.param_dtype": "bfloat16"})
+    model_config = TINY.replace(num_layers=3)  # no activation here is shaped like a stacked weight
+    run = build(config, abstract_model(config, model_config, memory.lora_spec(config, model_config)), one_device(),
+                total_steps=10, group_layers=1, abstract=True)
+    acc = jax.eval_shape(run.fns.zero_accumulator, run.params, jax.ShapeDtypeStruct((), np.int32))
+    batch = abstract_batch(config, one_device(), run.batch_sharding)
+    compiled = memory._lower(run.fns.accumulate, acc, run.params, batch).compile().as_text()
+    stacked = jax.tree.leaves(run.frozen["layers"])
+    assert len(stacked) == 9 and all(w.dtype == np.dtype("bfloat16") for w in stacked)
+    for w in stacked:
+        assert f"bf16[{','.join(map(str, w.shape))}]" in compiled  # the check sees the base's shapes
+        assert f"f32[{','.join(map(str, w.shape))}]" not in compiled, w.shape
+
+
 # Activations make the peak at this shape (bf16 compute, the run_config default).
 AUTO_RUN = {"data.max_seq_len": 128, "data.micro_batch_rows": 4}
 

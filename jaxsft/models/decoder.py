@@ -186,9 +186,17 @@ class Decoder(nnx.Module):
                             sliding_window=c.sliding_window, backend=backend)
             return out, None
 
+        layers = self.layers.arrays()
+        dtypes = jax.tree.map(lambda a: a.dtype, layers)
+        if self.lora is not None:
+            # A LoRA run trains its adapters alone (`LoraParam`), so the base is a constant here,
+            # and it is scanned as uint16 views: XLA:CPU slices a 16-bit float stack in a loop by
+            # converting all of it to float32 first (the whole base, every micro-batch).
+            layers = jax.tree.map(lambda a: uint16_view(jax.lax.stop_gradient(a)), layers)
+
         def body(x, layer):
             w, adapters = layer
-            w = layer_weights(w, c, self.compute_dtype)
+            w = layer_weights(jax.tree.map(from_view, w, dtypes), c, self.compute_dtype)
             adapt = None if adapters is None else self.lora.adapt(adapters, self.compute_dtype)
             return decoder_layer(x, w, positions, inv_freq, c, attend, adapt)
 
@@ -196,7 +204,7 @@ class Decoder(nnx.Module):
             body = jax.checkpoint(body, policy=REMAT[c.remat], prevent_cse=False)
         body = residuals_as_integers(body)
         adapters = None if self.lora is None else self.lora.layer_inputs()
-        x, _ = jax.lax.scan(body, x, (self.layers.arrays(), adapters))
+        x, _ = jax.lax.scan(body, x, (layers, adapters))
         return rms_norm(x, self.final_norm[...], c.rms_norm_eps)
 
     def output_weight(self):
