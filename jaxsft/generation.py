@@ -20,17 +20,15 @@ than per step, and the cache holds only the columns filled by the end of the chu
 and a power of two (at least CHUNK) of new ones, grown between chunks (`_grow`), so 128 new tokens
 take three compilations of the decode chunk, 256 four.
 
-Decode attention is bound by reading the cache, so the cache is laid out for XLA:CPU's batched
-matmuls: keys (batch, KV heads, head_dim, columns), values (batch, KV heads, columns, head_dim),
-each KV head serving its group of query heads without being repeated, and no step copies it.
-Within a chunk the cache is read-only: each step's keys and values go to a small float32 buffer
-of the chunk's columns (written in place; XLA:CPU writes a column into a bfloat16 array by
-converting the whole array to float32 and back, and its generic dot kernel, which the buffer's
-small products fall to, has no bf16 x bf16 -> float32 form), attended beside the cache, and
-written into the cache once, at the end of the chunk, through a uint16 view of the cache (in
-place: `update_slice`), as the prefill writes its keys and values. Both parts' products are
-bf16 x bf16 -> float32 in value (the buffer holds compute-dtype values), the form XLA:CPU runs
-natively.
+Decode attention is bound by reading the cache: keys (batch, KV heads, head_dim, columns), values
+(batch, KV heads, columns, head_dim), each KV head serving its group of query heads without being
+repeated, and no step copies it; one query column's scores and output are products summed by
+reductions (`_decode_attention`), each read along the cache's contiguous axis. Within a chunk the
+cache is read-only: each step's keys and values go to a small float32 buffer of the chunk's
+columns (written in place; XLA:CPU writes a column into a bfloat16 array by converting the whole
+array to float32 and back), attended beside the cache, and written into the cache once, at the end
+of the chunk, through a uint16 view of the cache (in place: `update_slice`), as the prefill writes
+its keys and values. Both parts hold compute-dtype values and are summed in float32.
 The host is consulted once per chunk (for stop strings and to see whether every row is done),
 never per token.
 """
@@ -311,7 +309,7 @@ def _step(model, layers, token, pad, column, cache, recent, start):
             k_new = jax.lax.dynamic_update_slice(k_new, k, (0, 0, 0, column - start))
             v_new = jax.lax.dynamic_update_slice(v_new, v, (0, 0, column - start, 0))
             parts = [(k_cache, v_cache, old_mask), (k_new, v_new, new_mask)]
-            return _attention(q, parts, c.attention_scale), (k_new, v_new)
+            return _decode_attention(q, parts, c.attention_scale), (k_new, v_new)
 
         x, kv = decoder_layer(x, w, positions, inv_freq, c, attend)
         new_recent.append(kv)
@@ -338,6 +336,27 @@ def _attention(q, parts, scale):
         out += jnp.einsum("bkgts,bksh->btkgh", p, v, preferred_element_type=jnp.float32)
         at += v.shape[2]
     return out.astype(q.dtype).reshape(b, t, n, h)
+
+
+def _decode_attention(q, parts, scale):
+    """`_attention` for one query column (T = 1), as elementwise products summed by reductions
+    rather than as matmuls: each (row, KV head) is a (group x head_dim) by (head_dim x columns)
+    product, too small for a matmul kernel. XLA:CPU ran those batched products slowly and on one
+    core while the other idled (a profile at batch 64), the float32 buffer's in its generic dot
+    kernel; as reductions, the real SmolLM2's decoding at batch 64 went 1.4x as fast in bf16 and
+    1.9x in float32. Sums in float32 over compute-dtype values, as `_attention`'s products do."""
+    b, t, n, h = q.shape
+    dtype, kv_heads = q.dtype, parts[0][0].shape[1]
+    q = q.reshape(b, kv_heads, n // kv_heads, h, 1).astype(jnp.float32)
+    scores = jnp.concatenate([
+        jnp.where(mask[:, None], jnp.sum(q * k[:, :, None].astype(jnp.float32), axis=3) * scale,
+                  jnp.finfo(jnp.float32).min) for k, _, mask in parts], axis=-1)  # (B, K, group, S)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype).astype(jnp.float32)[..., None]
+    out, at = 0, 0
+    for _, v, _ in parts:
+        out += jnp.sum(probs[:, :, :, at:at + v.shape[2]] * v[:, :, None].astype(jnp.float32), axis=3)
+        at += v.shape[2]
+    return out.astype(dtype).reshape(b, t, n, h)
 
 
 def _pick(logits, seen, s: Sampling, key, step, *, greedy, penalize):
