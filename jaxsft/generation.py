@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsft.models.decoder import (Decoder, decoder_layer, embed_lookup, from_view, layer_weights, rms_norm,
-                                   rope_frequencies, uint16_view, update_slice)
+                                   rope_frequencies, scanned_views, uint16_view, update_slice)
 
 # Steps per device call: the host checks stop strings (and whether every row is done) in between.
 CHUNK = 32
@@ -206,18 +206,15 @@ def _prefill(model, ids, pad, cache, row, column):
         k, v = k.astype(dtype).transpose(0, 2, 3, 1), v.astype(dtype).transpose(0, 2, 1, 3)
         return _attention(q, [(k, v, mask)], c.attention_scale), (uint16_view(k), uint16_view(v))
 
-    layers = model.layers.arrays()
-    dtypes = jax.tree.map(lambda w: w.dtype, layers)
+    layers, viewed_back = scanned_views(model.layers.arrays())
 
     def body(x, w):
-        w = jax.tree.map(from_view, w, dtypes)
-        return decoder_layer(x, layer_weights(w, c, dtype), positions, inv_freq, c, attend)
+        return decoder_layer(x, layer_weights(viewed_back(w), c, dtype), positions, inv_freq, c, attend)
 
     x = embed_lookup(model.embed[...], ids, dtype) * c.embedding_multiplier
     # The weights go in as uint16 views and the keys and values come out as them: XLA:CPU slices
-    # a 16-bit float stack in a loop, and writes into one, by converting all of it to float32
-    # (the whole model's weights, every prefill call).
-    x, (keys, values) = jax.lax.scan(body, x, jax.tree.map(uint16_view, layers))
+    # a 16-bit float stack in a loop, and writes into one, by converting all of it to float32.
+    x, (keys, values) = jax.lax.scan(body, x, layers)
     keys, values = from_view(keys, dtype), from_view(values, dtype)
     cache = [(update_slice(k_cache, keys[i], (row, 0, 0, column)),
               update_slice(v_cache, values[i], (row, 0, column, 0))) for i, (k_cache, v_cache) in enumerate(cache)]

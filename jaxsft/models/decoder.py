@@ -72,6 +72,14 @@ def from_view(a, dtype):
     return a if a.dtype == dtype else jax.lax.bitcast_convert_type(a, dtype)
 
 
+def scanned_views(stacked):
+    """(`stacked`'s leaves as `uint16_view`s, the function viewing one scan step's slice of them
+    back): XLA:CPU slices a 16-bit float stack in a loop by converting all of it to float32 first
+    (every weight of the model, each call). The views have no gradient."""
+    dtypes = jax.tree.map(lambda a: a.dtype, stacked)
+    return jax.tree.map(uint16_view, stacked), lambda sliced: jax.tree.map(from_view, sliced, dtypes)
+
+
 def update_slice(a, update, index):
     """`jax.lax.dynamic_update_slice(a, update.astype(a.dtype), index)`, in place on XLA:CPU for
     16-bit floats too (`uint16_view`)."""
@@ -186,17 +194,15 @@ class Decoder(nnx.Module):
                             sliding_window=c.sliding_window, backend=backend)
             return out, None
 
-        layers = self.layers.arrays()
-        dtypes = jax.tree.map(lambda a: a.dtype, layers)
+        layers, viewed_back = self.layers.arrays(), lambda w: w
         if self.lora is not None:
-            # A LoRA run trains its adapters alone (`LoraParam`), so the base is a constant here,
-            # and it is scanned as uint16 views: XLA:CPU slices a 16-bit float stack in a loop by
-            # converting all of it to float32 first (the whole base, every micro-batch).
-            layers = jax.tree.map(lambda a: uint16_view(jax.lax.stop_gradient(a)), layers)
+            # A LoRA run trains its adapters alone (`LoraParam`): the base is a constant here, so
+            # it can be scanned as views (trained weights need a gradient).
+            layers, viewed_back = scanned_views(jax.lax.stop_gradient(layers))
 
         def body(x, layer):
             w, adapters = layer
-            w = layer_weights(jax.tree.map(from_view, w, dtypes), c, self.compute_dtype)
+            w = layer_weights(viewed_back(w), c, self.compute_dtype)
             adapt = None if adapters is None else self.lora.adapt(adapters, self.compute_dtype)
             return decoder_layer(x, w, positions, inv_freq, c, attend, adapt)
 
