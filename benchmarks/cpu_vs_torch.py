@@ -35,7 +35,6 @@ from importlib.metadata import version
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from throughput import packed_microbatches
 
@@ -48,7 +47,8 @@ def jaxsft_train_step(batches, compute_dtype):
     """A callable running one jaxsft optimizer step over `batches` (host micro-batches): the
     programs and optimizer state `jaxsft.train.build.build` makes for the loop, called as
     `jaxsft.train.loop.train` calls them."""
-    from jaxsft.models import Decoder, ModelConfig
+    from jaxsft.models import ModelConfig
+    from jaxsft.models.loading import random_model
     from jaxsft.sharding import make_mesh
     from jaxsft.train import default_config
     from jaxsft.train.build import build
@@ -57,10 +57,13 @@ def jaxsft_train_step(batches, compute_dtype):
     config.model.compute_dtype = compute_dtype
     c = ModelConfig(architecture="LlamaForCausalLM", remat="none", attention="xla", **SMOLLM2_135M)
     mesh = make_mesh()
-    run = build(config, Decoder(c, compute_dtype=getattr(jnp, compute_dtype), rngs=nnx.Rngs(0)), mesh,
-                total_steps=1000, group_layers=1)
+    # Created sharded as a run's random model is: a Decoder made in place gives arrays whose type
+    # lacks the mesh, so the second step (fed the update's params) would compile again.
+    model = random_model(c, jnp.float32, getattr(jnp, compute_dtype), mesh)
+    run = build(config, model, mesh, total_steps=1000, group_layers=1)
     loss_tokens = jnp.int32(sum(int(b["loss_mask"].sum()) for b in batches))
-    state = {"params": run.params, "acc": run.fns.zero_accumulator(run.params, jnp.int32(0)), "step": 0}
+    with jax.set_mesh(mesh):
+        state = {"params": run.params, "acc": run.fns.zero_accumulator(run.params, jnp.int32(0)), "step": 0}
 
     def step():
         acc, index = state["acc"], jnp.int32(state["step"])
