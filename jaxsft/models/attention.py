@@ -62,10 +62,11 @@ def xla_attention(q, k, v, segment_ids, *, scale, sliding_window):
 
 # Causal attention's upper triangle is masked out, so the queries are taken in blocks, each against
 # the keys it can see (those up to its last row, from its first row's window start): 8 blocks a
-# row compute 56% of the (seq x seq) squares, which is where XLA:CPU's attention spends its time
-# (the exp, mask and softmax passes over them; matmuls are a few percent). One block's softmax
-# rows are complete, so no running statistics are needed. Blocks of fewer than 16 rows cost more
-# in per-block work than they save.
+# row compute 36/64 of the (seq x seq) squares, where XLA:CPU's attention spends its time (the
+# mask, exp and softmax passes over them more than the matmuls). One block's softmax rows are
+# complete, so no running statistics are needed. Measured at 512 tokens (30 layers, forward and
+# backward): 8 blocks 0.79 s, 4 blocks 0.87 s, 2 blocks 0.98 s, one 1.36 s. Short sequences are not
+# cut into blocks of fewer than 16 rows.
 QUERY_BLOCKS, MIN_QUERY_BLOCK = 8, 16
 
 
