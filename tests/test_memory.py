@@ -151,10 +151,10 @@ def test_auto_remat_on_a_tpu_chip_compiled_by_xla_tpu():
     with jax.set_mesh(mesh):
         peaks = {remat: memory.plan(run_config(**run, **{"model.remat": remat}), TINY, mesh, device_bytes=16 * GiB,
                                     advise=False) for remat in memory.REMAT_AUTO}
-        # XLA:TPU's figures (the accumulation's peak): 'none' 345 MB, 'dots' 87 MB, 'full' 7 MB.
+        # XLA:TPU's figures (the accumulation's peak): 'none' 637 MB, 'dots' 421 MB, 'full' 287 MB.
         assert peaks["none"].device_peak > peaks["dots"].device_peak > peaks["full"].device_peak, \
             {k: (p.device_peak, p.peak_program) for k, p in peaks.items()}
-        for expected, room in (("none", 16 * GiB), ("dots", 0.2e9), ("full", 0.06e9)):
+        for expected, room in (("none", 16 * GiB), ("dots", 0.55e9), ("full", 0.4e9)):
             p = memory.plan(run_config(**run, **{"model.remat": "auto"}), TINY, mesh, device_bytes=room)
             assert p.fits and p.remat == expected and p.device_peak == peaks[expected].device_peak, p.report
 

@@ -39,17 +39,15 @@ def attention(q, k, v, segment_ids, *, scale: float, sliding_window: int | None,
     raise ValueError(f"unknown attention backend {backend!r}; choose auto, xla, cudnn or splash")
 
 
-def attention_mask(segment_ids, sliding_window: int | None, rows=None, columns=None):
-    """(B, rows, columns) boolean: causal, same sample, and within the sliding window if any.
-    `rows` / `columns`: (start, stop) query and key positions (default: all of them)."""
+def attention_mask(segment_ids, sliding_window: int | None):
+    """(B, T, T) boolean: causal, same sample, and within the sliding window if any."""
     t = segment_ids.shape[1]
-    (r0, r1), (c0, c1) = rows or (0, t), columns or (0, t)
-    q_idx = jnp.arange(r0, r1)[:, None]
-    k_idx = jnp.arange(c0, c1)[None, :]
+    q_idx = jnp.arange(t)[:, None]
+    k_idx = jnp.arange(t)[None, :]
     allowed = k_idx <= q_idx
     if sliding_window is not None:
         allowed &= k_idx > q_idx - sliding_window
-    return allowed[None] & (segment_ids[:, r0:r1, None] == segment_ids[:, None, c0:c1])
+    return allowed[None] & (segment_ids[:, :, None] == segment_ids[:, None, :])
 
 
 def xla_attention(q, k, v, segment_ids, *, scale, sliding_window):
@@ -58,24 +56,6 @@ def xla_attention(q, k, v, segment_ids, *, scale, sliding_window):
     q = q.reshape(b, t, kv_heads, n // kv_heads, h)
     out = _softmax_attention(scale, sliding_window, q, k, v, segment_ids)
     return checkpoint_name(out.reshape(b, t, n, h), dots.BATCH_DOT)  # 'dots' remat policies keep it
-
-
-# Causal attention's upper triangle is masked out, so the queries are taken in blocks, each against
-# the keys it can see (those up to its last row, from its first row's window start): 8 blocks a
-# row compute 36/64 of the (seq x seq) squares, where XLA:CPU's attention spends its time (the
-# mask, exp and softmax passes over them more than the matmuls). One block's softmax rows are
-# complete, so no running statistics are needed. Measured at 512 tokens (30 layers, forward and
-# backward): 8 blocks 0.79 s, 4 blocks 0.87 s, 2 blocks 0.98 s, one 1.36 s. Short sequences are not
-# cut into blocks of fewer than 16 rows.
-QUERY_BLOCKS, MIN_QUERY_BLOCK = 8, 16
-
-
-def query_blocks(t: int, sliding_window: int | None):
-    """[((query start, stop), (key start, stop))] covering t positions."""
-    size = max(MIN_QUERY_BLOCK, -(-t // QUERY_BLOCKS))
-    return [((start, min(start + size, t)),
-             (0 if sliding_window is None else max(0, start - sliding_window + 1), min(start + size, t)))
-            for start in range(0, t, size)]
 
 
 # Autodiff of softmax attention saves every layer's (heads, seq, seq) scores, mask choice and
@@ -89,47 +69,34 @@ def _softmax_attention(scale, sliding_window, q, k, v, segment_ids):
 
 
 # The two matmuls, in the compute dtype with float32 accumulation as `jaxsft.models.dots` computes
-# them, but unnamed: remat policies see inside this forward and would keep named scores. The
-# scores are laid out (B, K, T, G, S) so that both matmuls and their backward read them as they
-# are (in (B, K, G, T, S) XLA:CPU transposed the probabilities before each product).
-SCORES, WEIGHTED = "btkgh,bskh->bktgs", "bktgs,bskh->btkgh"
+# them, but unnamed: remat policies see inside this forward and would keep named scores.
+SCORES, WEIGHTED = "btkgh,bskh->bkgts", "bkgts,bskh->btkgh"
 
 
-def _masked_scores(scale, sliding_window, q, k, segment_ids, rows, columns):
-    """(B, K, T, G, S) float32 scores of q (B, T, K, G, H) against k (B, S, K, H), masked: the
-    queries `rows` (start, stop) against the keys `columns` of the full arrays."""
-    scores = jnp.einsum(SCORES, q[:, slice(*rows)], k[:, slice(*columns)], preferred_element_type=jnp.float32)
-    mask = attention_mask(segment_ids, sliding_window, rows, columns)[:, None, :, None]
-    return jnp.where(mask, scores * scale, jnp.finfo(jnp.float32).min)
+def _masked_scores(scale, sliding_window, q, k, segment_ids):
+    """(B, K, G, T, S) float32 scores of q (B, T, K, G, H) against k (B, S, K, H), masked."""
+    scores = jnp.einsum(SCORES, q, k, preferred_element_type=jnp.float32) * scale
+    mask = attention_mask(segment_ids, sliding_window)[:, None, None]
+    return jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
 
 
 def _attention_forward(scale, sliding_window, q, k, v, segment_ids):
-    outs, log_sum_exps = [], []
-    for rows, columns in query_blocks(q.shape[1], sliding_window):
-        scores = _masked_scores(scale, sliding_window, q, k, segment_ids, rows, columns)
-        top = jnp.max(scores, axis=-1, keepdims=True)  # every row sees itself (causal, own segment)
-        exp = jnp.exp(scores - top)
-        total = jnp.sum(exp, axis=-1, keepdims=True)
-        probs = (exp / total).astype(v.dtype)
-        outs.append(jnp.einsum(WEIGHTED, probs, v[:, slice(*columns)],
-                               preferred_element_type=jnp.float32).astype(v.dtype))
-        log_sum_exps.append(top + jnp.log(total))
-    return jnp.concatenate(outs, axis=1), (q, k, v, segment_ids, log_sum_exps)
+    scores = _masked_scores(scale, sliding_window, q, k, segment_ids)
+    top = jnp.max(scores, axis=-1, keepdims=True)  # every row sees itself (causal, own segment)
+    exp = jnp.exp(scores - top)
+    total = jnp.sum(exp, axis=-1, keepdims=True)
+    probs = (exp / total).astype(v.dtype)
+    out = jnp.einsum(WEIGHTED, probs, v, preferred_element_type=jnp.float32).astype(v.dtype)
+    return out, (q, k, v, segment_ids, top + jnp.log(total))
 
 
 def _attention_backward(scale, sliding_window, residuals, g):
-    q, k, v, segment_ids, log_sum_exps = residuals
-    dqs, dk, dv = [], jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
-    for (rows, columns), log_sum_exp in zip(query_blocks(q.shape[1], sliding_window), log_sum_exps):
-        probs = jnp.exp(_masked_scores(scale, sliding_window, q, k, segment_ids, rows, columns) - log_sum_exp)
-        block_v = v[:, slice(*columns)]
-        dprobs, block_dv = dots.backward_products(WEIGHTED, probs.astype(v.dtype), block_v, g[:, slice(*rows)])
-        dscores = probs * (dprobs - jnp.sum(probs * dprobs, axis=-1, keepdims=True)) * scale
-        block_dq, block_dk = dots.backward_products(SCORES, q[:, slice(*rows)], k[:, slice(*columns)], dscores)
-        dqs.append(block_dq)
-        dk = dk.at[:, slice(*columns)].add(block_dk)
-        dv = dv.at[:, slice(*columns)].add(block_dv)
-    return (jnp.concatenate(dqs, axis=1).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None)
+    q, k, v, segment_ids, log_sum_exp = residuals
+    probs = jnp.exp(_masked_scores(scale, sliding_window, q, k, segment_ids) - log_sum_exp)
+    dprobs, dv = dots.backward_products(WEIGHTED, probs.astype(v.dtype), v, g)
+    dscores = probs * (dprobs - jnp.sum(probs * dprobs, axis=-1, keepdims=True)) * scale
+    dq, dk = dots.backward_products(SCORES, q, k, dscores)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 
 
 _softmax_attention.defvjp(_attention_forward, _attention_backward)
